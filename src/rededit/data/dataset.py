@@ -1,0 +1,120 @@
+"""Map-style dataset over a manifest: loads one sample at the resolution its bucket serves it at.
+
+The batch sampler yields :class:`SampleKey` objects rather than bare row numbers, so each sample
+knows the (epoch, step) it is drawn for and the exact (h, w) of every image position in its bucket
+(a sample merged into a neighbouring bucket is served at that bucket's resolution). Every image is
+scale-to-cover resized and centre-cropped to its bucket shape (the crop eq. (1) minimises), and the
+same transform is applied to coordinates (face landmarks, object boxes) and to the edit mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from rededit.data.images import (
+    ImageDecodeError,
+    load_image,
+    resize_to_bucket,
+    to_tensor,
+    transform_boxes,
+    transform_points,
+)
+from rededit.data.manifest import Manifest
+from rededit.data.text_choice import TextMix, choose_text
+
+
+class SampleKey(NamedTuple):
+    """What the batch sampler hands the dataset for one sample."""
+
+    row: int
+    epoch: int
+    step: int
+    target_hw: tuple[int, int]
+    ref_hws: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class SkippedSample:
+    """Placeholder for a sample whose images could not be read; collation drops and counts it."""
+
+    id: str
+    column: str
+    reason: str
+
+
+class EditDataset(Dataset):
+    """One manifest row → a dict of tensors at its bucket resolution.
+
+    Returned keys: ``id``, ``task``, ``row``, ``epoch``, ``step``, ``text`` (chosen per Table 1 / §2.5.2,
+    before Stochastic Instruction Alignment), ``text_column``, ``lang``, ``target`` ``[3, H, W]`` in
+    [-1, 1], ``references`` list of ``[3, H_k, W_k]``, ``reference_uris``, and when present ``edit_mask``
+    ``[1, H, W]`` in {0, 1}, ``ocr_target``, ``face_landmarks`` ``[F, 5, 2]`` and ``object_boxes``
+    ``[O, 4]`` in bucket pixels.
+    """
+
+    def __init__(self, manifest: Manifest, *, text_mix: TextMix | None = None, seed: int = 0):
+        self.manifest = manifest
+        self.text_mix = text_mix or TextMix()
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.manifest)
+
+    def __getitem__(self, key: SampleKey) -> dict[str, Any] | SkippedSample:
+        row = self.manifest.row(key.row)
+        root = self.manifest.root
+        column = "target"
+        try:
+            target = load_image(row["target"], root)
+            refs = []
+            for k, uri in enumerate(row["references"]):
+                column = f"references[{k}]"
+                refs.append(load_image(uri, root))
+            mask = None
+            if row.get("edit_mask"):
+                column = "edit_mask"
+                mask = load_image(row["edit_mask"], root, mode="L")
+        except (FileNotFoundError, ImageDecodeError, ValueError) as err:
+            return SkippedSample(id=row["id"], column=column, reason=str(err))
+        if len(refs) != len(key.ref_hws):
+            raise ValueError(
+                f"row {row['id']!r}: sampler served {len(key.ref_hws)} reference shapes for {len(refs)} references"
+            )
+
+        th, tw = key.target_hw
+        chosen = choose_text(row, self.text_mix, seed=self.seed, epoch=key.epoch)
+        src_hw = (target.height, target.width)
+        sample: dict[str, Any] = {
+            "id": row["id"],
+            "task": row["task"],
+            "row": key.row,
+            "epoch": key.epoch,
+            "step": key.step,
+            "text": chosen.text,
+            "text_column": chosen.column,
+            "lang": chosen.lang,
+            "target": to_tensor(resize_to_bucket(target, th, tw)),
+            "references": [to_tensor(resize_to_bucket(r, h, w)) for r, (h, w) in zip(refs, key.ref_hws)],
+            "reference_uris": list(row["references"]),
+            "ocr_target": row.get("ocr_target"),
+        }
+        if mask is not None:
+            # Nearest keeps the mask binary; the cover-crop is the same as the target's.
+            mask_img = resize_to_bucket(mask, th, tw, resample="nearest")
+            sample["edit_mask"] = (to_tensor(mask_img, mask=True) > 0.5).float()
+        if row.get("face_landmarks"):
+            pts = np.asarray(row["face_landmarks"], dtype=np.float32).reshape(-1, 2)
+            pts = transform_points(pts, src_hw, (th, tw))
+            sample["face_landmarks"] = torch.from_numpy(np.ascontiguousarray(pts, np.float32)).reshape(
+                -1, 5, 2
+            )
+        if row.get("object_boxes"):
+            boxes = np.asarray(row["object_boxes"], dtype=np.float32).reshape(-1, 4)
+            boxes = transform_boxes(boxes, src_hw, (th, tw))
+            sample["object_boxes"] = torch.from_numpy(np.ascontiguousarray(boxes, np.float32))
+        return sample

@@ -1,0 +1,308 @@
+"""Text-embedding cache: content keys, shard round trips, corruption → miss, cached-vs-online batches,
+and the resumable ``rededit-data encode-text`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from rededit.cli import data_encode_text
+from rededit.data.schema import manifest_schema
+from rededit.data.text_cache import (
+    TextEmbeddingCache,
+    encode_with_cache,
+    image_content_hash,
+    text_cache_key,
+)
+from rededit.models.text_encoder import MiniLMTextEncoder
+
+
+@pytest.fixture(scope="module")
+def minilm() -> MiniLMTextEncoder:
+    return MiniLMTextEncoder(max_length=32)
+
+
+def test_key_changes_with_every_component():
+    base = {
+        "cache_id": "enc:a:v1",
+        "text": "Put Picture 1 in Picture 2",
+        "reference_hashes": ["h1", "h2"],
+        "max_length": 64,
+        "dtype": "float32",
+    }
+    k = text_cache_key(**base)
+    assert k == text_cache_key(**base) and len(k) == 64
+    variants = [
+        {"cache_id": "enc:b:v1"},
+        {"cache_id": "enc:a:v2"},  # template version
+        {"text": "Put Picture 2 in Picture 1"},  # SIA re-indexed text
+        {"text": "Put Picture 1 in Picture 2 "},  # whitespace matters to the tokenizer
+        {"reference_hashes": ["h2", "h1"]},  # reference order
+        {"reference_hashes": ["h1"]},  # dropped reference
+        {"reference_hashes": ["h1", "h3"]},  # different image content
+        {"max_length": 65},
+        {"dtype": "bfloat16"},
+    ]
+    keys = {text_cache_key(**{**base, **v}) for v in variants}
+    assert len(keys) == len(variants) and k not in keys
+    assert image_content_hash(b"abc") != image_content_hash(b"abd")
+
+
+def test_put_get_round_trip_and_shards(tmp_path):
+    cache = TextEmbeddingCache(tmp_path / "c", cache_id="enc", shard_size=2)
+    entries = {f"k{i}": torch.randn(i + 1, 8) for i in range(5)}
+    entries["bf"] = torch.randn(3, 8).to(torch.bfloat16)
+    assert cache.put_many(entries) == 6
+    assert len(cache) == 6 and "k3" in cache and "nope" not in cache
+    assert len(list((tmp_path / "c").glob("shard-*.safetensors"))) == 3
+    for k, v in entries.items():
+        got = cache.get(k)
+        assert got.dtype == v.dtype and torch.equal(got, v)
+    assert cache.get("nope") is None
+    assert cache.put_many({"k0": torch.zeros(1, 8)}) == 0  # content keys: existing entries are kept
+    # a second handle (another process) sees everything through the index
+    other = TextEmbeddingCache(tmp_path / "c", cache_id="enc")
+    assert len(other) == 6 and torch.equal(other.get("k4"), entries["k4"])
+    assert set(other.get_many(["k1", "nope", "k2"])) == {"k1", "nope", "k2"}
+    # a lost index is rebuilt from the shard headers
+    (tmp_path / "c" / "index.json").write_text("{broken")
+    assert len(TextEmbeddingCache(tmp_path / "c", cache_id="enc")) == 6
+
+
+def test_cache_id_guard(tmp_path):
+    TextEmbeddingCache(tmp_path, cache_id="enc-a")
+    with pytest.raises(ValueError, match="allow_mixed"):
+        TextEmbeddingCache(tmp_path, cache_id="enc-b")
+    TextEmbeddingCache(tmp_path, cache_id="enc-b", allow_mixed=True)
+    assert json.loads((tmp_path / "meta.json").read_text())["cache_ids"] == ["enc-a", "enc-b"]
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_corrupt_or_missing_shard_is_a_miss(tmp_path):
+    cache = TextEmbeddingCache(tmp_path, cache_id="enc", shard_size=1)
+    cache.put_many({"a": torch.randn(4, 8), "b": torch.randn(5, 8), "c": torch.randn(6, 8)})
+    shard_a, shard_b = (tmp_path / cache._index[k] for k in ("a", "b"))
+    raw = bytearray(shard_a.read_bytes())
+    raw[-3] ^= 0xFF  # flip a payload byte: only the checksum can tell
+    shard_a.write_bytes(bytes(raw))
+    shard_b.write_bytes(shard_b.read_bytes()[:40])  # truncated
+    (tmp_path / cache._index["c"]).unlink()
+    handler = _ListHandler()
+    logger = logging.getLogger("rededit.data.text_cache")
+    logger.addHandler(handler)
+    try:
+        got = cache.get_many(["a", "b", "c"])
+    finally:
+        logger.removeHandler(handler)
+    assert got == {"a": None, "b": None, "c": None}
+    assert len(handler.messages) == 3 and all("miss" in m for m in handler.messages)
+
+
+def test_encode_with_cache_hits_equal_online(minilm, tmp_path):
+    texts = ["make the sky purple", "remove the person on the left", "add a red hat to the dog", "sky"]
+    direct, dmask = minilm.encode(texts)
+    cache = TextEmbeddingCache(tmp_path, cache_id=minilm.cache_id)
+    # nothing cached: online, and written back
+    emb, mask = encode_with_cache(minilm, texts, None, cache, write_back=True)
+    assert torch.equal(mask, dmask) and torch.allclose(emb, direct, atol=1e-6)
+    assert len(cache) == 4
+    # all hits: the cached unpadded entries reassemble the same padded batch
+    emb, mask = encode_with_cache(minilm, texts, None, cache)
+    assert torch.equal(mask, dmask) and torch.allclose(emb, direct, atol=1e-6)
+    # mixed: two hits + two misses (encoded together online, not written back)
+    mixed = [texts[0], "turn the car blue", texts[2], "a brand new instruction about a lighthouse"]
+    ref, rmask = minilm.encode(mixed)
+    emb, mask = encode_with_cache(minilm, mixed, None, cache)
+    assert torch.equal(mask, rmask)
+    for i in range(4):  # padding invariance: valid tokens agree across batch compositions
+        n = int(mask[i].sum())
+        torch.testing.assert_close(emb[i, :n], ref[i, :n], atol=1e-5, rtol=1e-5)
+    assert len(cache) == 4
+
+
+def test_stale_entries_are_never_reused(minilm, tmp_path):
+    cache = TextEmbeddingCache(tmp_path, cache_id=minilm.cache_id)
+    key = text_cache_key(minilm.cache_id, "Put Picture 1 in Picture 2", [], minilm.max_length, "float32")
+    # a poisoned entry under the right key is returned (proves the lookup path is live) ...
+    cache.put_many({key: torch.full((5, 384), 7.0)})
+    emb, _ = encode_with_cache(minilm, ["Put Picture 1 in Picture 2"], None, cache)
+    assert torch.all(emb == 7.0)
+    # ... but any change of text (SIA re-index) or encoder misses it and encodes online
+    emb, _ = encode_with_cache(minilm, ["Put Picture 2 in Picture 1"], None, cache)
+    assert not torch.any(emb == 7.0)
+    other = MiniLMTextEncoder(max_length=16)
+    cache2 = TextEmbeddingCache(tmp_path, cache_id=other.cache_id, allow_mixed=True)
+    emb, _ = encode_with_cache(other, ["Put Picture 1 in Picture 2"], None, cache2)
+    assert not torch.any(emb == 7.0)
+    # an entry of the wrong width is a miss, not a crash
+    cache.put_many(
+        {text_cache_key(minilm.cache_id, "odd", [], minilm.max_length, "float32"): torch.ones(3, 5)}
+    )
+    emb, mask = encode_with_cache(minilm, ["odd"], None, cache)
+    assert emb.shape[-1] == 384 and mask.sum() == 3
+
+
+def data_main(argv: list[str]) -> int:
+    """The ``rededit-data`` dispatch for this one command (independent of the other commands' modules)."""
+    parser = argparse.ArgumentParser(prog="rededit-data")
+    data_encode_text.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+def _manifest(path: Path) -> Path:
+    cols = ["instruction_concise", "instruction_zh"]
+    rows = []
+    for i, (instr, concise, zh) in enumerate(
+        [
+            ("make the sky purple", "purple sky", "把天空变成紫色"),
+            ("remove the car", None, "去掉汽车"),
+            ("make the sky purple", "", None),  # duplicate text: one entry
+            ("add snow", "snow", "加雪"),
+        ]
+    ):
+        rows.append(
+            {
+                "id": f"r{i}",
+                "task": "edit",
+                "instruction": instr,
+                "instruction_concise": concise,
+                "instruction_zh": zh,
+                "target": "t.png",
+                "target_width": 16,
+                "target_height": 16,
+                "references": ["r.png"],
+                "reference_widths": [16],
+                "reference_heights": [16],
+            }
+        )
+    pq.write_table(pa.Table.from_pylist(rows, schema=manifest_schema(cols)), path)
+    return path
+
+
+def test_encode_text_cli_resumable(minilm, tmp_path, capsys):
+    manifest = _manifest(tmp_path / "manifest.parquet")
+    cache_dir = tmp_path / "cache"
+    args = [
+        "encode-text",
+        "--manifest",
+        str(manifest),
+        "--cache",
+        str(cache_dir),
+        "--max-length",
+        "32",
+        "--batch-size",
+        "2",
+        "--shard-size",
+        "3",
+        "--no-validate",
+    ]
+    assert data_main([*args, "--columns", "instruction"]) == 0
+    assert "encoded 3, already cached 1, empty skipped 0" in capsys.readouterr().out
+    assert data_main(args) == 0  # all default columns: the instructions are already there
+    # new: "purple sky", "snow" and the three Chinese texts; empty: two nulls and one ""
+    assert "encoded 5, already cached 4, empty skipped 3" in capsys.readouterr().out
+    assert data_main(args) == 0
+    assert "encoded 0, already cached 9, empty skipped 3" in capsys.readouterr().out
+    cache = TextEmbeddingCache(cache_dir, cache_id=minilm.cache_id)
+    assert len(cache) == 8
+    # the entries are exactly what training would look up
+    texts = ["purple sky", "去掉汽车"]
+    emb, mask = encode_with_cache(minilm, texts, None, cache)
+    direct, dmask = minilm.encode(texts)
+    for i in range(2):
+        n = int(mask[i].sum())
+        assert n == int(dmask[i].sum())
+        torch.testing.assert_close(emb[i, :n], direct[i, :n], atol=1e-5, rtol=1e-5)
+    assert data_main([*args, "--columns", "nope"]) == 2
+
+
+def test_image_encoder_keys_follow_reference_content(tmp_path, capsys):
+    """Qwen-VL path end to end on a tiny random model: CLI hashes the reference files, training-time
+    lookups with the same files hit, and a changed reference image is a miss."""
+    import numpy as np
+    from PIL import Image
+
+    from rededit.data.images import load_image, to_tensor
+    from rededit.models.text_encoder import QwenVLTextEncoder
+    from test_text_encoder import _build_tiny_qwen
+
+    model_dir = tmp_path / "qwen"
+    _build_tiny_qwen(model_dir)
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png", "c.png"):
+        Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(tmp_path / name)
+    rows = [
+        {
+            "id": "r0",
+            "task": "edit",
+            "instruction": "make Picture 1 red",
+            "target": "a.png",
+            "target_width": 56,
+            "target_height": 40,
+            "references": ["a.png"],
+            "reference_widths": [56],
+            "reference_heights": [40],
+        },
+        {
+            "id": "r1",
+            "task": "edit",
+            "instruction": "make Picture 1 red",
+            "target": "a.png",
+            "target_width": 56,
+            "target_height": 40,
+            "references": ["b.png"],
+            "reference_widths": [56],
+            "reference_heights": [40],
+        },
+    ]
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=manifest_schema([])), manifest)
+    args = [
+        "encode-text",
+        "--manifest",
+        str(manifest),
+        "--cache",
+        str(tmp_path / "cache"),
+        "--encoder",
+        "qwen_vl",
+        "--encoder-path",
+        str(model_dir),
+        "--dtype",
+        "float32",
+        "--max-length",
+        "256",
+        "--no-validate",
+    ]
+    assert data_main(args) == 0
+    # same text, different reference images: two entries (a caption-keyed cache would have one)
+    assert "encoded 2, already cached 0" in capsys.readouterr().out
+
+    enc = QwenVLTextEncoder(str(model_dir), max_length=256, dtype=torch.float32)
+    cache = TextEmbeddingCache(tmp_path / "cache", cache_id=enc.cache_id)
+    images = [[to_tensor(load_image(n, tmp_path))] for n in ("a.png", "b.png", "c.png")]
+    hashes = [[image_content_hash((tmp_path / n).read_bytes())] for n in ("a.png", "b.png", "c.png")]
+    text = ["make Picture 1 red"]
+    hit, hmask = encode_with_cache(enc, text, hashes[0:1], cache)  # no images given: must be a hit
+    online, omask = enc.encode(text, images=images[0:1])
+    assert torch.equal(hmask, omask)
+    torch.testing.assert_close(hit, online, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="reference images"):
+        encode_with_cache(enc, text, hashes[2:3], cache)  # c.png was never cached
+    miss, _ = encode_with_cache(enc, text, hashes[2:3], cache, images=images[2:3], write_back=True)
+    assert not torch.allclose(miss, hit) and len(cache) == 3

