@@ -1,0 +1,59 @@
+"""Per-sample loss weights over the noise level σ (§3.8 "Logit-Normal Loss Weighting").
+
+The report samples σ (globally) uniformly with the stratified sampler and moves the emphasis to the
+intermediate noise levels through the *weight* instead. Every scheme here is normalised so that
+``E_{σ ~ U(0,1)}[w(σ)] = 1``: switching schemes changes where the gradient comes from, not the overall loss
+scale (so learning rates stay comparable across ablations). The normalisers are closed-form:
+
+* ``uniform``:      ``w = 1``.
+* ``logit_normal``: ``w(σ) = N(logit σ; m, s²) / (σ(1 − σ))``, the logit-normal *density*, which
+  integrates to 1 over (0, 1) by construction, so it is already normalised. Peak at the middle for m = 0,
+  → 0 at both ends (the "negligible extremes").
+* ``sd3_cosmap``:   ``w(σ) = 2 / (π(1 − 2σ + 2σ²))`` (SD3's cosmap density);
+  ``∫₀¹ 2/(π(2(σ−½)² + ½)) dσ = (2/π)·[arctan(2σ − 1)]₀¹ = (2/π)(π/2) = 1``.
+
+If σ is drawn from a non-uniform distribution (or shifted), the mean weight is no longer 1; the caller
+then chooses whether that is intended (it is a different objective, not a bug). Weights are computed in
+float32 and are independent of the model (no gradient).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+WeightingScheme = Literal["uniform", "logit_normal", "sd3_cosmap"]
+SCHEMES: tuple[str, ...] = ("uniform", "logit_normal", "sd3_cosmap")
+
+
+def loss_weight(
+    sigma: torch.Tensor,
+    scheme: WeightingScheme = "uniform",
+    mean: float = 0.0,
+    std: float = 1.0,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Loss weight ``w(σ)`` ``[B]`` with ``E_{σ~U(0,1)} w = 1``.
+
+    Args:
+        sigma: noise levels ``[B]`` in ``[0, 1]``.
+        scheme: ``"uniform" | "logit_normal" | "sd3_cosmap"``.
+        mean: logit-normal location ``m``.
+        std: logit-normal scale ``s``.
+        eps: σ is clamped to ``[eps, 1 − eps]`` (the logit-normal density is 0 in the limit anyway).
+    """
+    s = sigma.detach().float()
+    if scheme == "uniform":
+        return torch.ones_like(s)
+    if scheme == "logit_normal":
+        if std <= 0:
+            raise ValueError("std must be > 0")
+        s = s.clamp(eps, 1 - eps)
+        logit = torch.log(s) - torch.log1p(-s)
+        gauss = torch.exp(-0.5 * ((logit - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi))
+        return gauss / (s * (1 - s))
+    if scheme == "sd3_cosmap":
+        return 2.0 / (math.pi * (1 - 2 * s + 2 * s * s))
+    raise ValueError(f"unknown weighting scheme {scheme!r}; choose one of {SCHEMES}")

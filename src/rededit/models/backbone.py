@@ -1,0 +1,339 @@
+"""The editing backbone: diffusers' ``QwenImageTransformer2DModel`` wrapped for flow-matching training (§3.1).
+
+Sequence layout (mirrors ``QwenImageEditPlusPipeline``)::
+
+    image stream = [ target tokens (noisy, frame 0) | ref 1 tokens (clean, frame 1) | ... | ref K (frame K) ]
+    text stream  = [ text tokens (masked per sample) ]
+
+3-D unified RoPE: all image frames share centred spatial coordinates and differ by the frame index
+(``img_shapes``, see :mod:`rededit.models.packing`). Distinct time conditioning of clean references
+(§3.1) is diffusers' ``zero_cond_t`` option: the transformer embeds both ``σ`` and ``0``; the adaLN
+modulation of target tokens uses ``emb(σ)`` and that of reference tokens ``emb(0)`` ("clean"), while the
+text stream and the output norm keep ``emb(σ)``. It adds no parameters, so it can be switched on for a
+checkpoint trained without it (as Qwen-Image-Edit-2511 does).
+
+Timestep scale: the transformer's sinusoidal projection multiplies its input by 1000 and the diffusers
+pipelines pass ``scheduler_t / 1000 = σ``; we therefore pass ``σ ∈ [0, 1]`` directly.
+
+Text masking: ``text_mask`` is passed as ``encoder_hidden_states_mask``; diffusers 0.42.1 turns it into a
+key mask of the joint attention and places text RoPE positions by index (padding only at the end does not
+move valid tokens), so a sample's prediction is independent of how much padding its batch needs
+(tested: bs=1 unpadded vs bs=3 padded agree to 1e-5 in fp32).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from rededit.models.packing import img_shapes_for, pack_latents, unpack_latents
+from rededit.models.vae import as_dtype
+from rededit.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+Prediction = Literal["v", "x0"]
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers → plain Python (diffusers' config serialisation needs JSON-able values)."""
+    if isinstance(value, Mapping) or type(value).__name__ == "DictConfig":
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple) or type(value).__name__ == "ListConfig":
+        return [_plain(v) for v in value]
+    return value
+
+
+class EditBackbone(nn.Module):
+    """Velocity predictor ``v̂(x_t, σ, refs, text)`` over a ``QwenImageTransformer2DModel``.
+
+    Args:
+        transformer_config: ``QwenImageTransformer2DModel`` kwargs for a fresh model (tiny/small presets).
+        pretrained_path: local folder for ``from_pretrained`` (exclusive with ``transformer_config``).
+        subfolder: subfolder of ``pretrained_path`` (``"transformer"`` for a pipeline folder; ``None`` for a
+            bare transformer folder).
+        torch_dtype: dtype to load/cast the transformer in (``None``: keep).
+        latent_channels: if given (the stage passes ``vae.latent_channels``), fills missing
+            ``in_channels``/``out_channels`` in ``transformer_config`` as ``C·p²`` / ``C`` and otherwise
+            checks that the preset agrees with the VAE.
+        zero_cond_t: condition reference tokens on ``σ = 0`` (see module doc).
+        prediction: ``"v"`` (default; what Qwen-Image is trained for) or ``"x0"``: the network output is read
+            as ``x̂0`` and converted to ``v = (x_t − x̂0) / max(σ, x0_sigma_min)`` (DEMO-FEASIBILITY: helps
+            tiny CPU models whose token width exceeds the hidden width).
+        x0_sigma_min: ``σ_min`` of the x0 conversion. Let ``σ_c = max(σ, σ_min)``; the output is
+            ``v̂ = (x_t − x̂0)/σ_c``. Without the floor ``v̂`` and a v-space loss blow up as ``1/σ`` near clean
+            data. The conversion is exact for ``σ ≥ σ_min``; below it ``v̂`` is the true velocity scaled by
+            ``σ/σ_c``, so (i) the training target must be scaled the same way, use
+            :meth:`velocity_target` (then ``‖v̂ − v_c‖² = ‖x̂0 − x0‖²/σ_c²``, minimised at ``x̂0 = x0``), and
+            (ii) :meth:`predicted_x0` / :meth:`exact_velocity` undo it (the Euler sampler uses the latter, so
+            its final step lands exactly on ``x̂0``). In ``"v"`` mode all three are the plain formulas.
+        gradient_checkpointing: recompute each transformer block in backward (diffusers' mechanism).
+        expected_config: with ``pretrained_path``, config values the loaded transformer must have (the
+            ``qwen_image`` preset lists the 20B architecture so a wrong folder fails loudly).
+    """
+
+    def __init__(
+        self,
+        transformer_config: Mapping[str, Any] | None = None,
+        pretrained_path: str | None = None,
+        subfolder: str | None = "transformer",
+        torch_dtype: str | torch.dtype | None = None,
+        patch_size: int = 2,
+        latent_channels: int | None = None,
+        zero_cond_t: bool = False,
+        prediction: Prediction = "v",
+        x0_sigma_min: float = 0.05,
+        gradient_checkpointing: bool = False,
+        expected_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        from diffusers import QwenImageTransformer2DModel
+
+        if (transformer_config is None) == (pretrained_path is None):
+            raise ValueError("EditBackbone needs exactly one of `transformer_config` or `pretrained_path`")
+        dtype = as_dtype(torch_dtype)
+        if pretrained_path is not None:
+            kwargs: dict[str, Any] = {"torch_dtype": dtype} if dtype is not None else {}
+            if subfolder:
+                kwargs["subfolder"] = subfolder
+            self.transformer = QwenImageTransformer2DModel.from_pretrained(pretrained_path, **kwargs)
+            log.info("loaded QwenImageTransformer2DModel from %s (subfolder=%s)", pretrained_path, subfolder)
+        else:
+            cfg = _plain(transformer_config)
+            cfg.setdefault("patch_size", patch_size)
+            if latent_channels is not None:
+                cfg.setdefault("in_channels", latent_channels * patch_size**2)
+                cfg.setdefault("out_channels", latent_channels)
+            cfg["zero_cond_t"] = bool(zero_cond_t)
+            self.transformer = QwenImageTransformer2DModel(**cfg)
+            if dtype is not None:
+                self.transformer.to(dtype)
+
+        tcfg = self.transformer.config
+        for key, want in _plain(expected_config or {}).items():
+            have = _plain(tcfg.get(key))
+            if have != want:
+                raise ValueError(
+                    f"transformer config {key}={have!r} but the preset expects {want!r} ({pretrained_path})"
+                )
+        if tcfg.patch_size != patch_size:
+            raise ValueError(
+                f"packing patch_size={patch_size} but the transformer has patch_size={tcfg.patch_size}"
+            )
+        self.patch_size = patch_size
+        self.latent_channels = tcfg.in_channels // patch_size**2
+        if tcfg.in_channels % patch_size**2 or self.transformer.out_channels != self.latent_channels:
+            raise ValueError(
+                f"transformer in_channels={tcfg.in_channels}, out_channels={self.transformer.out_channels} do not "
+                f"describe C·{patch_size}² → C latents"
+            )
+        if latent_channels is not None and latent_channels != self.latent_channels:
+            raise ValueError(
+                f"the VAE gives {latent_channels} latent channels but the backbone preset expects "
+                f"{self.latent_channels} (in_channels={tcfg.in_channels}); align conf/vae and conf/backbone"
+            )
+        if prediction not in ("v", "x0"):
+            raise ValueError(f"prediction must be 'v' or 'x0', got {prediction!r}")
+        if x0_sigma_min <= 0:
+            raise ValueError("x0_sigma_min must be > 0")
+        self.prediction: Prediction = prediction
+        self.x0_sigma_min = float(x0_sigma_min)
+        self.set_zero_cond_t(zero_cond_t)
+        self.set_gradient_checkpointing(gradient_checkpointing)
+
+    # ----------------------------------------------------------------------------------------- switches
+    def set_zero_cond_t(self, enabled: bool) -> None:
+        """Toggle reference time conditioning at σ = 0 (no parameters involved, so exact on any checkpoint)."""
+        enabled = bool(enabled)
+        self.zero_cond_t = enabled
+        self.transformer.zero_cond_t = enabled
+        for block in self.transformer.transformer_blocks:
+            block.zero_cond_t = enabled
+        self.transformer.register_to_config(zero_cond_t=enabled)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        if enabled:
+            self.transformer.enable_gradient_checkpointing()
+        else:
+            self.transformer.disable_gradient_checkpointing()
+        self.gradient_checkpointing = bool(enabled)
+
+    def rebuild_rope(self) -> None:
+        """Recreate the RoPE tables (plain tensor attributes, not buffers) after meta-device init + ``to_empty``.
+
+        DISTRIBUTED.md: they stay on ``meta`` otherwise (``Cannot copy out of meta tensor``).
+        """
+        from diffusers.models.transformers.transformer_qwenimage import QwenEmbedLayer3DRope, QwenEmbedRope
+
+        cls = QwenEmbedLayer3DRope if self.transformer.config.use_layer3d_rope else QwenEmbedRope
+        self.transformer.pos_embed = cls(
+            theta=10000, axes_dim=list(self.transformer.config.axes_dims_rope), scale_rope=True
+        )
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward(
+        self,
+        noisy_target: torch.Tensor,
+        references: Sequence[torch.Tensor],
+        sigma: torch.Tensor,
+        text_emb: torch.Tensor,
+        text_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Predict the flow velocity ``v = ε − x0`` of the target (eq. of §3.3 rectified flow).
+
+        Args:
+            noisy_target: ``x_t`` ``[B, C, h, w]``.
+            references: K clean reference latents ``[B, C, h_k, w_k]`` (K may be 0).
+            sigma: noise level ``[B]`` (or scalar) in ``[0, 1]``.
+            text_emb: ``[B, L, D_txt]``.
+            text_mask: ``[B, L]`` bool, True on valid tokens (``None``: all valid).
+
+        Returns:
+            velocity ``[B, C, h, w]`` (float dtype of the transformer output).
+        """
+        if noisy_target.ndim != 4 or noisy_target.shape[1] != self.latent_channels:
+            raise ValueError(
+                f"noisy_target must be [B, {self.latent_channels}, h, w], got {tuple(noisy_target.shape)}"
+            )
+        b, _, h, w = noisy_target.shape
+        for k, ref in enumerate(references):
+            if ref.ndim != 4 or ref.shape[:2] != noisy_target.shape[:2]:
+                raise ValueError(
+                    f"reference {k} must be [B={b}, C={self.latent_channels}, h, w], got {tuple(ref.shape)}"
+                )
+        if text_emb.shape[0] != b or (
+            text_mask is not None and tuple(text_mask.shape) != tuple(text_emb.shape[:2])
+        ):
+            raise ValueError("text_emb must be [B, L, D] and text_mask [B, L] with the latents' batch size")
+
+        p = self.patch_size
+        param_dtype = self.transformer.img_in.weight.dtype
+        target_tokens = pack_latents(noisy_target, p)
+        n_target = target_tokens.shape[1]
+        hidden = torch.cat([target_tokens, *(pack_latents(r, p) for r in references)], dim=1)
+        img_shapes = img_shapes_for((h, w), [tuple(r.shape[-2:]) for r in references], b, p)
+
+        sigma = torch.as_tensor(sigma, device=noisy_target.device)
+        sigma = sigma.reshape(-1).expand(b) if sigma.numel() == 1 else sigma.reshape(b)
+        mask = None if text_mask is None else text_mask.to(device=noisy_target.device, dtype=torch.bool)
+
+        out = self.transformer(
+            hidden_states=hidden.to(param_dtype),
+            encoder_hidden_states=text_emb.to(param_dtype),
+            encoder_hidden_states_mask=mask,
+            timestep=sigma.to(param_dtype),
+            img_shapes=img_shapes,
+            return_dict=False,
+        )[0]
+        # Target tokens come first in the image stream; reference outputs are discarded (as the pipeline does).
+        pred = unpack_latents(out[:, :n_target], h, w, p)
+        if self.prediction == "x0":
+            pred = self.velocity_from_x0(noisy_target.to(pred.dtype), pred, sigma.to(pred.dtype))
+        return pred
+
+    def velocity_from_x0(self, x_t: torch.Tensor, x0_hat: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """``v̂ = (x_t − x̂0) / max(σ, σ_min)`` with ``σ`` ``[B]`` broadcast over ``[B, C, h, w]``."""
+        return (x_t - x0_hat) / self._bcast(self.effective_sigma(sigma), x_t)
+
+    def effective_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        """``σ_c``: ``σ`` in ``"v"`` mode, ``max(σ, σ_min)`` in ``"x0"`` mode (``[B]``)."""
+        sigma = torch.as_tensor(sigma)
+        return sigma.clamp_min(self.x0_sigma_min) if self.prediction == "x0" else sigma
+
+    def velocity_target(self, x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Training target matching this backbone's output: ``(ε − x0)·σ/σ_c`` ``[B, C, h, w]``.
+
+        Equals ``ε − x0`` in ``"v"`` mode and in ``"x0"`` mode for ``σ ≥ σ_min``.
+        """
+        v = eps - x0
+        if self.prediction == "v":
+            return v
+        sigma = torch.as_tensor(sigma, device=v.device, dtype=v.dtype)
+        return v * self._bcast(sigma / self.effective_sigma(sigma), v)
+
+    def predicted_x0(self, x_t: torch.Tensor, v_hat: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """``x̂0 = x_t − σ_c·v̂`` (exact inverse of :meth:`forward` in both modes)."""
+        sigma = torch.as_tensor(sigma, device=x_t.device, dtype=x_t.dtype)
+        return x_t - self._bcast(self.effective_sigma(sigma), x_t) * v_hat
+
+    def exact_velocity(self, v_hat: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """``(x_t − x̂0)/σ = v̂·σ_c/σ`` for ``σ > 0`` (the ODE velocity; identity in ``"v"`` mode)."""
+        if self.prediction == "v":
+            return v_hat
+        sigma = torch.as_tensor(sigma, device=v_hat.device, dtype=v_hat.dtype)
+        if (sigma <= 0).any():
+            raise ValueError("exact_velocity needs σ > 0 (the ODE never evaluates the model at σ = 0)")
+        return v_hat * self._bcast(self.effective_sigma(sigma) / sigma, v_hat)
+
+    @staticmethod
+    def _bcast(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        sigma = sigma.to(device=x.device, dtype=x.dtype)
+        return sigma.reshape(-1, *([1] * (x.ndim - 1))) if sigma.ndim else sigma
+
+    # ------------------------------------------------------------------------------- parameters / optim
+    def unused_text_tail_names(self) -> list[str]:
+        """Parameters of the last block whose outputs only feed the (discarded) final text stream.
+
+        After the last block the text hidden state is dropped, so in that block: the text query projection
+        (``attn.add_q_proj``, ``attn.norm_added_q``) only produces text-row attention outputs, which only
+        feed ``attn.to_add_out``, whose output and the text MLP (``txt_mlp``) only update the text stream.
+        ``txt_norm1/2`` have no affine parameters. ``txt_mod`` is *not* listed: its shift/scale for norm1
+        modulate the text keys/values that the image tokens attend to. ``to_add_out`` and ``txt_mlp`` get
+        ``grad=None`` (DDP "unused parameters", FSDP2 optimizer-state reload errors, DISTRIBUTED.md); the
+        query projection gets exact zeros. Freezing all of them changes no output.
+        """
+        last = len(self.transformer.transformer_blocks) - 1
+        prefixes = (
+            f"transformer_blocks.{last}.attn.add_q_proj.",
+            f"transformer_blocks.{last}.attn.norm_added_q.",
+            f"transformer_blocks.{last}.attn.to_add_out.",
+            f"transformer_blocks.{last}.txt_mlp.",
+        )
+        return [n for n, _ in self.transformer.named_parameters() if n.startswith(prefixes)]
+
+    def freeze_unused_text_tail(self) -> list[str]:
+        """Freeze :meth:`unused_text_tail_names` (kept in the state dict, left out of the optimizer).
+
+        Returns:
+            the frozen parameter names (relative to ``self.transformer``).
+        """
+        names = set(self.unused_text_tail_names())
+        for name, param in self.transformer.named_parameters():
+            if name in names:
+                param.requires_grad_(False)
+        return sorted(names)
+
+    def trainable_parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups: decay on weight matrices; none on biases, norm scales and embedding tables.
+
+        Only ``requires_grad`` parameters are included (call :meth:`freeze_unused_text_tail` first).
+        """
+        no_decay_modules = (nn.LayerNorm, nn.GroupNorm, nn.Embedding)
+        try:
+            from diffusers.models.normalization import RMSNorm
+
+            no_decay_modules = (*no_decay_modules, RMSNorm)
+        except ImportError:  # pragma: no cover - diffusers always ships RMSNorm
+            pass
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
+        seen: set[int] = set()
+        for module in self.modules():
+            for pname, param in module.named_parameters(recurse=False):
+                if not param.requires_grad or id(param) in seen:
+                    continue
+                seen.add(id(param))
+                if isinstance(module, no_decay_modules) or pname.endswith("bias") or param.ndim < 2:
+                    no_decay.append(param)
+                else:
+                    decay.append(param)
+        groups = [{"params": decay, "weight_decay": float(weight_decay)}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        return groups
+
+    def trainable_parameters(self) -> Iterable[nn.Parameter]:
+        return (p for p in self.parameters() if p.requires_grad)
