@@ -1,0 +1,166 @@
+"""Exponential moving average of the backbone weights (report §3.5 "Model Weight Averaging", §3.8).
+
+    θ_ema ← d_n · θ_ema + (1 − d_n) · θ,     d_n = min(decay, (1 + n) / (10 + n))  (warm-up on)
+
+with ``n`` the number of updates so far (the warm-up keeps early averages from being dominated by the
+random initialisation). The shadow is fp32 and holds *this rank's local* tensors: under DDP a full copy,
+under FSDP2 the rank's shards (DTensor arithmetic stays local), so it works unchanged on both
+(DESIGN.md trap: Lightning's ``WeightAveraging`` does not support sharded models).
+
+The EMA weights are swapped into the model for validation / sampling / export and swapped back before
+anything else runs; a checkpoint is never written while they are swapped in (it would store EMA weights
+as the raw ones). Its state (shadow, update count, last step) is saved with the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+import torch
+
+from rededit.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class EMA(L.Callback):
+    """EMA of ``pl_module.backbone``'s trainable parameters.
+
+    Args:
+        decay: target decay ``d``.
+        warmup: use ``d_n = min(d, (1 + n)/(10 + n))``.
+        update_every: optimizer steps between updates.
+        start_step: first optimizer step that updates the average (before it the shadow tracks θ).
+        validate_with_ema: swap the EMA weights in for validation during fit.
+    """
+
+    def __init__(
+        self,
+        decay: float = 0.999,
+        warmup: bool = True,
+        update_every: int = 1,
+        start_step: int = 0,
+        validate_with_ema: bool = True,
+    ):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        if update_every < 1:
+            raise ValueError("update_every must be >= 1")
+        self.decay = float(decay)
+        self.warmup = warmup
+        self.update_every = int(update_every)
+        self.start_step = int(start_step)
+        self.validate_with_ema = validate_with_ema
+        self.shadow: dict[str, torch.Tensor] = {}
+        self.num_updates = 0
+        self.last_step = -1
+        self._backup: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ math
+    def decay_at(self, n: int) -> float:
+        """``d_n`` for the ``n``-th update (0-based)."""
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+
+    @staticmethod
+    def _params(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        return ((n, p) for n, p in module.backbone.named_parameters() if p.requires_grad)
+
+    def _init_shadow(self, module: torch.nn.Module) -> None:
+        self.shadow = {n: p.detach().float().clone() for n, p in self._params(module)}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        """One EMA step from the module's current weights."""
+        d = self.decay_at(self.num_updates)
+        for name, p in self._params(module):
+            self.shadow[name].lerp_(p.detach().float(), 1.0 - d)
+        self.num_updates += 1
+
+    # ------------------------------------------------------------------ swapping
+    @torch.no_grad()
+    def swap_in(self, module: torch.nn.Module) -> None:
+        if self._backup is not None:
+            return
+        self._backup = {}
+        for name, p in self._params(module):
+            self._backup[name] = p.detach().clone()
+            p.copy_(self.shadow[name].to(p.dtype))
+
+    @torch.no_grad()
+    def swap_out(self, module: torch.nn.Module) -> None:
+        if self._backup is None:
+            return
+        for name, p in self._params(module):
+            p.copy_(self._backup[name])
+        self._backup = None
+
+    @contextlib.contextmanager
+    def averaged(self, module: torch.nn.Module) -> Iterator[None]:
+        """``with ema.averaged(stage): ...`` runs the block with EMA weights, then restores the raw ones."""
+        self.swap_in(module)
+        try:
+            yield
+        finally:
+            self.swap_out(module)
+
+    def ema_state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Full backbone state dict with the EMA weights in place of the trainable raw ones."""
+        state = {k: v.detach().clone() for k, v in module.backbone.state_dict().items()}
+        for name, value in self.shadow.items():
+            state[name] = value.to(state[name].dtype)
+        return state
+
+    # ------------------------------------------------------------------ hooks
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.shadow:
+            self._init_shadow(pl_module)
+            log.info(
+                "EMA: tracking %d tensors, decay %.5f (warm-up %s)", len(self.shadow), self.decay, self.warmup
+            )
+        else:
+            missing = {n for n, _ in self._params(pl_module)} ^ set(self.shadow)
+            if missing:
+                raise RuntimeError(
+                    f"EMA state does not match the backbone's trainable tensors: {sorted(missing)[:5]}"
+                )
+            for name, p in self._params(pl_module):
+                self.shadow[name] = self.shadow[name].to(p.device)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step  # counts optimizer steps: accumulation micro-batches do not update
+        if step == self.last_step or step % self.update_every:
+            return
+        self.last_step = step
+        if step < self.start_step:
+            self._init_shadow(pl_module)
+            return
+        self.update(pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.validate_with_ema and trainer.state.fn == "fit" and self.shadow:
+            self.swap_in(pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.swap_out(pl_module)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if self._backup is not None:
+            raise RuntimeError(
+                "EMA weights are swapped in while a checkpoint is written; refusing to save them as raw"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "decay": self.decay,
+            "num_updates": self.num_updates,
+            "last_step": self.last_step,
+            "shadow": {k: v.detach().cpu() for k, v in self.shadow.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.num_updates = int(state["num_updates"])
+        self.last_step = int(state.get("last_step", -1))
+        self.shadow = {k: v.clone().float() for k, v in state["shadow"].items()}

@@ -1,0 +1,70 @@
+"""Stop a run that has gone numerically bad, with a clear message, instead of training on NaNs.
+
+A non-finite loss or gradient skips the optimizer step: gradients are set to ``None`` so AdamW leaves
+every parameter and its moments untouched (zero gradients would still move weights through momentum).
+Under DDP the gradients are already all-reduced, so every rank skips the same step. The batch's ids are
+logged so the data can be checked; ``max_consecutive`` bad steps in a row stop training with an error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from rededit.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class NaNGuard(L.Callback):
+    """Skip non-finite losses; raise after ``max_consecutive`` in a row.
+
+    Args:
+        max_consecutive: consecutive non-finite losses tolerated before stopping.
+    """
+
+    def __init__(self, max_consecutive: int = 3):
+        if max_consecutive < 1:
+            raise ValueError("max_consecutive must be >= 1")
+        self.max_consecutive = int(max_consecutive)
+        self.consecutive = 0
+        self.total = 0
+        self._last_ids: list[str] = []
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
+    ) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        finite = all(bool(torch.isfinite(p.grad).all()) for p in params)
+        if finite:
+            self.consecutive = 0
+            return
+        self.consecutive += 1
+        self.total += 1
+        log.warning(
+            "non-finite gradient at step %d (%d in a row); batch ids %s: the update is skipped",
+            trainer.global_step,
+            self.consecutive,
+            self._last_ids[:8],
+            extra={"all_ranks": True},
+        )
+        if self.consecutive >= self.max_consecutive:
+            raise FloatingPointError(
+                f"{self.consecutive} consecutive non-finite losses/gradients (last at step {trainer.global_step}, "
+                f"batch ids {self._last_ids[:8]}); stopping. Lower the learning rate or check the data."
+            )
+        for p in params:
+            p.grad = None
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._last_ids = list(batch.get("ids", [])) if isinstance(batch, dict) else []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"total": self.total}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.total = int(state.get("total", 0))

@@ -1,0 +1,320 @@
+"""``BaseStage``: what every training stage shares (DESIGN.md layering rule 2).
+
+It owns the backbone (built in :meth:`configure_model`, so FSDP/DeepSpeed can wrap it first), the frozen
+VAE and text encoder, the rectified-flow path (§3.3), the timestep sampler and curriculum (§3.3, §3.8),
+the loss weighting (§3.8), optimizer param groups (Table 1: AdamW, weight decay without norms/biases,
+warm-up) and ``init_from`` chaining. Stages override :meth:`compute_loss` (and add frozen copies).
+
+Rectified flow (§3.3): ``x_t = (1 − σ) x_0 + σ ε``, velocity target ``v = ε − x_0``; the per-sample loss is
+``w(σ) · mean((v̂ − v)²)`` with ``w`` the §3.8 weighting, normalised to mean 1 under uniform σ.
+
+Randomness: noise and σ derive from (seed, epoch, data step, rank) — the data step comes with the batch
+from the bucket sampler, so gradient accumulation never repeats noise and a resumed run draws exactly
+what the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from rededit.flow.path import interpolate
+from rededit.flow.sampler import euler_sample
+from rededit.flow.weighting import loss_weight
+from rededit.models.backbone import EditBackbone
+from rededit.utils.logging import get_logger
+from rededit.utils.seeding import torch_generator
+
+log = get_logger(__name__)
+
+# Distinct streams per (epoch, data step): the sampler's step restarts each epoch.
+_STEPS_PER_EPOCH_STRIDE = 10_000_000
+
+
+def _hidden(module: nn.Module | None) -> list:
+    """Keep a frozen module out of ``self``'s module tree (and so out of checkpoints and FSDP wrapping)."""
+    return [module]
+
+
+class BaseStage(L.LightningModule):
+    """Shared flow-matching stage.
+
+    Args:
+        backbone: factory ``(latent_channels=...) -> EditBackbone`` (a Hydra ``_partial_``).
+        vae: frozen :class:`~rededit.models.vae.LatentVAE` (not saved in checkpoints; rebuilt from config).
+        text_encoder: frozen :class:`~rededit.models.text_encoder.TextEncoder`; used when a batch has no
+            ``text_emb`` (the datamodule may already have encoded it, from the cache or online).
+        timesteps: a :class:`~rededit.flow.timesteps.TimestepSampler` (uniform / logit-normal / stratified).
+        curriculum: optional :class:`~rededit.flow.curriculum.ProgressiveTimestepCurriculum` (§3.3).
+        weighting: ``{scheme, mean, std}`` for :func:`~rededit.flow.weighting.loss_weight` (§3.8).
+        optimizer: factory ``(param_groups) -> Optimizer`` (``_partial_`` AdamW of Table 1).
+        weight_decay: decay of weight matrices (norms, biases and embeddings get none).
+        warmup_steps: linear LR warm-up (Table 1: 0 for Pretrain/CT, 500 for SFT/DPO).
+        init_from: previous stage's checkpoint (file or run folder): backbone weights only (§3, Fig. 8).
+        init_from_ema: take the EMA weights of ``init_from`` when it has them.
+        seed: base of every random draw.
+        num_tbins: σ bins for ``train/loss_tbin{k}``.
+        sample_steps / cfg_scale: inference settings for :meth:`generate`.
+        negative_prompt: text of the CFG negative branch ("" = empty prompt).
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: Callable[..., EditBackbone],
+        vae: nn.Module,
+        text_encoder: nn.Module | None = None,
+        timesteps: Any,
+        curriculum: Any | None = None,
+        weighting: Mapping[str, Any] | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        weight_decay: float = 0.01,
+        warmup_steps: int = 0,
+        init_from: str | None = None,
+        init_from_ema: bool = True,
+        seed: int = 0,
+        num_tbins: int = 4,
+        sample_steps: int = 8,
+        cfg_scale: float = 1.0,
+        negative_prompt: str = "",
+    ):
+        super().__init__()
+        self.backbone_factory = backbone
+        self.backbone: EditBackbone | None = None
+        self._vae = _hidden(vae)
+        self._text_encoder = _hidden(text_encoder)
+        self.timesteps = timesteps
+        self.curriculum = curriculum
+        self.weighting = dict(weighting or {"scheme": "uniform"})
+        self.optimizer_factory = optimizer
+        self.weight_decay = float(weight_decay)
+        self.warmup_steps = int(warmup_steps)
+        self.init_from = init_from
+        self.init_from_ema = init_from_ema
+        self.seed = int(seed)
+        self.num_tbins = int(num_tbins)
+        self.sample_steps = int(sample_steps)
+        self.cfg_scale = float(cfg_scale)
+        self.negative_prompt = negative_prompt
+        self.skipped_samples = 0
+
+    # ------------------------------------------------------------------ frozen parts
+    @property
+    def vae(self) -> nn.Module:
+        return self._vae[0]
+
+    @property
+    def text_encoder(self) -> nn.Module | None:
+        return self._text_encoder[0]
+
+    def _move_frozen(self) -> None:
+        for part in (self.vae, self.text_encoder):
+            if part is not None:
+                part.to(self.device)
+
+    # ------------------------------------------------------------------ model
+    def configure_model(self) -> None:
+        if self.backbone is not None:
+            return
+        self.backbone = self.backbone_factory(latent_channels=self.vae.latent_channels)
+        frozen = self.backbone.freeze_unused_text_tail()
+        n_params = sum(p.numel() for p in self.backbone.parameters())
+        blocks = self.backbone.transformer.transformer_blocks
+        n_ckpt = len(blocks) if getattr(self.backbone.transformer, "gradient_checkpointing", False) else 0
+        log.info(
+            "backbone: %.2fM params (%d frozen text-tail tensors), dtype %s, prediction=%s, zero_cond_t=%s, "
+            "gradient checkpointing on %d blocks",
+            n_params / 1e6,
+            len(frozen),
+            next(self.backbone.parameters()).dtype,
+            self.backbone.prediction,
+            getattr(self.backbone, "zero_cond_t", None),
+            n_ckpt,
+        )
+        if self.init_from:
+            self.load_backbone_from(self.init_from, use_ema=self.init_from_ema)
+
+    def load_backbone_from(self, path: str | Path, *, use_ema: bool = True) -> None:
+        """Weights-only chaining from a previous stage (``stage.init_from``): a ``.ckpt`` file, a run folder
+        (its ``checkpoints/last.ckpt``) or an export folder (``backbone.safetensors``)."""
+        from rededit.stages.checkpoints import load_backbone_state
+
+        state, source = load_backbone_state(path, use_ema=use_ema)
+        self.backbone.load_state_dict(state, strict=True)
+        log.info("initialised backbone from %s (%s weights)", path, source)
+
+    # ------------------------------------------------------------------ batch → latents / text
+    @torch.no_grad()
+    def encode_images(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Target ``[B, C, h, w]`` and reference latents (list of ``[B, C, h_k, w_k]``)."""
+        vae = self.vae
+        target = vae.encode(batch["target"].to(self.device))
+        refs = [vae.encode(r.to(self.device)) for r in batch["references"]]
+        return target.float(), [r.float() for r in refs]
+
+    def text_condition(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``text_emb [B, L, D]`` and ``text_mask [B, L]``: from the batch, else encoded here."""
+        if "text_emb" in batch:
+            return batch["text_emb"].to(self.device), batch["text_mask"].to(self.device)
+        if self.text_encoder is None:
+            raise ValueError("the batch has no text_emb and the stage has no text_encoder")
+        images = None
+        if getattr(self.text_encoder, "uses_images", False):
+            images = [[r[i] for r in batch["references"]] for i in range(len(batch["texts"]))]
+        emb, mask = self.text_encoder.encode(list(batch["texts"]), images)
+        return emb.to(self.device), mask.to(self.device)
+
+    # ------------------------------------------------------------------ randomness
+    def _draw(self, batch: Mapping[str, Any], x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(σ ``[B]``, ε ``[B, C, h, w]``) from (seed, epoch, data step, rank)."""
+        micro_step = int(batch["epoch"]) * _STEPS_PER_EPOCH_STRIDE + int(batch["step"])
+        rank, world = self.global_rank, self.trainer.world_size if self._trainer is not None else 1
+        seq_len = (x0.shape[-2] // self.backbone.patch_size) * (x0.shape[-1] // self.backbone.patch_size)
+        sigma = self.timesteps.sample(
+            x0.shape[0], step=micro_step, rank=rank, world_size=world, seed=self.seed, seq_len=seq_len
+        )
+        if self.curriculum is not None:
+            sigma = self.curriculum.apply(sigma, self.global_step)
+        gen = torch_generator(self.seed, "noise", micro_step, rank)
+        eps = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(x0.device)
+        return sigma.to(x0.device), eps
+
+    # ------------------------------------------------------------------ loss
+    def flow_loss(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-sample rectified-flow loss ``[B]`` (weighted by §3.8 ``w(σ)``) and its ingredients."""
+        x0, refs = self.encode_images(batch)
+        text_emb, text_mask = self.text_condition(batch)
+        sigma, eps = self._draw(batch, x0)
+        x_t = interpolate(x0, eps, sigma)
+        v_hat = self.backbone(x_t, refs, sigma, text_emb, text_mask)
+        # The backbone's own target: ε − x0, damped below σ_min in x0-prediction mode (see EditBackbone).
+        v = self.backbone.velocity_target(x0, eps, sigma)
+        mse = (v_hat.float() - v).pow(2).flatten(1).mean(1)
+        w = loss_weight(sigma, **self.weighting).to(mse.device)
+        parts = {"sigma": sigma, "mse": mse.detach(), "x0": x0, "x_t": x_t, "v_hat": v_hat, "refs": refs}
+        return w * mse, parts
+
+    def compute_loss(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scalar loss of a batch; stages override this (DPO, NFT, consistency loss)."""
+        per_sample, parts = self.flow_loss(batch)
+        return per_sample.mean(), parts
+
+    def _log_tbins(self, split: str, sigma: torch.Tensor, mse: torch.Tensor) -> None:
+        bins = (sigma.detach().clamp(0, 1 - 1e-6) * self.num_tbins).long()
+        for k in range(self.num_tbins):
+            sel = bins == k
+            if sel.any():
+                self.log(
+                    f"{split}/loss_tbin{k}",
+                    mse[sel].mean(),
+                    on_step=split == "train",
+                    on_epoch=True,
+                    batch_size=int(sel.sum()),
+                )
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def on_fit_start(self) -> None:
+        self._move_frozen()
+
+    def on_validation_start(self) -> None:
+        self._move_frozen()
+
+    def on_predict_start(self) -> None:
+        self._move_frozen()
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, parts = self.compute_loss(batch)
+        bs = len(batch["ids"])
+        self.skipped_samples += len(batch.get("skipped", ()))
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
+        self.log("train/batch_size", float(bs), on_step=True, on_epoch=False, batch_size=bs)
+        self.log("train/skipped_samples", float(self.skipped_samples), on_step=True, batch_size=bs)
+        if self.curriculum is not None:
+            self.log("train/curriculum_bias", self.curriculum.bias_at(self.global_step), batch_size=bs)
+        self._log_tbins("train", parts["sigma"], parts["mse"])
+        return loss
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, parts = self.compute_loss(batch)
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(batch["ids"]))
+        self._log_tbins("val", parts["sigma"], parts["mse"])
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        groups = self.backbone.trainable_parameter_groups(self.weight_decay)
+        optimizer = self.optimizer_factory(groups)
+        if self.warmup_steps <= 0:
+            return optimizer
+        warmup = self.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.curriculum is not None:
+            checkpoint["timestep_curriculum"] = self.curriculum.state_dict()
+        checkpoint["skipped_samples"] = self.skipped_samples
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.configure_model()  # weights load right after this hook; the backbone must exist
+        if self.curriculum is not None and "timestep_curriculum" in checkpoint:
+            self.curriculum.load_state_dict(checkpoint["timestep_curriculum"])
+        self.skipped_samples = int(checkpoint.get("skipped_samples", 0))
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def generate(
+        self,
+        references: list[torch.Tensor],
+        texts: list[str],
+        *,
+        height: int,
+        width: int,
+        seed: int = 0,
+        steps: int | None = None,
+        cfg_scale: float | None = None,
+        negative_prompt: str | None = None,
+    ) -> torch.Tensor:
+        """Edit (or generate, with no references) a batch: images ``[B, 3, height, width]`` in [-1, 1].
+
+        Args:
+            references: per position ``[B, 3, H_k, W_k]`` in [-1, 1]; Picture 1 is ``references[0]``.
+            texts: ``B`` instructions.
+        """
+        self._move_frozen()
+        was_training = self.backbone.training
+        self.backbone.eval()
+        b = len(texts)
+        vae = self.vae
+        refs = [vae.encode(r.to(self.device)).float() for r in references]
+        enc = self.text_encoder
+        images = (
+            [[r[i] for r in references] for i in range(b)] if getattr(enc, "uses_images", False) else None
+        )
+        emb, mask = enc.encode(texts, images)
+        cfg = self.cfg_scale if cfg_scale is None else cfg_scale
+        neg_emb = neg_mask = None
+        if cfg > 1:
+            neg = [self.negative_prompt if negative_prompt is None else negative_prompt] * b
+            neg_emb, neg_mask = enc.encode(neg, images)
+            neg_emb, neg_mask = neg_emb.to(self.device), neg_mask.to(self.device)
+        f = vae.downsample
+        gen = torch_generator(seed, "generate")
+        noise = torch.randn((b, vae.latent_channels, height // f, width // f), generator=gen).to(self.device)
+        x0 = euler_sample(
+            self.backbone,
+            noise=noise,
+            references=refs,
+            text_emb=emb.to(self.device),
+            text_mask=mask.to(self.device),
+            neg_text_emb=neg_emb,
+            neg_text_mask=neg_mask,
+            steps=steps or self.sample_steps,
+            cfg_scale=cfg,
+        )
+        self.backbone.train(was_training)
+        return vae.decode(x0).clamp(-1, 1)

@@ -1,0 +1,91 @@
+"""``rededit-train`` / ``python -m rededit.train``: one Hydra entry point for every stage.
+
+    rededit-train experiment=demo_pretrain
+    rededit-train experiment=sft stage.init_from=outputs/runs/pretrain/<date>   # weights-only chaining
+    rededit-train experiment=sft ckpt_path=outputs/runs/sft/<date>/checkpoints/last.ckpt   # full resume
+
+The run folder gets the resolved config (``config.yaml``), logs, checkpoints and, after fit, the EMA
+editor exported as a diffusers folder (``export/``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from rededit.utils.io import atomic_write_text
+from rededit.utils.logging import get_logger
+
+log = get_logger(__name__)
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def _instantiate_group(cfg: DictConfig | None) -> list[Any]:
+    return [instantiate(node) for node in (cfg or {}).values() if node is not None and "_target_" in node]
+
+
+def build_strategy(cfg: DictConfig) -> Any:
+    if "_target_" not in cfg:
+        return cfg.get("name", "auto")
+    node = OmegaConf.to_container(cfg, resolve=True)
+    node.pop("name", None)
+    return instantiate(node)
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
+    """Instantiate stage, data module and trainer from a composed config."""
+    text_encoder = instantiate(cfg.text_encoder) if cfg.get("text_encoder") else None
+    datamodule = instantiate(cfg.data, text_encoder=text_encoder if cfg.encode_text_in_loader else None)
+    model = instantiate(cfg.stage, text_encoder=text_encoder)
+    callbacks = _instantiate_group(cfg.get("callbacks"))
+    loggers = _instantiate_group(cfg.get("logger"))
+    trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=build_strategy(cfg.strategy)
+    )
+    return model, datamodule, trainer
+
+
+def export(model: L.LightningModule, trainer: L.Trainer, cfg: DictConfig) -> Path | None:
+    """Write the EMA editor (raw weights beside it) as a diffusers folder, rank 0 only."""
+    from rededit.callbacks.ema import EMA
+    from rededit.stages.checkpoints import export_editor
+
+    if not cfg.get("export_dir") or trainer.global_rank != 0:
+        return None
+    ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
+    ema_state = ema.ema_state_dict(model) if ema is not None and ema.shadow else None
+    out = export_editor(
+        model.backbone, cfg.export_dir, config_yaml=OmegaConf.to_yaml(cfg, resolve=True), ema_state=ema_state
+    )
+    log.info("exported the %s editor to %s", "EMA" if ema_state else "raw", out)
+    return out
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train one stage; returns the final logged metrics and the run's paths."""
+    L.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    model, datamodule, trainer = build(cfg)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    exported = None if trainer.fast_dev_run else export(model, trainer, cfg)
+    return {"metrics": metrics, "output_dir": str(out_dir), "export_dir": str(exported) if exported else None}
+
+
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    result = run(cfg)
+    log.info("done: %s", result["metrics"])
+
+
+if __name__ == "__main__":
+    main()
