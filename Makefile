@@ -5,6 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= outputs/demo
+DEMO_N ?= 3000
+DEMO_BUDGET ?= 4096
+DEMO_DATA = data.manifest=$(DEMO_DIR)/corpus/manifest.parquet data.text_cache=$(DEMO_DIR)/text_cache data.token_budget=$(DEMO_BUDGET)
 # Never reach a model hub at run time (see OFFLINE.md); tokenizer threads stay off for the 2-core default.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -24,11 +27,17 @@ $(STAMP): setup.cfg pyproject.toml
 
 venv: $(STAMP) ## create .venv and install rededit with its dev extras
 
-demo: $(STAMP) ## build the synthetic corpus and run the main job on the embedded default
-	$(BIN)/rededit-data synth --out $(DEMO_DIR)/corpus --n 600 --seed 0
+demo: $(STAMP) ## build the synthetic corpus, train the tiny editor (pretrain -> SFT) and write outputs/demo/report.md
+	$(BIN)/rededit-data synth --out $(DEMO_DIR)/corpus --n $(DEMO_N) --seed 0 --min-side 64 --max-side 128
 	$(BIN)/rededit-data validate $(DEMO_DIR)/corpus/manifest.parquet
-	$(BIN)/rededit-data buckets --manifest $(DEMO_DIR)/corpus/manifest.parquet --buckets ct --token-budget 4096 --world-size 2 \
-		--rank-schedule $(DEMO_DIR)/rank_schedule.jsonl
+	$(BIN)/rededit-data buckets --manifest $(DEMO_DIR)/corpus/manifest.parquet --buckets tiny --token-budget $(DEMO_BUDGET) \
+		--world-size 2 --rank-schedule $(DEMO_DIR)/rank_schedule.jsonl --top 12
+	$(BIN)/rededit-data encode-text --manifest $(DEMO_DIR)/corpus/manifest.parquet --cache $(DEMO_DIR)/text_cache
+	$(BIN)/rededit-train experiment=demo_pretrain $(DEMO_DATA) hydra.run.dir=$(DEMO_DIR)/pretrain
+	$(BIN)/rededit-train experiment=demo_sft $(DEMO_DATA) stage.init_from=$(DEMO_DIR)/pretrain hydra.run.dir=$(DEMO_DIR)
+	$(BIN)/python -m rededit.eval.demo_report --checkpoint $(DEMO_DIR)/export --manifest $(DEMO_DIR)/corpus/manifest.parquet \
+		--out $(DEMO_DIR) --runs pretrain=$(DEMO_DIR)/pretrain sft=$(DEMO_DIR)
+	@echo "demo: see $(DEMO_DIR)/report.md, $(DEMO_DIR)/grid.png, $(DEMO_DIR)/loss_curves.png"
 
 test: $(STAMP) ## run the default test tier (what CI runs)
 	$(BIN)/python -m pytest -q

@@ -56,7 +56,9 @@ class EMA(L.Callback):
         self.validate_with_ema = validate_with_ema
         self.shadow: dict[str, torch.Tensor] = {}
         self.num_updates = 0
-        self.last_step = -1
+        # Optimizer step of the last update; 0 = none yet (under gradient accumulation the first
+        # micro-batches end at global_step 0, before any optimizer step: they must not count as an update).
+        self.last_step = 0
         self._backup: dict[str, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ math
@@ -162,5 +164,5 @@ class EMA(L.Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.num_updates = int(state["num_updates"])
-        self.last_step = int(state.get("last_step", -1))
+        self.last_step = int(state.get("last_step", 0))
         self.shadow = {k: v.clone().float() for k, v in state["shadow"].items()}

@@ -18,6 +18,22 @@ from rededit.utils.logging import get_logger
 log = get_logger(__name__)
 
 
+def _all_finite(grads: list[torch.Tensor]) -> bool:
+    """True iff every entry of every gradient is finite.
+
+    Plain tensors on one device take one fused ``_foreach_norm(∞)`` (max |g| per tensor is inf/NaN iff the
+    tensor has a non-finite entry, and cannot overflow) and a single host sync: the per-tensor loop costs
+    ~20 ms per step on the tiny CPU model (experiments/benchmarks/train_step). DTensors (FSDP2 shards) and
+    mixed devices keep the per-tensor check.
+    """
+    grads = [g for g in grads if g.numel()]
+    if not grads:
+        return True
+    if all(type(g) is torch.Tensor and g.device == grads[0].device for g in grads):
+        return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all())
+    return all(bool(torch.isfinite(g).all()) for g in grads)
+
+
 class NaNGuard(L.Callback):
     """Skip non-finite losses; raise after ``max_consecutive`` in a row.
 
@@ -37,7 +53,7 @@ class NaNGuard(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
     ) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        finite = all(bool(torch.isfinite(p.grad).all()) for p in params)
+        finite = _all_finite([p.grad for p in params])
         if finite:
             self.consecutive = 0
             return

@@ -32,24 +32,40 @@ class SampleKeyBatchSampler:
     Each key carries (epoch, step) for the per-sample random choices and the bucket's exact shapes,
     so a sample merged into a neighbouring bucket is loaded at that bucket's resolution. State, length
     and epoch handling are the wrapped sampler's (this adapter holds no state of its own).
+
+    The wrapped sampler is ``bucket_sampler``, deliberately not ``sampler``: Lightning calls
+    ``batch_sampler.sampler.set_epoch(<its epoch counter>)`` at every epoch start, and its counter runs
+    ahead of the data epoch once a run stopped by ``max_steps`` mid-epoch is checkpointed (Lightning
+    saves that as a finished epoch). Forwarding it would skip the rest of the data epoch on resume
+    (and every later epoch would stay shifted), so the bucket sampler owns its epoch: it advances by
+    itself after a full pass and its (epoch, cursor) is restored from the checkpoint.
+
+    Args:
+        sampler: the bucket sampler (built with ``yield_buckets=True``).
+        rewind: restart at (epoch 0, cursor 0) on every iteration: validation sees the same batches
+            and noise each time it runs, whatever the training epoch.
     """
 
-    def __init__(self, sampler: MultiConditionBucketSampler):
+    def __init__(self, sampler: MultiConditionBucketSampler, *, rewind: bool = False):
         if not sampler.yield_buckets:
             raise ValueError("SampleKeyBatchSampler needs a sampler built with yield_buckets=True")
-        self.sampler = sampler
+        self.bucket_sampler = sampler
+        self.rewind = rewind
         self._shapes: dict[int, tuple[tuple[int, int], tuple[tuple[int, int], ...]]] = {}
 
     def _bucket_shapes(self, bucket: int) -> tuple[tuple[int, int], tuple[tuple[int, int], ...]]:
         if bucket not in self._shapes:
-            shapes = self.sampler.assignment.bucket_shapes(bucket)
+            shapes = self.bucket_sampler.assignment.bucket_shapes(bucket)
             self._shapes[bucket] = (tuple(shapes["target"]), tuple(tuple(r) for r in shapes["references"]))
         return self._shapes[bucket]
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
-        for batch in self.sampler:
+        sampler = self.bucket_sampler
+        if self.rewind:
+            sampler.load_state_dict({"epoch": 0, "cursor": 0})
+        for batch in sampler:
             # The sampler advances its cursor before yielding, so the step of this batch is cursor - 1.
-            epoch, step = self.sampler.epoch, self.sampler.cursor - 1
+            epoch, step = sampler.epoch, sampler.cursor - 1
             keys = []
             for row, bucket in batch:
                 target_hw, ref_hws = self._bucket_shapes(bucket)
@@ -57,16 +73,17 @@ class SampleKeyBatchSampler:
             yield keys
 
     def __len__(self) -> int:
-        return len(self.sampler)
+        return len(self.bucket_sampler)
 
     def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+        """Explicit jump to ``epoch`` (Lightning does not call this one; see the class docstring)."""
+        self.bucket_sampler.set_epoch(epoch)
 
     def state_dict(self) -> dict[str, int]:
-        return self.sampler.state_dict()
+        return self.bucket_sampler.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.sampler.load_state_dict(state)
+        self.bucket_sampler.load_state_dict(state)
 
 
 def select_split(manifest: Manifest, split: str | None) -> Manifest:
@@ -153,7 +170,9 @@ class EditDataModule(L.LightningDataModule):
             return int(trainer.world_size), int(trainer.global_rank)
         return 1, 0
 
-    def _build_sampler(self, manifest: Manifest, *, shuffle: bool, world_size: int, rank: int):
+    def _build_sampler(
+        self, manifest: Manifest, *, shuffle: bool, world_size: int, rank: int
+    ) -> SampleKeyBatchSampler:
         assignment: BucketAssignment = assign_buckets(
             manifest.sizes(), self.resset, task_groups=self.bucket_cfg.get("task_groups")
         )
@@ -170,7 +189,7 @@ class EditDataModule(L.LightningDataModule):
             max_batch_size=self.max_batch_size,
             yield_buckets=True,
         )
-        return SampleKeyBatchSampler(sampler)
+        return SampleKeyBatchSampler(sampler, rewind=not shuffle)
 
     def setup(self, stage: str | None = None) -> None:
         if self._manifest is None:
@@ -181,11 +200,11 @@ class EditDataModule(L.LightningDataModule):
             self.train_sampler = self._build_sampler(
                 self.train_manifest, shuffle=True, world_size=world_size, rank=rank
             )
-            stats = self.train_sampler.sampler.stats()
+            stats = self.train_sampler.bucket_sampler.stats()
             log.info(
                 "train data: %d rows, %d buckets, %d steps/epoch (world size %d), merged %d, dropped %d",
                 len(self.train_manifest),
-                self.train_sampler.sampler.assignment.num_buckets,
+                self.train_sampler.bucket_sampler.assignment.num_buckets,
                 len(self.train_sampler),
                 world_size,
                 stats.get("merged", 0),

@@ -15,6 +15,13 @@ checkpoint trained without it (as Qwen-Image-Edit-2511 does).
 Timestep scale: the transformer's sinusoidal projection multiplies its input by 1000 and the diffusers
 pipelines pass ``scheduler_t / 1000 = σ``; we therefore pass ``σ ∈ [0, 1]`` directly.
 
+Source residual (optional, ``source_residual=True``, x0-prediction only): the network predicts the
+*change* ``x̂0 − z_ref1`` and the source latent of Picture 1 (resized to the target's latent grid when the
+shapes differ, zero for T2I) is added back. References still enter as tokens, so multi-reference editing
+is unchanged; the residual only makes "leave unedited pixels alone" the zero-output default, which a
+2.6M-parameter CPU model otherwise spends most of its budget learning (DEMO-FEASIBILITY.md). Off by
+default and off in the ``qwen_image`` preset (Qwen-Image-Edit has no such path).
+
 Text masking: ``text_mask`` is passed as ``encoder_hidden_states_mask``; diffusers 0.42.1 turns it into a
 key mask of the joint attention and places text RoPE positions by index (padding only at the end does not
 move valid tokens), so a sample's prediction is independent of how much padding its batch needs
@@ -71,6 +78,7 @@ class EditBackbone(nn.Module):
             (ii) :meth:`predicted_x0` / :meth:`exact_velocity` undo it (the Euler sampler uses the latter, so
             its final step lands exactly on ``x̂0``). In ``"v"`` mode all three are the plain formulas.
         gradient_checkpointing: recompute each transformer block in backward (diffusers' mechanism).
+        source_residual: x0-prediction relative to Picture 1's latent (see module doc).
         expected_config: with ``pretrained_path``, config values the loaded transformer must have (the
             ``qwen_image`` preset lists the 20B architecture so a wrong folder fails loudly).
     """
@@ -88,6 +96,7 @@ class EditBackbone(nn.Module):
         x0_sigma_min: float = 0.05,
         gradient_checkpointing: bool = False,
         expected_config: Mapping[str, Any] | None = None,
+        source_residual: bool = False,
     ) -> None:
         super().__init__()
         from diffusers import QwenImageTransformer2DModel
@@ -139,8 +148,11 @@ class EditBackbone(nn.Module):
             raise ValueError(f"prediction must be 'v' or 'x0', got {prediction!r}")
         if x0_sigma_min <= 0:
             raise ValueError("x0_sigma_min must be > 0")
+        if source_residual and prediction != "x0":
+            raise ValueError("source_residual needs prediction='x0' (the residual is on the predicted x0)")
         self.prediction: Prediction = prediction
         self.x0_sigma_min = float(x0_sigma_min)
+        self.source_residual = bool(source_residual)
         self.set_zero_cond_t(zero_cond_t)
         self.set_gradient_checkpointing(gradient_checkpointing)
 
@@ -230,9 +242,18 @@ class EditBackbone(nn.Module):
         )[0]
         # Target tokens come first in the image stream; reference outputs are discarded (as the pipeline does).
         pred = unpack_latents(out[:, :n_target], h, w, p)
+        if self.source_residual and references:
+            pred = pred + self.residual_base(references[0], (h, w)).to(pred.dtype)
         if self.prediction == "x0":
             pred = self.velocity_from_x0(noisy_target.to(pred.dtype), pred, sigma.to(pred.dtype))
         return pred
+
+    @staticmethod
+    def residual_base(source: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """Picture 1's latent ``[B, C, h, w]`` on the target's latent grid (bilinear when shapes differ)."""
+        if tuple(source.shape[-2:]) == tuple(hw):
+            return source
+        return torch.nn.functional.interpolate(source, size=hw, mode="bilinear", align_corners=False)
 
     def velocity_from_x0(self, x_t: torch.Tensor, x0_hat: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """``v̂ = (x_t − x̂0) / max(σ, σ_min)`` with ``σ`` ``[B]`` broadcast over ``[B, C, h, w]``."""

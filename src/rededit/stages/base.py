@@ -179,6 +179,9 @@ class BaseStage(L.LightningModule):
             x0.shape[0], step=micro_step, rank=rank, world_size=world, seed=self.seed, seq_len=seq_len
         )
         if self.curriculum is not None:
+            # The bias is a function of the optimizer step (restored on resume); record it so the
+            # curriculum's checkpointed state says where it is.
+            self.curriculum.set_step(self.global_step)
             sigma = self.curriculum.apply(sigma, self.global_step)
         gen = torch_generator(self.seed, "noise", micro_step, rank)
         eps = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(x0.device)

@@ -1,0 +1,101 @@
+"""The demo report on a tiny corpus with an untrained tiny editor: every file, every bench task."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("diffusers")
+
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from rededit.data.manifest import Manifest
+from rededit.data.synth.writer import synthesize
+from rededit.eval.demo_report import goal_check, main, plot_loss_curves, read_loss_csv
+from rededit.stages.checkpoints import export_editor
+from rededit.train import CONF_DIR
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo_report")
+    manifest = synthesize(root / "corpus", n=24, seed=0, bench_n=14, min_side=64, max_side=96)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[f"paths.output_dir={root / 'run'}", "backbone.transformer_config.num_layers=2"],
+        )
+    torch.manual_seed(0)
+    stage = instantiate(cfg.stage, text_encoder=None)
+    stage.configure_model()
+    export = export_editor(stage.backbone, root / "export", config_yaml=OmegaConf.to_yaml(cfg, resolve=True))
+    logs = root / "run" / "logs"
+    logs.mkdir(parents=True)
+    rows = ["epoch,step,train/loss_step,train/batch_size"]
+    rows += [f"0,{s},{1.0 / (1 + s) + 0.01},4" if s % 2 == 0 else f"0,{s},,4" for s in range(40)]
+    (logs / "metrics.csv").write_text("\n".join(rows) + "\n")
+    manifest_path = root / "corpus" / "manifest.parquet"
+    return {"root": root, "manifest": manifest_path, "export": export, "written": manifest}
+
+
+def test_demo_report_writes_every_file_for_every_bench_task(setup, tmp_path) -> None:
+    out = tmp_path / "report"
+    argv = ["--checkpoint", str(setup["export"]), "--manifest", str(setup["manifest"]), "--out", str(out)]
+    rc = main([*argv, "--runs", f"pretrain={setup['root'] / 'run'}", "--steps", "2", "--max-per-task", "3"])
+    assert rc == 0
+    for name in ("grid.png", "metrics.json", "report.md", "loss_curves.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert not list(out.glob(".*.tmp"))
+
+    m = Manifest.open(setup["manifest"])
+    splits, tasks = m.column_numpy("split"), m.column_numpy("task")
+    bench_tasks = {t for t, s in zip(tasks, splits) if s == "bench"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["tasks"]) == bench_tasks
+    assert metrics["settings"]["steps"] == 2 and metrics["settings"]["seed"] == 0
+    assert metrics["settings"]["weights"] == "raw"
+    for task, st in metrics["tasks"].items():
+        expected = min(3, sum(1 for t, s in zip(tasks, splits) if s == "bench" and t == task))
+        assert st["n"] == expected
+        assert st["edit_region_error"] is not None
+        if task == "t2i":
+            assert st["error_ratio"] is None and not st["goal"]["applies"]
+        else:
+            assert st["error_ratio"] is not None and st["error_ratio"] > 0
+    # An untrained editor must not pass the goal; the report says so.
+    assert metrics["goal"]["passed"] == 0 and metrics["goal"]["checked"] == len(bench_tasks - {"t2i"})
+    report = (out / "report.md").read_text()
+    assert "FAIL" in report and all(f"| {t} |" in report for t in bench_tasks)
+
+    grid = Image.open(out / "grid.png")
+    shown = sum(min(2, metrics["tasks"][t]["n"]) for t in bench_tasks)
+    assert grid.height > shown * 100 and grid.width > 500
+
+
+def test_goal_check() -> None:
+    assert goal_check("add", {"error_ratio": 0.4, "psnr_outside": 30.0})["pass"] is True
+    assert goal_check("add", {"error_ratio": 0.6, "psnr_outside": 30.0})["pass"] is False
+    assert goal_check("add", {"error_ratio": 0.4, "psnr_outside": 24.0})["pass"] is False
+    g = goal_check("stylize", {"error_ratio": 0.4, "psnr_outside": None})
+    assert g["pass"] is True and g["psnr_ok"] is None
+    assert goal_check("t2i", {"error_ratio": None, "psnr_outside": None})["applies"] is False
+
+
+def test_loss_csv_reading_and_errors(setup, tmp_path) -> None:
+    steps, values = read_loss_csv(setup["root"] / "run")
+    assert steps.tolist() == list(range(0, 40, 2)) and values[0] == pytest.approx(1.01)
+    bad = tmp_path / "metrics.csv"
+    bad.write_text("step,val/loss\n0,1.0\n")
+    with pytest.raises(ValueError, match="train/loss_step"):
+        plot_loss_curves({"x": bad}, tmp_path / "l.png", strict=True)
+    assert not (tmp_path / "l.png").exists()
+    # Lenient (the report's default): a short run without step losses still gets a plot.
+    plot_loss_curves({"short": bad, "ok": setup["root"] / "run"}, tmp_path / "l.png")
+    assert (tmp_path / "l.png").stat().st_size > 0
+    with pytest.raises(FileNotFoundError):
+        read_loss_csv(tmp_path / "missing")
