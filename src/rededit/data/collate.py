@@ -2,8 +2,9 @@
 
 Why SIA is drawn per batch: diffusers' Qwen transformer takes one ``img_shapes`` for the whole batch
 (DESIGN.md, known traps), so every sample of a batch must keep the same image shape at every position.
-The drop set and the permutation of reference positions are therefore drawn once per batch from
-(seed, step, first sample id); on top of that each sample shuffles among the positions that share a
+The drop set and the permutation of reference positions are therefore drawn once per global step
+from (seed, epoch, step) — the same on every rank, so ranks that share a bucket also share the shapes
+they feed the model (equal token loads); on top of that each sample shuffles among the positions that share a
 resolution, drawn from (seed, step, sample id). Both keep per-position shapes homogeneous. The
 instruction's "Picture N" / "图N" mentions are then re-indexed to follow their images, and a dropped
 image's mention becomes a neutral phrase (``rededit.data.alignment``).
@@ -93,7 +94,7 @@ class EditCollator:
                 num_refs,
                 seed=self.seed,
                 step=step,
-                sample_id=f"batch:{epoch}:{good[0]['id']}",
+                sample_id=f"epoch:{epoch}",
                 cfg=self.sia,
                 task=good[0]["task"],
                 texts=texts,
