@@ -55,6 +55,7 @@ format: $(STAMP) ## ruff autofix + format
 
 bench: $(STAMP) ## run the benchmarks in experiments/benchmarks and print their figures
 	$(BIN)/python experiments/benchmarks/bucket_sampler/run.py
+	$(BIN)/python experiments/benchmarks/train_step/run.py
 
 clean: ## remove build and run outputs (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache build src/*.egg-info

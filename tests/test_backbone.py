@@ -258,3 +258,23 @@ def test_presets_instantiate_consistently(tmp_path) -> None:
         torch.testing.assert_close(
             loaded(x, references, sigma, text, mask), ref(x, references, sigma, text, mask)
         )
+
+
+def test_zero_init_with_source_residual_starts_at_returning_picture_1() -> None:
+    """A fresh tiny editor with zero_init_output + source_residual predicts x̂0 = Picture 1 (latents)."""
+    bb = _backbone(prediction="x0", source_residual=True, zero_init_output=True)
+    x_t, refs, sigma, emb, mask = _inputs(b=2, refs=((8, 8), (4, 6)))
+    sigma = sigma.clamp_min(0.2)  # above x0_sigma_min the x0 ↔ v conversion is exact
+    x0_hat = bb.predicted_x0(x_t, bb(x_t, refs, sigma, emb, mask), sigma)
+    torch.testing.assert_close(x0_hat, refs[0], atol=1e-5, rtol=1e-5)
+    # A Picture 1 of another shape is resized onto the target grid; with no reference the base is 0.
+    small = [torch.randn(2, refs[0].shape[1], 4, 4)]
+    x0_small = bb.predicted_x0(x_t, bb(x_t, small, sigma, emb, mask), sigma)
+    torch.testing.assert_close(x0_small, EditBackbone.residual_base(small[0], (8, 8)), atol=1e-5, rtol=1e-5)
+    x0_t2i = bb.predicted_x0(x_t, bb(x_t, [], sigma, emb, mask), sigma)
+    torch.testing.assert_close(x0_t2i, torch.zeros_like(x_t), atol=1e-5, rtol=1e-5)
+    # Zero-initialised output still trains: the final projection gets a gradient.
+    bb(x_t, refs, sigma, emb, mask).pow(2).mean().backward()
+    assert bb.transformer.proj_out.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="source_residual"):
+        _backbone(prediction="v", source_residual=True)

@@ -44,8 +44,12 @@ def _config_sets() -> list[tuple[str, ...]]:
 
 @pytest.mark.parametrize("overrides", _config_sets(), ids=lambda o: o[0])
 def test_fast_dev_run(overrides, tiny_corpus, tmp_path) -> None:
-    cfg = compose(train_overrides(tiny_corpus, *overrides, "debug=fast_dev_run"), tmp_path)
-    if OmegaConf.missing_keys(cfg):  # a production recipe: same recipe on the embedded default parts
+    # Production recipes (pretrain / ct / sft) run on the embedded default parts and tiny buckets: the
+    # recipe is the same, only backbone/data are swapped (as the README's production overrides do the reverse).
+    production = overrides[0].startswith("experiment=") and not overrides[0].startswith("experiment=demo_")
+    extra = EMBEDDED if production else ()
+    cfg = compose(train_overrides(tiny_corpus, *overrides, *extra, "debug=fast_dev_run"), tmp_path)
+    if OmegaConf.missing_keys(cfg):  # a recipe that needs local weights: same recipe on the embedded parts
         cfg = compose(train_overrides(tiny_corpus, *overrides, *EMBEDDED, "debug=fast_dev_run"), tmp_path)
     result = run(cfg)
     metrics = result["metrics"]

@@ -79,6 +79,9 @@ class EditBackbone(nn.Module):
             its final step lands exactly on ``x̂0``). In ``"v"`` mode all three are the plain formulas.
         gradient_checkpointing: recompute each transformer block in backward (diffusers' mechanism).
         source_residual: x0-prediction relative to Picture 1's latent (see module doc).
+        zero_init_output: for a fresh transformer, zero the final projection (``proj_out``) as DiT does
+            (adaLN-Zero style), so training starts from a constant prediction — with ``source_residual``
+            that is exactly "return Picture 1 unchanged". Ignored when loading pretrained weights.
         expected_config: with ``pretrained_path``, config values the loaded transformer must have (the
             ``qwen_image`` preset lists the 20B architecture so a wrong folder fails loudly).
     """
@@ -97,6 +100,7 @@ class EditBackbone(nn.Module):
         gradient_checkpointing: bool = False,
         expected_config: Mapping[str, Any] | None = None,
         source_residual: bool = False,
+        zero_init_output: bool = False,
     ) -> None:
         super().__init__()
         from diffusers import QwenImageTransformer2DModel
@@ -118,6 +122,11 @@ class EditBackbone(nn.Module):
                 cfg.setdefault("out_channels", latent_channels)
             cfg["zero_cond_t"] = bool(zero_cond_t)
             self.transformer = QwenImageTransformer2DModel(**cfg)
+            if zero_init_output:
+                # diffusers initialises proj_out randomly; its gradient does not depend on its own weights,
+                # so a zero start still trains (DiT, Peebles & Xie 2023, zero-initialises the same layer).
+                nn.init.zeros_(self.transformer.proj_out.weight)
+                nn.init.zeros_(self.transformer.proj_out.bias)
             if dtype is not None:
                 self.transformer.to(dtype)
 

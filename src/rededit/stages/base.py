@@ -61,6 +61,7 @@ class BaseStage(L.LightningModule):
         num_tbins: σ bins for ``train/loss_tbin{k}``.
         sample_steps / cfg_scale: inference settings for :meth:`generate`.
         negative_prompt: text of the CFG negative branch ("" = empty prompt).
+        compile_backbone: ``torch.compile`` the transformer in place (state-dict keys unchanged).
     """
 
     def __init__(
@@ -82,6 +83,7 @@ class BaseStage(L.LightningModule):
         sample_steps: int = 8,
         cfg_scale: float = 1.0,
         negative_prompt: str = "",
+        compile_backbone: bool = False,
     ):
         super().__init__()
         self.backbone_factory = backbone
@@ -101,6 +103,7 @@ class BaseStage(L.LightningModule):
         self.sample_steps = int(sample_steps)
         self.cfg_scale = float(cfg_scale)
         self.negative_prompt = negative_prompt
+        self.compile_backbone = bool(compile_backbone)
         self.skipped_samples = 0
 
     # ------------------------------------------------------------------ frozen parts
@@ -126,15 +129,23 @@ class BaseStage(L.LightningModule):
         n_params = sum(p.numel() for p in self.backbone.parameters())
         blocks = self.backbone.transformer.transformer_blocks
         n_ckpt = len(blocks) if getattr(self.backbone.transformer, "gradient_checkpointing", False) else 0
+        if self.compile_backbone:
+            self.backbone.transformer.compile()  # in place: parameter names and checkpoints are unchanged
+        precision = self._trainer.precision if self._trainer is not None else "n/a"
         log.info(
-            "backbone: %.2fM params (%d frozen text-tail tensors), dtype %s, prediction=%s, zero_cond_t=%s, "
-            "gradient checkpointing on %d blocks",
+            "backbone: %.2fM params (%d frozen text-tail tensors), param dtype %s, trainer precision %s, "
+            "prediction=%s, zero_cond_t=%s, source_residual=%s, gradient checkpointing on %d/%d blocks, "
+            "torch.compile %s",
             n_params / 1e6,
             len(frozen),
             next(self.backbone.parameters()).dtype,
+            precision,
             self.backbone.prediction,
             getattr(self.backbone, "zero_cond_t", None),
+            getattr(self.backbone, "source_residual", False),
             n_ckpt,
+            len(blocks),
+            "on" if self.compile_backbone else "off",
         )
         if self.init_from:
             self.load_backbone_from(self.init_from, use_ema=self.init_from_ema)

@@ -1,0 +1,84 @@
+"""Edit a fixed set of held-out samples every N steps and save a grid (source | instruction | edit | truth).
+
+Uses the EMA weights when the EMA callback is active (swapped in and out around the sampling, never
+across a checkpoint write), a fixed seed, and the same batching/metrics as the demo report, so the
+grids of one run are comparable step to step. Rank 0 only; files are written atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from rededit.utils.io import atomic_path
+from rededit.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class SampleImages(L.Callback):
+    """Args:
+    every_n_steps: optimizer steps between grids (and one at the end of fit).
+    split: manifest split to draw samples from (the datamodule's manifest).
+    per_task: samples of each task.
+    steps / cfg_scale / seed: sampler settings (None: the stage's).
+    out_dir: folder of the PNGs (default ``<trainer.default_root_dir>/samples``).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 500,
+        split: str = "bench",
+        per_task: int = 1,
+        steps: int | None = None,
+        cfg_scale: float | None = None,
+        seed: int = 0,
+        out_dir: str | None = None,
+    ):
+        if every_n_steps < 1:
+            raise ValueError("every_n_steps must be >= 1")
+        self.every_n_steps = int(every_n_steps)
+        self.split, self.per_task = split, int(per_task)
+        self.steps, self.cfg_scale, self.seed = steps, cfg_scale, int(seed)
+        self.out_dir = out_dir
+        self._samples: list[dict[str, Any]] | None = None
+        self._last = -1
+
+    def _load(self, trainer: L.Trainer) -> list[dict[str, Any]]:
+        from rededit.eval.demo_report import load_samples, select_rows
+
+        dm = trainer.datamodule
+        manifest, rs = dm._manifest, dm.resset
+        rows = select_rows(manifest, self.split, self.per_task)
+        return load_samples(manifest, rows, lambda hw: rs.resolutions[rs.assign(hw)])
+
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from rededit.callbacks.ema import EMA
+        from rededit.eval.demo_report import render_grid, run_edits
+
+        if trainer.global_rank != 0 or trainer.global_step == self._last:
+            return
+        self._last = trainer.global_step
+        if self._samples is None:
+            self._samples = self._load(trainer)
+        ema = next((c for c in trainer.callbacks if isinstance(c, EMA) and c.shadow), None)
+        ctx = ema.averaged(pl_module) if ema is not None else contextlib.nullcontext()
+        with ctx:
+            run_edits(pl_module, self._samples, steps=self.steps, cfg=self.cfg_scale, seed=self.seed)
+        out = (
+            Path(self.out_dir or Path(trainer.default_root_dir) / "samples")
+            / f"step{trainer.global_step:07d}.png"
+        )
+        with atomic_path(out) as tmp:
+            render_grid(self._samples).save(tmp, format="PNG")
+        log.info("sample grid (%s weights) written to %s", "EMA" if ema else "raw", out)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0:
+            self._write(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer, pl_module)
