@@ -5,8 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= outputs/demo
-DEMO_N ?= 3000
-DEMO_BUDGET ?= 4096
+DEMO_N ?= 2500
+DEMO_BUDGET ?= 2048
 DEMO_DATA = data.manifest=$(DEMO_DIR)/corpus/manifest.parquet data.text_cache=$(DEMO_DIR)/text_cache data.token_budget=$(DEMO_BUDGET)
 # Never reach a model hub at run time (see OFFLINE.md); tokenizer threads stay off for the 2-core default.
 export HF_HUB_OFFLINE := 1
