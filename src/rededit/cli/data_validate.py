@@ -10,15 +10,11 @@ import sys
 
 import pyarrow as pa
 
+from rededit.cli.args import int_at_least
 from rededit.data.manifest import Manifest
 from rededit.data.validate import validate_manifest_report
 
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+_non_negative = int_at_least(0)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
