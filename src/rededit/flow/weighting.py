@@ -9,6 +9,10 @@ scale (so learning rates stay comparable across ablations). The normalisers are 
 * ``logit_normal``: ``w(σ) = N(logit σ; m, s²) / (σ(1 − σ))``, the logit-normal *density*, which
   integrates to 1 over (0, 1) by construction, so it is already normalised. Peak at the middle for m = 0,
   → 0 at both ends (the "negligible extremes").
+* ``x0_mse``:       ``w(σ) = 3σ²``; ``∫₀¹ 3σ² dσ = 1``. The velocity error is ``(x̂0 − x0)/σ`` for an
+  x0-predicting network, so this weight turns the v-loss into a plain, σ-independent MSE on ``x̂0`` —
+  without it the 1/σ² factor lets a few low-noise samples dominate every gradient (spiky losses, noisy
+  edits on the tiny CPU editor; experiments/demo/README.md).
 * ``sd3_cosmap``:   ``w(σ) = 2 / (π(1 − 2σ + 2σ²))`` (SD3's cosmap density);
   ``∫₀¹ 2/(π(2(σ−½)² + ½)) dσ = (2/π)·[arctan(2σ − 1)]₀¹ = (2/π)(π/2) = 1``.
 
@@ -24,8 +28,8 @@ from typing import Literal
 
 import torch
 
-WeightingScheme = Literal["uniform", "logit_normal", "sd3_cosmap"]
-SCHEMES: tuple[str, ...] = ("uniform", "logit_normal", "sd3_cosmap")
+WeightingScheme = Literal["uniform", "logit_normal", "sd3_cosmap", "x0_mse"]
+SCHEMES: tuple[str, ...] = ("uniform", "logit_normal", "sd3_cosmap", "x0_mse")
 
 
 def loss_weight(
@@ -54,6 +58,8 @@ def loss_weight(
         logit = torch.log(s) - torch.log1p(-s)
         gauss = torch.exp(-0.5 * ((logit - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi))
         return gauss / (s * (1 - s))
+    if scheme == "x0_mse":
+        return 3.0 * s * s
     if scheme == "sd3_cosmap":
         return 2.0 / (math.pi * (1 - 2 * s + 2 * s * s))
     raise ValueError(f"unknown weighting scheme {scheme!r}; choose one of {SCHEMES}")
