@@ -37,7 +37,9 @@ demo: $(STAMP) ## build the synthetic corpus, train the tiny editor (pretrain ->
 	$(BIN)/rededit-train experiment=demo_sft $(DEMO_DATA) stage.init_from=$(DEMO_DIR)/pretrain hydra.run.dir=$(DEMO_DIR)
 	$(BIN)/python -m rededit.eval.demo_report --checkpoint $(DEMO_DIR)/export --manifest $(DEMO_DIR)/corpus/manifest.parquet \
 		--out $(DEMO_DIR) --runs pretrain=$(DEMO_DIR)/pretrain sft=$(DEMO_DIR)
-	@echo "demo: see $(DEMO_DIR)/report.md, $(DEMO_DIR)/grid.png, $(DEMO_DIR)/loss_curves.png"
+	$(BIN)/rededit-eval checkpoint=$(DEMO_DIR)/export benchmark.manifest_path=$(DEMO_DIR)/corpus/manifest.parquet \
+		benchmark.max_per_task=8 out_dir=$(DEMO_DIR)/eval
+	@echo "demo: see $(DEMO_DIR)/report.md, $(DEMO_DIR)/grid.png, $(DEMO_DIR)/loss_curves.png, $(DEMO_DIR)/eval/table.md"
 
 test: $(STAMP) ## run the default test tier (what CI runs)
 	$(BIN)/python -m pytest -q

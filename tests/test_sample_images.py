@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 from PIL import Image
 
-from conftest import FAST, compose, train_overrides
+from conftest import FAST, compose, read_step_metric, train_overrides
 from rededit.train import run
 
 
@@ -25,3 +27,9 @@ def test_sample_grids_are_written_every_n_steps_and_at_the_end(tiny_corpus, tmp_
     assert grids == ["step0000002.png", "step0000003.png"]
     with Image.open(tmp_path / "samples" / grids[-1]) as img:
         assert img.width > 300 and img.height > 100
+    # Training-time validation numbers: per-category judge success and preservation, logged and saved.
+    scores = json.loads((tmp_path / "samples" / "step0000002.json").read_text())
+    assert 0.0 <= scores["val/success"] <= 1.0 and "val/psnr_outside" in scores
+    assert any(k.startswith("val/success_") for k in scores)
+    logged = read_step_metric(tmp_path, "val/success")
+    assert 2 in logged and all(0.0 <= v <= 1.0 for v in logged.values())

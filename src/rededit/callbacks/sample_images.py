@@ -1,4 +1,6 @@
-"""Edit a fixed set of held-out samples every N steps and save a grid (source | instruction | edit | truth).
+"""Training-time validation: edit a fixed set of held-out samples every N steps, save a grid
+(source | instruction | edit | truth) and log per-category success of the programmatic judges and the
+preservation numbers (``val/success_<category>``, ``val/edit_ratio``, ``val/psnr_outside``).
 
 Uses the EMA weights when the EMA callback is active (swapped in and out around the sampling, never
 across a checkpoint write), a fixed seed, and the same batching/metrics as the demo report, so the
@@ -8,6 +10,7 @@ grids of one run are comparable step to step. Rank 0 only; files are written ato
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -45,17 +48,51 @@ class SampleImages(L.Callback):
         self.steps, self.cfg_scale, self.seed = steps, cfg_scale, int(seed)
         self.out_dir = out_dir
         self._samples: list[dict[str, Any]] | None = None
+        self._rows: list[int] = []
         self._last = -1
+        self.history: list[dict[str, float]] = []
 
     def _load(self, trainer: L.Trainer) -> list[dict[str, Any]]:
         from rededit.eval.demo_report import load_samples, select_rows
 
         dm = trainer.datamodule
         manifest, rs = dm._manifest, dm.resset
-        rows = select_rows(manifest, self.split, self.per_task)
-        return load_samples(manifest, rows, lambda hw: rs.resolutions[rs.assign(hw)])
+        self._rows = select_rows(manifest, self.split, self.per_task)
+        return load_samples(manifest, self._rows, lambda hw: rs.resolutions[rs.assign(hw)])
 
-    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _scores(self, trainer: L.Trainer) -> dict[str, float]:
+        """Per-category judge success and mean preservation of the samples' current edits."""
+        import math
+
+        from rededit.eval.categories import load_category_map
+        from rededit.eval.judges.programmatic import bench_sample, judge
+
+        manifest = trainer.datamodule._manifest
+        categories = load_category_map(unknown="other")
+        per_cat: dict[str, list[float]] = {}
+        ratios, psnrs = [], []
+        for row, s in zip(self._rows, self._samples):
+            sample = bench_sample(manifest.row(row), manifest.root, size=tuple(s["target"].shape[-2:]))
+            result = judge(s["pred"], sample)
+            cat = categories.category_of(s["task"]) or s["task"]
+            if result.defined:
+                per_cat.setdefault(cat, []).append(float(result.passed))
+            m = s.get("metrics", {})
+            if m.get("error_ratio") is not None and math.isfinite(m["error_ratio"]):
+                ratios.append(m["error_ratio"])
+            if m.get("psnr_outside") is not None and math.isfinite(m["psnr_outside"]):
+                psnrs.append(m["psnr_outside"])
+        scores = {f"val/success_{c}": sum(v) / len(v) for c, v in sorted(per_cat.items())}
+        passed = [x for v in per_cat.values() for x in v]
+        if passed:
+            scores["val/success"] = sum(passed) / len(passed)
+        if ratios:
+            scores["val/edit_ratio"] = sum(ratios) / len(ratios)
+        if psnrs:
+            scores["val/psnr_outside"] = sum(psnrs) / len(psnrs)
+        return scores
+
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, log_metrics: bool = False) -> None:
         from rededit.callbacks.ema import EMA
         from rededit.eval.demo_report import render_grid, run_edits
 
@@ -74,11 +111,18 @@ class SampleImages(L.Callback):
         )
         with atomic_path(out) as tmp:
             render_grid(self._samples).save(tmp, format="PNG")
-        log.info("sample grid (%s weights) written to %s", "EMA" if ema else "raw", out)
+        scores = self._scores(trainer)
+        self.history.append({"step": float(trainer.global_step), **scores})
+        with atomic_path(out.with_suffix(".json")) as tmp:
+            tmp.write_text(json.dumps(self.history[-1], indent=2))
+        if log_metrics:  # Lightning allows logging from batch hooks, not from on_train_end
+            for key, value in scores.items():
+                pl_module.log(key, value, on_step=True, batch_size=len(self._samples))
+        log.info("sample grid (%s weights) written to %s: %s", "EMA" if ema else "raw", out, scores)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0:
-            self._write(trainer, pl_module)
+            self._write(trainer, pl_module, log_metrics=True)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._write(trainer, pl_module)

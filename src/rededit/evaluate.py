@@ -1,0 +1,1014 @@
+"""``rededit-eval``: edit a benchmark with a checkpoint, score the edits, write a reproducible report.
+
+    rededit-eval checkpoint=outputs/demo/export benchmark.manifest_path=outputs/demo/corpus/manifest.parquet \\
+        out_dir=outputs/demo/eval sampler.seeds=[0,1,2]
+    rededit-eval checkpoint=runs/sft/last.ckpt raw=true eval/benchmark@benchmark=redbench benchmark.folder=/data/redbench \\
+        out_dir=outputs/eval/redbench ocr=rapidocr
+
+(Hydra config: ``conf/eval.yaml``; benchmark nodes in ``conf/eval/benchmark/``.) Steps, after report §4–§5:
+
+1. **Generate** (:func:`generate_edits`): every item is cover-resized to the editor's training bucket set
+   (eq. (1); ``data.buckets`` of the saved config) or, without one, to its size rounded to the backbone's
+   multiple under an area cap; items of identical shapes are batched (diffusers' Qwen transformer reads one
+   ``img_shapes`` per batch) and each edit is written atomically to ``out_dir/images/<seed>/<id>.png``.
+   **Resumable**: an item whose PNG exists is not generated again. Batches are fixed windows of the
+   benchmark order (``chunk_size`` items, grouped by shape, split by ``batch_size``), and a batch's noise
+   seed is derived from (seed, its first item id), so an interrupted and resumed run writes the same
+   pixels as an uninterrupted one. ``generation.json`` pins what the images depend on (checkpoint and
+   benchmark hashes, steps, CFG, negative prompt, language, batching); re-running into the same folder
+   with other settings fails instead of mixing images.
+2. **Score** (:func:`score_edits`) each edit, and two reference "systems" through the same code: the
+   **identity** baseline (Picture 1 returned unchanged, resized to the output size) and the **ground
+   truth** (where the benchmark has one):
+
+   * reference metrics where a ground truth exists (MagicBrush / Emu Edit L1/L2, PSNR, SSIM via
+     torchmetrics, edit-region error and PSNR outside the edit mask; :mod:`rededit.eval.edit_metrics`);
+   * programmatic judges on the synthetic bench (``success`` = passed, ``judge_score``;
+     :mod:`rededit.eval.judges.programmatic`);
+   * the OCR metric (§4.2) on items with an OCR target when ``ocr`` names a backend;
+   * a VLM judge when ``judge`` is configured. A failed judge call is a failure, never a 0.
+
+   A metric whose module is missing is skipped with a warning and listed in ``metrics.json``.
+3. **Report** (all atomic): ``metrics.json`` (per category and overall; mean ± std over seeds; checkpoint
+   sha256, benchmark hash, judge id and prompt-template hash, sampler settings, package versions),
+   ``table.md`` / ``table.csv`` (per category: model, identity, ground truth), ``chart.png``,
+   ``grids/<category>.png`` (Picture 1 | instruction | edit | ground truth) and ``samples.json`` (every
+   per-sample score, judge detail and OCR reading).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import statistics
+import sys
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from rededit.utils.io import atomic_path, atomic_write_text
+from rededit.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+SYSTEMS = ("model", "identity", "ground_truth")
+SYSTEM_LABELS = {"model": "model", "identity": "identity (source)", "ground_truth": "ground truth"}
+# (key, column title, format) in table order; a column appears when any system has a value for it.
+TABLE_METRICS: tuple[tuple[str, str, str], ...] = (
+    ("success", "success", ".3f"),
+    ("judge_score", "judge score", ".3f"),
+    ("ocr_score", "OCR score", ".3f"),
+    ("vlm_score", "VLM score", ".2f"),
+    ("vlm_failed", "VLM failure rate", ".3f"),
+    ("edit_region_error", "edit-region L1", ".4f"),
+    ("error_ratio", "ratio vs identity", ".3f"),
+    ("psnr_outside", "PSNR outside (dB)", ".2f"),
+    ("psnr", "PSNR (dB)", ".2f"),
+    ("ssim", "SSIM", ".3f"),
+    ("l1", "L1", ".4f"),
+    ("l2", "L2", ".4f"),
+)
+CHART_METRICS = ("success", "ocr_score", "vlm_score", "ssim", "psnr_outside", "psnr")
+VERSION_PACKAGES = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "torchmetrics",
+    "lightning",
+    "numpy",
+    "pillow",
+    "rededit",
+)
+
+
+# ------------------------------------------------------------------------------------------ provenance
+def _sha256_files(files: Sequence[Path], root: Path | None = None) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        name = str(f.relative_to(root)) if root is not None else f.name
+        h.update(name.encode() + b"\0")
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def weights_files(checkpoint: str | os.PathLike, raw: bool = False) -> tuple[list[Path], Path | None]:
+    """The files holding the weights an editor is loaded from, and the root their names are relative to."""
+    from rededit.stages.checkpoints import is_export_folder, resolve_checkpoint
+
+    path = Path(checkpoint)
+    if path.is_dir() and is_export_folder(path):
+        if raw and (path / "backbone_raw.safetensors").is_file():
+            return [path / "backbone_raw.safetensors"], path
+        files = sorted(p for p in (path / "transformer").rglob("*") if p.is_file() and p.suffix != ".json")
+        return files, path
+    ckpt = resolve_checkpoint(path)
+    return [ckpt], None
+
+
+def checkpoint_hash(checkpoint: str | os.PathLike, raw: bool = False) -> str:
+    """sha256 over the weight files (names relative to the export folder, then bytes)."""
+    files, root = weights_files(checkpoint, raw)
+    if not files:
+        raise FileNotFoundError(f"no weight files found for checkpoint {checkpoint}")
+    return _sha256_files(files, root)
+
+
+def package_versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for name in VERSION_PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, Path):
+        return str(v)
+    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
+
+
+def _clean(v: Any) -> Any:
+    """NaN/inf → None recursively (``metrics.json`` is strict JSON)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+def _write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(_clean(data), indent=2, allow_nan=False, default=_json_default) + "\n")
+
+
+# ------------------------------------------------------------------------------------------- item prep
+@dataclasses.dataclass
+class Prepared:
+    """An item at the editor's sizes, as tensors ``[C, H, W]`` in [-1, 1] (mask ``[1, H, W]`` in {0, 1})."""
+
+    item: Any
+    text: str
+    refs: list[torch.Tensor]
+    target: torch.Tensor | None
+    mask: torch.Tensor | None
+    source: torch.Tensor | None  # Picture 1 at the output size: the identity baseline's "edit"
+    hw: tuple[int, int]
+
+    @property
+    def key(self) -> tuple:
+        return (self.hw, tuple(tuple(r.shape[1:]) for r in self.refs))
+
+
+def sizes_fn(
+    editor: Any, buckets: Mapping[str, Any] | None, max_area: int | None
+) -> Callable[[Sequence[tuple[int, int]]], list[tuple[int, int]]]:
+    """``[(h, w)] → [(h, w)]``: the bucket each size maps to (eq. (1)), else sides rounded under an area cap."""
+    from rededit.edit import DEFAULT_MAX_AREA, fit_size, size_multiple
+
+    m = size_multiple(editor)
+    if buckets is None:
+        cap = max_area or DEFAULT_MAX_AREA
+        return lambda hw: [fit_size(int(h), int(w), m, cap) for h, w in hw]
+    from rededit.data.buckets import ResolutionSet
+
+    rs = ResolutionSet.from_config(dict(buckets))
+    if rs.patch % m:
+        raise ValueError(
+            f"bucket patch {rs.patch} is not a multiple of vae.downsample × backbone.patch_size = {m}"
+        )
+
+    def fn(hw: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+        res = rs.resolutions[rs.assign(np.asarray(hw, dtype=np.int64).reshape(-1, 2))]
+        return [(int(h), int(w)) for h, w in res]
+
+    return fn
+
+
+def prepare(item: Any, sizes: Callable, language: str = "en") -> Prepared:
+    """Resize an item to the editor's sizes and convert it to tensors.
+
+    The identity baseline's image (``source``) is Picture 1 at the output size: the resized Picture 1 when
+    its bucket is the output's; else (quarter turns, low-resolution restores: the source has another shape
+    than the target) Picture 1 stretched to the output size, as the programmatic judges' own baseline
+    (:func:`rededit.eval.judges.programmatic.bench_sample`) does.
+    """
+    from PIL import Image
+
+    from rededit.data.images import to_tensor
+
+    dst = sizes([item.output_hw] + [(r.height, r.width) for r in item.references])
+    it = item.resized(dst[0], dst[1:])
+    h, w = dst[0]
+    refs = [to_tensor(r) for r in it.references]
+    source = None
+    if refs:
+        source = (
+            refs[0]
+            if tuple(refs[0].shape[1:]) == (h, w)
+            else to_tensor(item.references[0].resize((w, h), Image.Resampling.BICUBIC))
+        )
+    mask = (to_tensor(it.edit_mask, mask=True) > 0.5).float() if it.edit_mask is not None else None
+    target = to_tensor(it.target) if it.target is not None else None
+    return Prepared(it, item.text(language), refs, target, mask, source, (h, w))
+
+
+def image_path(out_dir: Path, seed: int, item_id: str) -> Path:
+    return out_dir / "images" / str(seed) / f"{item_id}.png"
+
+
+# ------------------------------------------------------------------------------------------ generation
+def _batches(indices: Sequence[int], prep: dict[int, Prepared], batch_size: int) -> list[list[int]]:
+    """Items of one window grouped by shapes (in benchmark order), split into batches of ``batch_size``."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i in indices:
+        groups[prep[i].key].append(i)
+    return [g[lo : lo + batch_size] for g in groups.values() for lo in range(0, len(g), batch_size)]
+
+
+def generate_edits(
+    editor: Any,
+    bench: Any,
+    out_dir: str | os.PathLike,
+    *,
+    seeds: Sequence[int],
+    sizes: Callable,
+    steps: int | None,
+    cfg_scale: float | None,
+    negative_prompt: str | None,
+    language: str = "en",
+    batch_size: int = 8,
+    chunk_size: int = 64,
+    max_items: int | None = None,
+) -> int:
+    """Write ``out_dir/images/<seed>/<id>.png`` for every item and seed not written yet (module docstring).
+
+    Args:
+        max_items: only the first ``max_items`` items are written (the batching is that of the full run, so
+            stopping here and resuming later gives identical images).
+
+    Returns:
+        the number of images generated in this call.
+    """
+    from rededit.edit import save_image, tensor_to_pil
+    from rededit.utils.seeding import derive_seed
+
+    out_dir = Path(out_dir)
+    n = len(bench) if max_items is None else min(len(bench), int(max_items))
+    written = 0
+    for lo in range(0, n, chunk_size):
+        window = list(range(lo, min(lo + chunk_size, len(bench))))
+        todo = {
+            s: {i for i in window if i < n and not image_path(out_dir, s, bench.records[i]["id"]).is_file()}
+            for s in seeds
+        }
+        if not any(todo.values()):
+            continue
+        prep = {i: prepare(bench[i], sizes, language) for i in window}
+        for batch in _batches(window, prep, batch_size):
+            for seed in seeds:
+                missing = [i for i in batch if i in todo[seed]]
+                if not missing:
+                    continue
+                ps = [prep[i] for i in batch]
+                refs = [torch.stack([p.refs[k] for p in ps]) for k in range(len(ps[0].refs))]
+                h, w = ps[0].hw
+                with torch.no_grad():
+                    pred = editor.generate(
+                        refs,
+                        [p.text for p in ps],
+                        height=h,
+                        width=w,
+                        seed=derive_seed("rededit-eval", seed, ps[0].item.id),
+                        steps=steps,
+                        cfg_scale=cfg_scale,
+                        negative_prompt=negative_prompt,
+                    ).cpu()
+                for j, i in enumerate(batch):
+                    if i in missing:
+                        save_image(tensor_to_pil(pred[j]), image_path(out_dir, seed, ps[j].item.id))
+                        written += 1
+                log.info("seed %d: edited %d items at %dx%d (%d new)", seed, len(batch), h, w, len(missing))
+    return written
+
+
+# -------------------------------------------------------------------------------------------- scoring
+@dataclasses.dataclass
+class Scorers:
+    """The metric functions of one evaluation (None = not configured or not available)."""
+
+    reference: bool = True
+    programmatic: Callable | None = None
+    ocr: Any = None
+    vlm: Any = None
+    vlm_reference_rows: bool = True
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def _judge_sample(p: Prepared) -> dict[str, Any]:
+    it = p.item
+    return {
+        "source": p.source,
+        "references": p.refs,
+        "target": p.target,
+        "edit_mask": p.mask,
+        "object_boxes": it.object_boxes,
+        "task": it.task,
+        "instruction": p.text,
+        "ocr_target": it.ocr_target,
+    }
+
+
+def score_one(pred: torch.Tensor, p: Prepared, scorers: Scorers, *, use_vlm: bool = True) -> dict[str, Any]:
+    """Every configured metric of one edit ``pred`` ``[3, H, W]`` in [-1, 1] of the prepared item ``p``."""
+    from rededit.edit import tensor_to_pil
+
+    out: dict[str, Any] = {}
+    it = p.item
+    if scorers.reference and p.target is not None:
+        from torchmetrics.functional.image import structural_similarity_index_measure
+
+        from rededit.eval.edit_metrics import edit_metrics, to_unit
+
+        src = p.source[None] if p.source is not None else None
+        m = edit_metrics(pred[None], p.target[None], p.mask[None] if p.mask is not None else None, source=src)
+        out.update({k: float(v[0]) for k, v in m.items()})
+        out["ssim"] = float(
+            structural_similarity_index_measure(
+                to_unit(pred[None]).float(), to_unit(p.target[None]).float(), data_range=1.0
+            )
+        )
+    if scorers.programmatic is not None and p.target is not None:
+        try:
+            res = scorers.programmatic(pred, _judge_sample(p), ocr=scorers.ocr)
+        except (NotImplementedError, KeyError, ValueError) as err:
+            # A task without a check is reported as such, never as a failure.
+            out["judge_error"] = f"{type(err).__name__}: {err}"
+        else:
+            # An undecided verdict (nothing to compare, OCR call failed) is left out of the success rate.
+            defined = bool(getattr(res, "defined", True))
+            score = None if res.score is None or not math.isfinite(float(res.score)) else float(res.score)
+            out["success"] = float(bool(res.passed)) if defined else None
+            out["judge_score"] = score if defined else None
+            out["judge_undecided"] = 0.0 if defined else 1.0
+            out["judge_detail"] = _jsonable(res.detail)
+    if scorers.ocr is not None and it.ocr_target:
+        from rededit.eval.ocr_metric import ocr_scores
+
+        try:
+            text = scorers.ocr.read_text(tensor_to_pil(pred))
+        except Exception as err:
+            out["ocr_error"] = f"{type(err).__name__}: {err}"
+        else:
+            s = ocr_scores(text, it.ocr_target)
+            out.update({"ocr_text": text, "ocr_score": s.score, "ocr_completion_rate": s.completion_rate})
+            out.update({"ocr_word_accuracy": s.word_accuracy, "ocr_ned": s.normalised_edit_distance})
+    if scorers.vlm is not None and use_vlm:
+        out.update(scorers.vlm.score(pred, p))
+    return out
+
+
+@dataclasses.dataclass
+class VLMScorer:
+    """A VLM judge (usually a :class:`~rededit.eval.judges.vlm.CachedJudge`) with its prompt set.
+
+    ``gedit``: the GEdit protocol, two calls per item (templates ``sc`` and ``pq``) and
+    ``vlm_score = G_O = sqrt(G_SC · G_PQ)``; otherwise the item's task template and ``vlm_score`` = the
+    mean of its dimensions. A failed call (backend error, refusal, unparseable) gives ``vlm_failed = 1``
+    and no score: failures are counted, never averaged in as 0.
+    """
+
+    judge: Any
+    prompts: Any
+    gedit: bool = False
+
+    def score(self, pred: torch.Tensor, p: Prepared) -> dict[str, Any]:
+        from rededit.edit import tensor_to_pil
+
+        images = {
+            "source": tensor_to_pil(p.source) if p.source is not None else None,
+            "reference": tensor_to_pil(p.refs[1]) if len(p.refs) > 1 else None,
+            "edited": tensor_to_pil(pred),
+        }
+        names = ("sc", "pq") if self.gedit else (p.item.task,)
+        out: dict[str, Any] = {}
+        for name in names:
+            try:
+                t = self.prompts.template(name)
+            except KeyError as err:
+                return {"vlm_failed": 1.0, "vlm_error": f"no template: {err}"}
+            missing = [r for r in t.image_roles if images.get(r) is None]
+            if missing:
+                return {"vlm_failed": 1.0, "vlm_error": f"item has no {missing} image for the template"}
+            resp = self.judge.score(
+                [images[r] for r in t.image_roles], t.render(p.text), t, item_id=p.item.id
+            )
+            scores = resp.scores if resp.ok else None
+            if not scores:
+                return {"vlm_failed": 1.0, "vlm_error": str(resp.error)}
+            out.update({f"vlm_{k}": float(v) for k, v in scores.items()})
+        if self.gedit:
+            from rededit.eval.judges.vlm import g_overall
+
+            out["vlm_score"] = g_overall(out["vlm_G_SC"], out["vlm_G_PQ"])
+        else:
+            vals = [v for k, v in out.items() if k.startswith("vlm_")]
+            out["vlm_score"] = sum(vals) / len(vals)
+        return {"vlm_failed": 0.0, **out}
+
+
+def _jsonable(v: Any) -> Any:
+    try:
+        json.dumps(v, allow_nan=False, default=_json_default)
+    except (TypeError, ValueError):
+        return str(v)
+    return v
+
+
+def _load_png(path: Path, hw: tuple[int, int]) -> torch.Tensor:
+    from PIL import Image
+
+    from rededit.data.images import resize_to_bucket, to_tensor
+
+    img = Image.open(path).convert("RGB")
+    if img.size != (hw[1], hw[0]):
+        img = resize_to_bucket(img, hw[0], hw[1])
+    return to_tensor(img)
+
+
+def score_edits(
+    bench: Any,
+    out_dir: str | os.PathLike,
+    *,
+    seeds: Sequence[int],
+    sizes: Callable,
+    scorers: Scorers,
+    language: str = "en",
+    reference_rows: bool = True,
+    max_items: int | None = None,
+    grid_per_category: int = 4,
+) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """Per-sample rows of every system: ``({"model": {seed: rows}, "identity": rows, "ground_truth": rows}, grid)``.
+
+    Items whose edit is missing for a seed are skipped for that seed with a warning.
+    """
+    out_dir = Path(out_dir)
+    n = len(bench) if max_items is None else min(len(bench), int(max_items))
+    rows: dict[str, Any] = {"model": {s: [] for s in seeds}, "identity": [], "ground_truth": []}
+    grid: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    missing = 0
+    for i in range(n):
+        p = prepare(bench[i], sizes, language)
+        it = p.item
+        base = {"id": it.id, "task": it.task, "category": it.category}
+        first_pred, first_row = None, {}
+        for seed in seeds:
+            path = image_path(out_dir, seed, it.id)
+            if not path.is_file():
+                missing += 1
+                continue
+            pred = _load_png(path, p.hw)
+            rows["model"][seed].append({**base, "seed": seed, **score_one(pred, p, scorers)})
+            if first_pred is None:
+                first_pred, first_row = pred, rows["model"][seed][-1]
+        if reference_rows:
+            use_vlm = scorers.vlm_reference_rows
+            ident = score_one(p.source, p, scorers, use_vlm=use_vlm) if p.source is not None else {}
+            rows["identity"].append({**base, **ident})
+            if p.target is not None:
+                rows["ground_truth"].append({**base, **score_one(p.target, p, scorers, use_vlm=use_vlm)})
+        if len(grid[it.category]) < grid_per_category:
+            grid[it.category].append(
+                {
+                    "task": it.task,
+                    "text": p.text,
+                    "references": p.refs,
+                    "target": p.target,
+                    "pred": first_pred,
+                    "metrics": {k: first_row.get(k) for k in ("error_ratio", "psnr_outside")},
+                }
+            )
+    if missing:
+        log.warning("%d edits missing from %s (not generated yet?); they are not scored", missing, out_dir)
+    return rows, dict(grid)
+
+
+# ---------------------------------------------------------------------------------------- aggregation
+_NON_METRIC = {"id", "task", "category", "seed"}
+
+
+def _metric_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    keys: dict[str, None] = {}
+    for r in rows:
+        for k, v in r.items():
+            if (
+                k not in _NON_METRIC
+                and (v is None or isinstance(v, (int, float)))
+                and not isinstance(v, bool)
+            ):
+                keys[k] = None
+    return list(keys)
+
+
+def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean and defined-count of every numeric metric over rows; ``error_ratio`` as a ratio of means."""
+    from rededit.eval.edit_metrics import METRIC_KEYS, aggregate
+
+    out: dict[str, Any] = {"n": len(rows)}
+    if any(r.get("edit_region_error") is not None for r in rows):
+        out.update(aggregate(rows))
+    for key in _metric_keys(rows):
+        if key in METRIC_KEYS and key in out:
+            continue
+        vals = [float(r[key]) for r in rows if r.get(key) is not None and math.isfinite(float(r[key]))]
+        out[key] = sum(vals) / len(vals) if vals else None
+        out[f"{key}_count"] = len(vals)
+    return out
+
+
+def summarize_by_category(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[str(r["category"])].append(r)
+    return {"overall": summarize(rows), "categories": {c: summarize(groups[c]) for c in groups}}
+
+
+def combine_seeds(per_seed: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+    """``{metric: {mean, std, n_seeds}}`` per category and overall; std (ddof 1) only with ≥ 2 seeds."""
+
+    def merge(stats: list[Mapping[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {"n": max((s.get("n", 0) for s in stats), default=0)}
+        keys = [
+            k for k in dict.fromkeys(k for s in stats for k in s) if k != "n" and not k.endswith("_count")
+        ]
+        for k in keys:
+            vals = [
+                float(s[k])
+                for s in stats
+                if isinstance(s.get(k), (int, float)) and math.isfinite(float(s[k]))
+            ]
+            out[k] = {
+                "mean": sum(vals) / len(vals) if vals else None,
+                "std": statistics.stdev(vals) if len(vals) >= 2 else None,
+                "n_seeds": len(vals),
+                "count": sum(int(s.get(f"{k}_count", 0) or 0) for s in stats),
+            }
+        return out
+
+    seeds = list(per_seed)
+    cats = list(dict.fromkeys(c for s in seeds for c in per_seed[s]["categories"]))
+    return {
+        "overall": merge([per_seed[s]["overall"] for s in seeds]),
+        "categories": {
+            c: merge([per_seed[s]["categories"][c] for s in seeds if c in per_seed[s]["categories"]])
+            for c in cats
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------- report
+def _cell(stat: Any, fmt: str) -> str:
+    if not isinstance(stat, Mapping) or stat.get("mean") is None:
+        return "–"
+    s = format(stat["mean"], fmt)
+    return s + (f" ± {format(stat['std'], fmt)}" if stat.get("std") is not None else "")
+
+
+def _columns(systems: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    def has(key: str) -> bool:
+        for sysres in systems.values():
+            for block in [sysres["overall"], *sysres["categories"].values()]:
+                if isinstance(block.get(key), Mapping) and block[key].get("mean") is not None:
+                    return True
+        return False
+
+    return [c for c in TABLE_METRICS if has(c[0])]
+
+
+def _category_order(systems: Mapping[str, Any], cmap: Any) -> list[str]:
+    cats = list(dict.fromkeys(c for s in systems.values() for c in s["categories"]))
+    order = list(getattr(cmap, "keys", ()) or ())
+    return [c for c in order if c in cats] + sorted(c for c in cats if c not in order)
+
+
+def _display(cat: str, cmap: Any) -> str:
+    return cmap.name_of(cat) if cmap is not None and hasattr(cmap, "name_of") else cat
+
+
+def table_rows(
+    systems: Mapping[str, Any], cmap: Any
+) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, Mapping]]]:
+    cols = _columns(systems)
+    out = []
+    for cat in [*_category_order(systems, cmap), "__all__"]:
+        for name in SYSTEMS:
+            if name not in systems:
+                continue
+            block = systems[name]["overall"] if cat == "__all__" else systems[name]["categories"].get(cat)
+            if block is not None:
+                out.append(("all" if cat == "__all__" else _display(cat, cmap), name, block))
+    return cols, out
+
+
+def render_markdown(result: Mapping[str, Any], systems: Mapping[str, Any], cmap: Any) -> str:
+    cols, rows = table_rows(systems, cmap)
+    s = result["sampler"]
+    b = result["benchmark"]
+    lines = [
+        f"# rededit-eval: {b['name']} ({b['n_items']} items)",
+        "",
+        f"Checkpoint `{result['checkpoint']['path']}` ({result['checkpoint']['weights']} weights, sha256 "
+        f"`{result['checkpoint']['sha256'][:16]}…`); benchmark hash `{b['hash'][:16]}…`; Euler steps {s['steps']}, "
+        f"CFG {s['cfg']}, seeds {s['seeds']}; judge {result['judge_id'] or 'none'}.",
+        "",
+        "Model values are mean ± std over seeds. Reference rows, scored by the same harness: **identity** "
+        "(Picture 1 returned unchanged) and **ground truth** (the benchmark's exact target, where it has one).",
+        "",
+        "| category | system | n | " + " | ".join(c[1] for c in cols) + " |",
+        "|---|---|---:|" + "---:|" * len(cols),
+    ]
+    for cat, name, block in rows:
+        label = SYSTEM_LABELS[name]
+        cells = [_cell(block.get(k), fmt) for k, _, fmt in cols]
+        cat_cell = f"**{cat}**" if cat == "all" else cat
+        lines.append(f"| {cat_cell} | {label} | {block.get('n', '')} | " + " | ".join(cells) + " |")
+    if result.get("skipped_metrics"):
+        lines += [
+            "",
+            "Skipped metrics: " + "; ".join(f"{k} ({v})" for k, v in result["skipped_metrics"].items()),
+        ]
+    lines += ["", "![per-category chart](chart.png)", ""]
+    lines += [f"![{c}](grids/{c}.png)" for c in result.get("grids", [])]
+    return "\n".join(lines) + "\n"
+
+
+def render_csv(systems: Mapping[str, Any], cmap: Any) -> str:
+    cols, rows = table_rows(systems, cmap)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["category", "system", "n", *[f"{k}_{p}" for k, _, _ in cols for p in ("mean", "std")]])
+    for cat, name, block in rows:
+        vals = []
+        for k, _, _ in cols:
+            st = block.get(k) if isinstance(block.get(k), Mapping) else {}
+            vals += [
+                "" if st.get("mean") is None else repr(st["mean"]),
+                "" if st.get("std") is None else repr(st["std"]),
+            ]
+        w.writerow([cat, name, block.get("n", ""), *vals])
+    return buf.getvalue()
+
+
+def plot_chart(systems: Mapping[str, Any], cmap: Any, out_png: Path) -> Path:
+    """Grouped bars per category (model with std error bars, identity, ground truth) for headline metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cats = _category_order(systems, cmap)
+    cols = {c[0]: c[1] for c in _columns(systems)}
+    metrics = [m for m in CHART_METRICS if m in cols][:2] or ["n"]
+    fig, axes = plt.subplots(
+        len(metrics), 1, figsize=(max(6, 0.9 * len(cats) + 2), 3.2 * len(metrics)), dpi=100, squeeze=False
+    )
+    try:
+        x = np.arange(len(cats))
+        names = [s for s in SYSTEMS if s in systems]
+        width = 0.8 / max(1, len(names))
+        for ax, metric in zip(axes[:, 0], metrics):
+            for k, name in enumerate(names):
+                means, errs = [], []
+                for c in cats:
+                    st = systems[name]["categories"].get(c, {}).get(metric)
+                    if metric == "n":
+                        st = {"mean": systems[name]["categories"].get(c, {}).get("n")}
+                    means.append(
+                        st.get("mean") if isinstance(st, Mapping) and st.get("mean") is not None else np.nan
+                    )
+                    errs.append(
+                        st.get("std") if isinstance(st, Mapping) and st.get("std") is not None else 0.0
+                    )
+                ax.bar(
+                    x + (k - (len(names) - 1) / 2) * width,
+                    means,
+                    width,
+                    yerr=errs,
+                    capsize=2,
+                    label=SYSTEM_LABELS[name],
+                )
+            ax.set_xticks(x, [_display(c, cmap) for c in cats], rotation=30, ha="right")
+            ax.set_ylabel(cols.get(metric, metric))
+            ax.grid(axis="y", alpha=0.3)
+        axes[0, 0].legend(
+            fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.02), ncol=len(names), frameon=False
+        )
+        fig.tight_layout()
+        with atomic_path(out_png) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+    return out_png
+
+
+# ---------------------------------------------------------------------------------------------- runner
+def _build_scorers(cfg: DictConfig, bench: Any) -> tuple[Scorers, dict[str, Any]]:
+    """Metric functions from the config; a missing optional module skips that metric with a warning."""
+    sc = Scorers(reference=bool(cfg.metrics.get("reference", True)))
+    judge_info: dict[str, Any] = {"judge_id": None, "prompt_template_hash": None, "programmatic": None}
+    if cfg.get("ocr"):
+        try:
+            from rededit.eval.ocr import build_ocr_backend
+
+            node = cfg.ocr
+            if isinstance(node, str):
+                sc.ocr = build_ocr_backend(node)
+            else:
+                kw = OmegaConf.to_container(node, resolve=True)
+                sc.ocr = build_ocr_backend(kw.pop("name"), **kw)
+        except ImportError as err:
+            log.warning("OCR metric skipped: %s", err)
+            sc.skipped["ocr"] = str(err)
+    if cfg.metrics.get("programmatic", True) and bench.has_ground_truth:
+        try:
+            from rededit.eval.judges.programmatic import judge
+
+            sc.programmatic = judge
+            judge_info["programmatic"] = "rededit.eval.judges.programmatic"
+        except ImportError as err:
+            log.warning("programmatic judges skipped: %s", err)
+            sc.skipped["programmatic"] = str(err)
+    if cfg.get("judge"):
+        node = OmegaConf.to_container(cfg.judge, resolve=True)
+        try:
+            sc.vlm = build_vlm_scorer(node, bench, Path(cfg.out_dir))
+        except ImportError as err:
+            log.warning("VLM judge skipped: %s", err)
+            sc.skipped["vlm"] = str(err)
+        else:
+            sc.vlm_reference_rows = bool(node.get("reference_rows", True))
+            judge_info["judge_id"] = sc.vlm.judge.judge_id
+            judge_info["prompt_template_hash"] = sc.vlm.prompts.set_hash
+            judge_info["judge_prompts"] = sc.vlm.prompts.describe()
+    return sc, judge_info
+
+
+def _prompt_set(spec: str, bench: Any) -> Any:
+    """``benchmark`` (the benchmark's own prompts.json, else the built-in set of its protocol), a built-in
+    set name (``rededit_generic``, ``rededit_text``, ``imgedit``, ``gedit``) or a ``prompts.json`` path."""
+    from rededit.eval.judges.prompts import BUILTIN_PROMPT_SETS, builtin_prompt_set, load_rededit_prompts
+
+    if spec == "benchmark":
+        path = getattr(bench, "prompts_path", None)
+        if path is not None:
+            return load_rededit_prompts(path)
+        spec = {"gedit": "gedit", "imgedit": "imgedit"}.get(bench.name, "rededit_generic")
+    if spec in BUILTIN_PROMPT_SETS:
+        return builtin_prompt_set(spec)
+    return load_rededit_prompts(spec)
+
+
+def build_vlm_scorer(node: Mapping[str, Any], bench: Any, out_dir: Path) -> VLMScorer:
+    """The ``judge`` config node → :class:`VLMScorer` (backend wrapped in a caching, retrying judge).
+
+    Keys: ``backend`` (a ``_target_`` node: ``TransformersVLMJudge``, ``OpenAICompatibleJudge``, ...),
+    ``prompts`` (see :func:`_prompt_set`), ``cache_dir`` (default ``out_dir/judge_cache``), ``max_attempts``,
+    ``retry_parse_failures``.
+    """
+    from hydra.utils import instantiate
+
+    from rededit.eval.judges.vlm import CachedJudge
+
+    node = dict(node)
+    if node.get("backend") is None:
+        raise ValueError(
+            "judge: needs a `backend` node with a _target_ (e.g. rededit.eval.judges.vlm.OpenAICompatibleJudge)"
+        )
+    backend = instantiate(node["backend"])
+    judge = CachedJudge(
+        backend,
+        node.get("cache_dir") or out_dir / "judge_cache",
+        max_attempts=int(node.get("max_attempts", 3)),
+        retry_parse_failures=bool(node.get("retry_parse_failures", False)),
+    )
+    prompts = _prompt_set(str(node.get("prompts", "benchmark")), bench)
+    return VLMScorer(judge, prompts, gedit=prompts.name == "gedit")
+
+
+def _judge_failures(scorers: Scorers) -> dict[str, Any] | None:
+    judge = scorers.vlm.judge if scorers.vlm is not None else None
+    if judge is None or not hasattr(judge, "stats"):
+        return None
+    return {"stats": dict(judge.stats), "failed": [dataclasses.asdict(f) for f in judge.failed][:1000]}
+
+
+def _fingerprint(out_dir: Path, data: dict[str, Any], overwrite: bool) -> None:
+    path = out_dir / "generation.json"
+    if path.is_file() and not overwrite:
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), v) for k, v in data.items() if old.get(k) != v}
+        if diff:
+            raise ValueError(
+                f"{out_dir} holds edits generated with other settings {diff} (old, new); use another out_dir, "
+                "or overwrite=true to discard them"
+            )
+        return
+    if overwrite and (out_dir / "images").is_dir():
+        import shutil
+
+        shutil.rmtree(out_dir / "images")
+    _write_json(path, data)
+
+
+def evaluate(cfg: DictConfig, *, editor: Any = None, bench: Any = None) -> dict[str, Any]:
+    """Run generation, scoring and the report for a composed ``conf/eval.yaml`` (module docstring).
+
+    Args:
+        cfg: the config.
+        editor: an editor to use instead of loading ``cfg.checkpoint`` (tests); its weights are still hashed
+            from ``cfg.checkpoint``.
+        bench: a benchmark to use instead of instantiating ``cfg.benchmark``.
+
+    Returns:
+        the content of ``metrics.json`` plus ``files``.
+    """
+    from hydra.utils import instantiate
+
+    from rededit.edit import bucket_max_area, load_editor
+    from rededit.eval.demo_report import _editor_buckets, render_grid
+
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in cfg.sampler.seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"sampler.seeds must be a non-empty list of distinct ints, got {seeds}")
+    language = str(cfg.get("language", "en"))
+
+    cmap = None
+    try:
+        from rededit.eval.categories import load_category_map
+
+        cmap = load_category_map(cfg.get("categories"))
+    except ImportError as err:
+        log.warning("category map unavailable (%s): categories are task names", err)
+    if bench is None:
+        # _partial_: passing the map through instantiate's kwargs would turn the dataclass into a config node.
+        bench = instantiate(cfg.benchmark, _partial_=True)(
+            category_map=cmap if cmap is not None else "default"
+        )
+    device = cfg.get("device") or "auto"
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if editor is None:
+        editor = load_editor(cfg.checkpoint, device, raw=bool(cfg.raw))
+    buckets = (
+        OmegaConf.to_container(cfg.buckets, resolve=True) if cfg.get("buckets") else _editor_buckets(editor)
+    )
+    max_area = cfg.get("max_area") or bucket_max_area(getattr(editor, "inference_config", None))
+    sizes = sizes_fn(editor, buckets, max_area)
+
+    steps = int(cfg.sampler.steps or getattr(editor, "sample_steps", 8))
+    cfg_scale = float(cfg.sampler.cfg if cfg.sampler.cfg is not None else getattr(editor, "cfg_scale", 1.0))
+    neg = cfg.sampler.negative_prompt
+    neg = str(neg) if neg is not None else str(getattr(editor, "negative_prompt", ""))
+    ckpt_sha = checkpoint_hash(cfg.checkpoint, bool(cfg.raw))
+    from rededit.flow.path import QWEN_IMAGE_SCHEDULER
+
+    sampler = {
+        "steps": steps,
+        "cfg": cfg_scale,
+        "negative_prompt": neg,
+        "seeds": seeds,
+        # generate() uses Qwen-Image's dynamic exponential shift (μ from the token count), no fixed shift.
+        "shift": {
+            k: QWEN_IMAGE_SCHEDULER[k]
+            for k in ("base_shift", "max_shift", "shift_terminal", "use_dynamic_shifting")
+        },
+        "batch_size": int(cfg.sampler.batch_size),
+        "chunk_size": int(cfg.sampler.chunk_size),
+        "language": language,
+        "buckets": buckets,
+        "max_area": max_area,
+    }
+    _fingerprint(
+        out_dir,
+        {
+            "checkpoint_sha256": ckpt_sha,
+            "benchmark_hash": bench.benchmark_hash,
+            **{k: v for k, v in sampler.items() if k != "seeds"},
+        },
+        bool(cfg.get("overwrite", False)),
+    )
+
+    n_new = generate_edits(
+        editor,
+        bench,
+        out_dir,
+        seeds=seeds,
+        sizes=sizes,
+        steps=steps,
+        cfg_scale=cfg_scale,
+        negative_prompt=neg,
+        language=language,
+        batch_size=sampler["batch_size"],
+        chunk_size=sampler["chunk_size"],
+        max_items=cfg.get("max_items"),
+    )
+    log.info("generated %d new edits into %s", n_new, out_dir / "images")
+
+    scorers, judge_info = _build_scorers(cfg, bench)
+    rows, grid = score_edits(
+        bench,
+        out_dir,
+        seeds=seeds,
+        sizes=sizes,
+        scorers=scorers,
+        language=language,
+        reference_rows=bool(cfg.metrics.get("reference_rows", True)),
+        max_items=cfg.get("max_items"),
+        grid_per_category=int(cfg.get("grid_per_category", 4)),
+    )
+    per_seed = {s: summarize_by_category(rows["model"][s]) for s in seeds}
+    systems: dict[str, Any] = {"model": combine_seeds(per_seed)}
+    for name in ("identity", "ground_truth"):
+        if rows[name]:
+            systems[name] = combine_seeds({0: summarize_by_category(rows[name])})
+
+    result: dict[str, Any] = {
+        "checkpoint": {
+            "path": str(cfg.checkpoint),
+            "weights": getattr(editor, "weights", "raw" if cfg.raw else "ema"),
+            "sha256": ckpt_sha,
+        },
+        "benchmark": {**bench.describe(), "max_items": cfg.get("max_items")},
+        **judge_info,
+        "ocr_backend": repr(scorers.ocr) if scorers.ocr is not None else None,
+        "judge_failures": _judge_failures(scorers),
+        "sampler": sampler,
+        "versions": package_versions(),
+        "skipped_metrics": scorers.skipped,
+        "categories": {c: _display(c, cmap) for c in _category_order(systems, cmap)},
+        "systems": systems,
+        "per_seed": {str(s): per_seed[s] for s in seeds},
+        "new_edits": n_new,
+    }
+    files: dict[str, str] = {}
+    grid_dir = out_dir / "grids"
+    from rededit.edit import save_image
+
+    result["grids"] = []
+    for cat in _category_order({"grid": {"categories": grid}}, cmap):
+        save_image(render_grid(grid[cat]), grid_dir / f"{cat}.png")
+        result["grids"].append(cat)
+    files["chart"] = str(plot_chart(systems, cmap, out_dir / "chart.png"))
+    atomic_write_text(out_dir / "table.md", render_markdown(result, systems, cmap))
+    atomic_write_text(out_dir / "table.csv", render_csv(systems, cmap))
+    samples = [r for s in seeds for r in rows["model"][s]]
+    samples += [{**r, "system": "identity"} for r in rows["identity"]]
+    samples += [{**r, "system": "ground_truth"} for r in rows["ground_truth"]]
+    _write_json(out_dir / "samples.json", samples)
+    _write_json(out_dir / "metrics.json", result)
+    files.update(
+        metrics=str(out_dir / "metrics.json"),
+        table_md=str(out_dir / "table.md"),
+        table_csv=str(out_dir / "table.csv"),
+        samples=str(out_dir / "samples.json"),
+    )
+    log.info("rededit-eval: report in %s", out_dir / "table.md")
+    return {**_clean(result), "files": files}
+
+
+def main() -> None:
+    """Console entry point (``rededit-eval``; Hydra parses the command line)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import hydra
+
+    @hydra.main(config_path=CONF_DIR, config_name="eval", version_base="1.3")
+    def _run(cfg: DictConfig) -> None:
+        result = evaluate(cfg)
+        sys.stdout.write(f"rededit-eval: {result['files']['table_md']}\n")
+
+    _run()
+
+
+if __name__ == "__main__":
+    main()
