@@ -197,3 +197,46 @@ def tiny_trainer(root: str | Path, callbacks: list, **kwargs):
         "default_root_dir": str(root),
     }
     return L.Trainer(callbacks=callbacks, **{**defaults, **kwargs})
+
+
+# ---------------------------------------------------------------------------------------------- tiny editors
+# A 2-block transformer config for the pure-PyTorch model tests (4 latent channels, 32-d text).
+TINY_TRANSFORMER = {
+    "num_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "in_channels": 16,
+    "out_channels": 4,
+    "axes_dims_rope": [4, 6, 6],
+}
+
+
+def untrained_tiny_stage(run_dir: str | Path):
+    """An untrained stage of ``conf/train.yaml`` with a 2-block backbone (seed 0) and its composed config."""
+    import torch
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        # Two blocks are enough to exercise every path and keep the tests fast.
+        cfg = hydra_compose(
+            "train", overrides=[f"paths.output_dir={run_dir}", "backbone.transformer_config.num_layers=2"]
+        )
+    torch.manual_seed(0)
+    stage = instantiate(cfg.stage, text_encoder=None)
+    stage.configure_model()
+    return stage, cfg
+
+
+def untrained_tiny_export(root: Path) -> Path:
+    """``root/export``: an untrained tiny editor exported as ``rededit-edit`` / ``rededit-eval`` read it."""
+    from omegaconf import OmegaConf
+
+    from rededit.stages.checkpoints import export_editor
+
+    stage, cfg = untrained_tiny_stage(root / "run")
+    return export_editor(stage.backbone, root / "export", config_yaml=OmegaConf.to_yaml(cfg, resolve=True))

@@ -7,17 +7,10 @@ import copy
 import pytest
 import torch
 
+from conftest import TINY_TRANSFORMER
 from rededit.models.backbone import EditBackbone
 
-TINY = {
-    "num_layers": 2,
-    "attention_head_dim": 16,
-    "num_attention_heads": 2,
-    "joint_attention_dim": 32,
-    "in_channels": 16,
-    "out_channels": 4,
-    "axes_dims_rope": [4, 6, 6],
-}
+TINY = TINY_TRANSFORMER
 C, D = 4, 32
 
 

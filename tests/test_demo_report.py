@@ -5,35 +5,22 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 pytest.importorskip("diffusers")
 
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
+from conftest import untrained_tiny_export
 from rededit.data.manifest import Manifest
 from rededit.data.synth.writer import synthesize
 from rededit.eval.demo_report import goal_check, main, plot_loss_curves, read_loss_csv
-from rededit.stages.checkpoints import export_editor
-from rededit.train import CONF_DIR
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo_report")
     manifest = synthesize(root / "corpus", n=24, seed=0, bench_n=14, min_side=64, max_side=96)
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[f"paths.output_dir={root / 'run'}", "backbone.transformer_config.num_layers=2"],
-        )
-    torch.manual_seed(0)
-    stage = instantiate(cfg.stage, text_encoder=None)
-    stage.configure_model()
-    export = export_editor(stage.backbone, root / "export", config_yaml=OmegaConf.to_yaml(cfg, resolve=True))
+    export = untrained_tiny_export(root)
     logs = root / "run" / "logs"
     logs.mkdir(parents=True)
     rows = ["epoch,step,train/loss_step,train/batch_size"]

@@ -12,32 +12,18 @@ from PIL import Image
 
 pytest.importorskip("diffusers")
 
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from conftest import untrained_tiny_stage
 from rededit.edit import fit_size, load_editor, main
 from rededit.stages.checkpoints import export_editor
-from rededit.train import CONF_DIR
-
-
-def _tiny_cfg(out_dir: Path):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        # Two blocks are enough to exercise every path and keep the test fast.
-        return compose(
-            "train",
-            overrides=[f"paths.output_dir={out_dir}", "backbone.transformer_config.num_layers=2"],
-        )
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """An untrained tiny stage, its config and an export with distinct EMA and raw weights."""
     root = tmp_path_factory.mktemp("edit")
-    cfg = _tiny_cfg(root / "run")
-    torch.manual_seed(0)
-    stage = instantiate(cfg.stage, text_encoder=None)
-    stage.configure_model()
+    stage, cfg = untrained_tiny_stage(root / "run")
     raw = {k: v.detach().clone() for k, v in stage.backbone.state_dict().items()}
     gen = torch.Generator().manual_seed(1)
     ema = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in raw.items()}

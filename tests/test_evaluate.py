@@ -9,20 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 pytest.importorskip("diffusers")
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from conftest import untrained_tiny_export
 from rededit.data.synth.writer import synthesize
 from rededit.eval.benchmarks import SyntheticBench
 from rededit.evaluate import CONF_DIR, combine_seeds, evaluate, main
-from rededit.stages.checkpoints import export_editor
 
 N_BENCH = 14  # the first 14 bench rows of seed 0 cover every task but background
 
@@ -31,16 +29,7 @@ N_BENCH = 14  # the first 14 bench rows of seed 0 cover every task but backgroun
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     manifest = synthesize(root / "corpus", n=20, seed=0, bench_n=N_BENCH, min_side=64, max_side=64)
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[f"paths.output_dir={root / 'run'}", "backbone.transformer_config.num_layers=2"],
-        )
-    torch.manual_seed(0)
-    stage = instantiate(cfg.stage, text_encoder=None)
-    stage.configure_model()
-    export = export_editor(stage.backbone, root / "export", config_yaml=OmegaConf.to_yaml(cfg, resolve=True))
+    export = untrained_tiny_export(root)
     return {"root": root, "manifest": manifest, "export": export}
 
 

@@ -6,21 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TINY_TRANSFORMER
 from rededit.flow.path import QWEN_IMAGE_SCHEDULER, calculate_mu
 from rededit.flow.sampler import cfg_combine, euler_sample
 from rededit.models.backbone import EditBackbone
 from rededit.models.packing import pack_latents, unpack_latents
 from rededit.models.vae import PixelSpaceToDepthVAE
 
-TINY = {
-    "num_layers": 2,
-    "attention_head_dim": 16,
-    "num_attention_heads": 2,
-    "joint_attention_dim": 32,
-    "in_channels": 16,
-    "out_channels": 4,
-    "axes_dims_rope": [4, 6, 6],
-}
+TINY = TINY_TRANSFORMER
 
 
 def _diffusers_reference(transformer, noise, refs, text, mask, neg_text, neg_mask, steps, cfg_scale):
