@@ -725,11 +725,32 @@ class OpenAICompatibleJudge(VLMJudge):
         return body
 
     def generate(self, images: Sequence[Image.Image], prompt: str) -> str:
+        reply, raw = self.post(self.payload(images, prompt))
+        try:
+            message = reply["choices"][0]["message"]
+            content = message.get("content")
+        except (KeyError, IndexError, TypeError, AttributeError) as err:
+            snippet = raw[:200].decode("utf-8", "replace")
+            raise JudgeError(f"malformed chat-completion reply from {self.url}: {snippet!r}") from err
+        if isinstance(content, list):  # some servers return content parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if not isinstance(content, str):
+            finish = reply["choices"][0].get("finish_reason")
+            raise JudgeError(f"reply from {self.url} has no text content (finish_reason={finish!r})")
+        return content
+
+    def post(self, body: Mapping) -> tuple[object, bytes]:
+        """POST one request body; returns the decoded JSON reply and its raw bytes (for error snippets).
+
+        Raises:
+            JudgeError: HTTP/transport failure (retryable for 5xx, 408/409/429, timeouts) or a reply
+                that is not JSON.
+        """
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        data = json.dumps(self.payload(images, prompt)).encode()
+        data = json.dumps(body).encode()
         req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
         try:
             with self._opener.open(req, timeout=self.timeout) as resp:
@@ -741,22 +762,7 @@ class OpenAICompatibleJudge(VLMJudge):
         except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as err:
             raise JudgeError(f"request to {self.url} failed: {err}", retryable=True) from err
         try:
-            reply = json.loads(raw)
-            message = reply["choices"][0]["message"]
-            content = message.get("content")
-        except (
-            json.JSONDecodeError,
-            UnicodeDecodeError,
-            KeyError,
-            IndexError,
-            TypeError,
-            AttributeError,
-        ) as err:
+            return json.loads(raw), raw
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             snippet = raw[:200].decode("utf-8", "replace")
             raise JudgeError(f"malformed chat-completion reply from {self.url}: {snippet!r}") from err
-        if isinstance(content, list):  # some servers return content parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        if not isinstance(content, str):
-            finish = reply["choices"][0].get("finish_reason")
-            raise JudgeError(f"reply from {self.url} has no text content (finish_reason={finish!r})")
-        return content
