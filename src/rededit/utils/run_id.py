@@ -1,0 +1,70 @@
+"""Stable run ids and run folders: a requeued job lands in its own folder, resumes from its own checkpoint
+and logs to its own wandb run (issue 7, "Launch").
+
+The run id (config key ``run_id``, conf/train.yaml) is, in this order of precedence:
+
+1. ``REDEDIT_RUN_ID`` (set it to resume a local run by hand, or to name a production run);
+2. ``SLURM_JOB_ID``: SLURM keeps it when it requeues a job (``scontrol requeue``, preemption,
+   submitit's timeout requeue), and every array task has its own;
+3. the start time ``%Y-%m-%d_%H-%M-%S`` (a local run: a fresh folder each time, as before).
+
+The run folder is ``outputs/runs/<run_name>/<run_id>`` (conf/hydra/default.yaml). ``ckpt_path=auto``
+resumes from ``<run folder>/checkpoints/last.ckpt`` (or a newer Lightning ``hpc_ckpt_<n>.ckpt``) when it
+exists and starts fresh otherwise, so the
+same command line is right for the first start and every requeue. The wandb run id is a hash of the
+run folder (:func:`wandb_id`), stable across requeues and distinct for every job of a sweep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+from rededit.utils.logging import get_logger
+
+__all__ = ["AUTO", "register_resolvers", "resolve_ckpt_path", "wandb_id"]
+
+log = get_logger(__name__)
+AUTO = "auto"
+LAST = Path("checkpoints") / "last.ckpt"
+
+
+def wandb_id(run_name: Any, output_dir: Any) -> str:
+    """``<run_name>-<8 hex>`` from the absolute run folder: the same folder always gives the same id.
+
+    wandb ids may hold letters, digits, ``-`` and ``_`` only (64 characters at most).
+    """
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", str(run_name))[:48] or "run"
+    digest = hashlib.sha256(str(Path(str(output_dir)).absolute()).encode()).hexdigest()[:8]
+    return f"{name}-{digest}"
+
+
+def register_resolvers() -> None:
+    """Register ``${rededit.wandb_id:<run_name>,<output_dir>}`` (idempotent)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("rededit.wandb_id"):
+        OmegaConf.register_new_resolver("rededit.wandb_id", wandb_id)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | None:
+    """What ``trainer.fit(ckpt_path=...)`` gets for the config's ``ckpt_path``.
+
+    ``"auto"``: the newest of ``<output_dir>/checkpoints/last.ckpt`` (a file, or a folder for sharded
+    checkpoints) and Lightning's SLURM pre-emption checkpoints ``<output_dir>/hpc_ckpt_<n>.ckpt``
+    (written on SIGUSR1 by its ``SLURMEnvironment`` auto-requeue; ``trainer.default_root_dir`` is the run
+    folder), else ``None`` (a fresh start). Anything else is passed through unchanged (``None``, a path,
+    or Lightning's own ``"last"`` / ``"hpc"``).
+    """
+    if ckpt_path is None or str(ckpt_path) != AUTO:
+        return ckpt_path
+    out = Path(output_dir)
+    candidates = [p for p in (out / LAST, *out.glob("hpc_ckpt_*.ckpt")) if p.exists()]
+    if candidates:
+        newest = max(candidates, key=lambda p: p.stat().st_mtime_ns)
+        log.info("ckpt_path=auto: resuming from %s", newest)
+        return str(newest)
+    log.info("ckpt_path=auto: no %s yet, starting fresh", out / LAST)
+    return None

