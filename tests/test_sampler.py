@@ -112,7 +112,7 @@ def test_resume_mid_epoch_reproduces_rest(assignment):
     for _ in range(7):
         next(it0), next(it1)
     state = a0.state_dict()
-    assert state == a1.state_dict() == {"seed": 3, "epoch": 0, "cursor": 7}  # rank-agnostic (trap 1)
+    assert state == a1.state_dict() == {"seed": 3, "epoch": 0, "cursor": 7, "world_size": 2}  # rank-agnostic (trap 1)
     r0, r1 = samplers(assignment, seed=3)
     r0.load_state_dict(state)
     r1.load_state_dict(state)  # rank 1 loads rank 0's state
@@ -126,10 +126,10 @@ def test_end_of_epoch_state_rolls_over(assignment):
     for i, _ in enumerate(s):
         if i == n - 1:
             state = s.state_dict()  # saved on the epoch's last batch (trap 3)
-    assert state == {"seed": 0, "epoch": 0, "cursor": n}
+    assert state == {"seed": 0, "epoch": 0, "cursor": n, "world_size": 1}
     (fresh,) = samplers(assignment, world=1)
     fresh.load_state_dict(state)
-    assert fresh.state_dict() == {"seed": 0, "epoch": 1, "cursor": 0}
+    assert fresh.state_dict() == {"seed": 0, "epoch": 1, "cursor": 0, "world_size": 1}
     epoch1 = list(fresh)
     assert len(epoch1) == len(fresh.schedule(1)) > 0
     assert epoch1 == [fresh.batch_for(k, epoch=1) for k in range(len(epoch1))]

@@ -3,6 +3,7 @@
     rededit-train experiment=demo_pretrain
     rededit-train experiment=sft stage.init_from=outputs/runs/pretrain/<date>   # weights-only chaining
     rededit-train experiment=sft ckpt_path=outputs/runs/sft/<date>/checkpoints/last.ckpt   # full resume
+    REDEDIT_RUN_ID=r1 rededit-train experiment=sft ckpt_path=auto   # resume outputs/runs/sft/r1 if it has last.ckpt
 
 The run folder gets the resolved config (``config.yaml``), logs, checkpoints and, after fit, the EMA
 editor exported as a diffusers folder (``export/``).
@@ -21,8 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from rededit.utils.io import atomic_write_text
 from rededit.utils.logging import get_logger
+from rededit.utils.run_id import register_resolvers, resolve_ckpt_path
 
 log = get_logger(__name__)
+register_resolvers()  # ${rededit.wandb_id:...} in conf/logger/wandb.yaml
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
@@ -31,6 +34,7 @@ def _instantiate_group(cfg: DictConfig | None) -> list[Any]:
 
 
 def build_strategy(cfg: DictConfig) -> Any:
+    """The ``strategy=`` preset as a Lightning strategy (``auto`` stays a string); see README "Scaling out"."""
     if "_target_" not in cfg:
         return cfg.get("name", "auto")
     node = OmegaConf.to_container(cfg, resolve=True)
@@ -54,14 +58,26 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
 def export(model: L.LightningModule, trainer: L.Trainer, cfg: DictConfig) -> Path | None:
     """Write the EMA editor (raw weights beside it) as a diffusers folder, rank 0 only."""
     from rededit.callbacks.ema import EMA
+    from rededit.parallel.parallelize import full_state_dict, is_sharded
     from rededit.stages.checkpoints import export_editor
 
-    if not cfg.get("export_dir") or trainer.global_rank != 0:
+    if not cfg.get("export_dir"):
         return None
     ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
+    backbone, sharded = model.backbone, is_sharded(model.backbone)
+    if not sharded and trainer.global_rank != 0:
+        return None
+    # Sharded (FSDP2/HSDP): gathering raw and EMA weights are collectives, so every rank takes part.
+    raw = full_state_dict(backbone) if sharded else None
     ema_state = ema.ema_state_dict(model) if ema is not None and ema.shadow else None
+    if trainer.global_rank != 0:
+        return None
+    if sharded:
+        from rededit.stages.checkpoints import backbone_from_state
+
+        backbone = backbone_from_state(cfg, raw)
     out = export_editor(
-        model.backbone, cfg.export_dir, config_yaml=OmegaConf.to_yaml(cfg, resolve=True), ema_state=ema_state
+        backbone, cfg.export_dir, config_yaml=OmegaConf.to_yaml(cfg, resolve=True), ema_state=ema_state
     )
     log.info("exported the %s editor to %s", "EMA" if ema_state else "raw", out)
     return out
@@ -74,7 +90,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     model, datamodule, trainer = build(cfg)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    # ckpt_path=auto: this run folder's last.ckpt if any (a requeued job resumes itself). weights_only:
+    # a checkpoint is data, never code (issue 7, safety).
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     exported = None if trainer.fast_dev_run else export(model, trainer, cfg)
     return {"metrics": metrics, "output_dir": str(out_dir), "export_dir": str(exported) if exported else None}

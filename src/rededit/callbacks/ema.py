@@ -10,6 +10,13 @@ under FSDP2 the rank's shards (DTensor arithmetic stays local), so it works unch
 The EMA weights are swapped into the model for validation / sampling / export and swapped back before
 anything else runs; a checkpoint is never written while they are swapped in (it would store EMA weights
 as the raw ones). Its state (shadow, update count, last step) is saved with the checkpoint.
+
+Sharded checkpoints (FSDP2/HSDP, ``FSDP2Strategy`` with ``save_distributed_checkpoint``): rank 0 alone writes
+the callback states (``meta.pt``), so a DTensor shadow there would keep rank 0's shards only. Instead the
+shadow goes into the checkpoint's ``state_dict`` under ``__ema__.<param name>``, which every rank writes as
+its own shards of the DCP directory, and the callback state records ``"sharded": True``. On resume the
+shadow is re-created with the parameters' placements and filled from the DCP directory (any world size:
+DCP reshards). With ``save_distributed_checkpoint=false`` the shadow is gathered to full tensors instead.
 """
 
 from __future__ import annotations
@@ -24,6 +31,14 @@ import torch
 from rededit.utils.logging import get_logger
 
 log = get_logger(__name__)
+
+DCP_PREFIX = "__ema__."
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 class EMA(L.Callback):
@@ -60,6 +75,8 @@ class EMA(L.Callback):
         # micro-batches end at global_step 0, before any optimizer step: they must not count as an update).
         self.last_step = 0
         self._backup: dict[str, torch.Tensor] | None = None
+        self._trainer: L.Trainer | None = None
+        self._load_from_dcp = False
 
     # ------------------------------------------------------------------ math
     def decay_at(self, n: int) -> float:
@@ -109,14 +126,57 @@ class EMA(L.Callback):
             self.swap_out(module)
 
     def ema_state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """Full backbone state dict with the EMA weights in place of the trainable raw ones."""
-        state = {k: v.detach().clone() for k, v in module.backbone.state_dict().items()}
+        """Full backbone state dict with the EMA weights in place of the trainable raw ones.
+
+        Under FSDP2 this gathers every shard (a collective: call it on every rank)."""
+        state = {
+            k: (v.full_tensor() if _is_dtensor(v) else v).detach().clone()
+            for k, v in module.backbone.state_dict().items()
+        }
         for name, value in self.shadow.items():
+            value = value.full_tensor() if _is_dtensor(value) else value
             state[name] = value.to(state[name].dtype)
         return state
 
+    @property
+    def sharded(self) -> bool:
+        return any(_is_dtensor(v) for v in self.shadow.values())
+
+    def _distributed_save(self) -> bool:
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        return bool(getattr(strategy, "_save_distributed_checkpoint", False))
+
     # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def _load_shards(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Fill a freshly placed shadow from the resumed DCP directory (every rank reads its shards)."""
+        import torch.distributed.checkpoint as dcp
+
+        self._init_shadow(pl_module)  # template with the parameters' mesh and placements
+        target = {"state_dict": {DCP_PREFIX + n: v for n, v in self.shadow.items()}}
+        dcp.load(target, checkpoint_id=str(trainer.ckpt_path))
+        self.shadow = {n.removeprefix(DCP_PREFIX): v for n, v in target["state_dict"].items()}
+        self._load_from_dcp = False
+        log.info("EMA: loaded %d sharded tensors from %s", len(self.shadow), trainer.ckpt_path)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Strategies that restore after setup (FSDP2/HSDP: ModelParallelStrategy) load the checkpoint *after*
+        # on_fit_start, so a resumed shadow is placed here.
+        self.on_fit_start(trainer, pl_module)
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._load_from_dcp:
+            self._load_shards(trainer, pl_module)
+        elif self.shadow and any(_is_dtensor(p) for _, p in self._params(pl_module)) and not self.sharded:
+            # A full-tensor shadow (DDP checkpoint, or a gathered one) resumed under FSDP2: keep this rank's shards.
+            from torch.distributed.tensor import distribute_tensor
+
+            self.shadow = {
+                n: distribute_tensor(self.shadow[n].to(p.device), p.device_mesh, p.placements)
+                for n, p in self._params(pl_module)
+            }
         if not self.shadow:
             self._init_shadow(pl_module)
             log.info(
@@ -153,16 +213,20 @@ class EMA(L.Callback):
             raise RuntimeError(
                 "EMA weights are swapped in while a checkpoint is written; refusing to save them as raw"
             )
+        if self.sharded and self._distributed_save():
+            # Every rank writes its own shards through the DCP state dict (see the module docstring).
+            checkpoint["state_dict"].update({DCP_PREFIX + n: v.detach() for n, v in self.shadow.items()})
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "decay": self.decay,
-            "num_updates": self.num_updates,
-            "last_step": self.last_step,
-            "shadow": {k: v.detach().cpu() for k, v in self.shadow.items()},
-        }
+        state = {"decay": self.decay, "num_updates": self.num_updates, "last_step": self.last_step}
+        if self.sharded and self._distributed_save():
+            return {**state, "sharded": True, "shadow": {}}
+        # Gathering is a collective; Lightning asks every rank for callback states when it saves.
+        full = {k: (v.full_tensor() if _is_dtensor(v) else v) for k, v in self.shadow.items()}
+        return {**state, "shadow": {k: v.detach().cpu() for k, v in full.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.num_updates = int(state["num_updates"])
         self.last_step = int(state.get("last_step", 0))
+        self._load_from_dcp = bool(state.get("sharded", False))
         self.shadow = {k: v.clone().float() for k, v in state["shadow"].items()}

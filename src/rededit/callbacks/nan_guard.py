@@ -29,22 +29,31 @@ def _all_finite(grads: list[torch.Tensor]) -> bool:
     grads = [g for g in grads if g.numel()]
     if not grads:
         return True
+    # FSDP2 gradients are DTensor shards: check this rank's shard (the caller combines the ranks' answers).
+    grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
     if all(type(g) is torch.Tensor and g.device == grads[0].device for g in grads):
         return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all())
     return all(bool(torch.isfinite(g).all()) for g in grads)
 
 
 class NaNGuard(L.Callback):
-    """Skip non-finite losses; raise after ``max_consecutive`` in a row.
+    """Skip non-finite losses; raise after ``max_consecutive`` in a row (``action="stop"``: on the first).
+
+    Under FSDP2 each rank sees only its gradient shards: the ranks' verdicts are combined (one boolean
+    all-reduce) so that every rank skips — or stops at — the same step.
 
     Args:
         max_consecutive: consecutive non-finite losses tolerated before stopping.
+        action: ``"skip"`` (skip the step, stop after ``max_consecutive``) or ``"stop"`` (stop at once).
     """
 
-    def __init__(self, max_consecutive: int = 3):
+    def __init__(self, max_consecutive: int = 3, action: str = "skip"):
         if max_consecutive < 1:
             raise ValueError("max_consecutive must be >= 1")
-        self.max_consecutive = int(max_consecutive)
+        if action not in ("skip", "stop"):
+            raise ValueError(f"NaNGuard action must be 'skip' or 'stop', got {action!r}")
+        self.action = action
+        self.max_consecutive = 1 if action == "stop" else int(max_consecutive)
         self.consecutive = 0
         self.total = 0
         self._last_ids: list[str] = []
@@ -54,6 +63,8 @@ class NaNGuard(L.Callback):
     ) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         finite = _all_finite([p.grad for p in params])
+        if any(hasattr(p.grad, "to_local") for p in params):
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
             self.consecutive = 0
             return

@@ -29,10 +29,21 @@ sampler already has it keeps the cursor — so a ``set_epoch(trainer.current_epo
 ``on_train_epoch_start`` is harmless after auto-advance and after a mid-epoch resume.
 A state saved on the last batch of an epoch loads as the start of the next epoch (trap 3), and
 ``__len__`` is the epoch's step count, equal on every rank (trap 4).
+
+Resuming on a different world size: the schedule depends on ``W`` (global batches hold ``W · b``
+samples), so a cursor from another ``W`` does not name the same samples. The state records
+``world_size``; loading a mid-epoch state written with ``W_old != W`` rebuilds the rows already served
+(the first ``cursor`` global batches of the ``W_old`` schedule) and schedules the *rest* of that epoch for
+``W`` (cursor 0 of a shorter epoch): no sample is lost or repeated. That remainder is recorded in the
+state (``history``: ``[[W_old, cursor], ...]``) so a later checkpoint in the same epoch resumes it exactly.
+What changes: the remaining samples are re-batched (different batch companions and step numbers), and
+noise/σ streams are drawn per rank, so losses differ from the uninterrupted run; which samples are seen
+in the epoch does not.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -216,6 +227,9 @@ class MultiConditionBucketSampler:
         self._epoch = 0
         self._cursor = 0
         self._cache: dict[int, EpochSchedule] = {}
+        # Resume on another world size: (W_old, cursor) pairs already served in epoch `_resumed_epoch`.
+        self._resumed_epoch: int | None = None
+        self._history: tuple[tuple[int, int], ...] = ()
 
     # ------------------------------------------------------------------ epoch rows
     def _resolve_task_weights(self, task_weights: Mapping[str, float] | None) -> np.ndarray | None:
@@ -268,12 +282,33 @@ class MultiConditionBucketSampler:
     def _epoch_rows(self, epoch: int) -> np.ndarray:
         n = len(self.assignment)
         if self._task_weight is None and not self.cluster_balance:
-            return np.arange(n, dtype=np.int64)
-        m = self.expected_draws()
-        base = np.floor(m)
-        rng = numpy_rng(self.seed, epoch, "tasks")
-        copies = base.astype(np.int64) + (rng.random(n) < (m - base))
-        return np.repeat(np.arange(n, dtype=np.int64), copies)
+            rows = np.arange(n, dtype=np.int64)
+        else:
+            m = self.expected_draws()
+            base = np.floor(m)
+            rng = numpy_rng(self.seed, epoch, "tasks")
+            copies = base.astype(np.int64) + (rng.random(n) < (m - base))
+            rows = np.repeat(np.arange(n, dtype=np.int64), copies)
+        if epoch == self._resumed_epoch and self._history:
+            # Multiset difference: a row drawn k times and served j times stays k - j times.
+            left = np.bincount(rows, minlength=n) - np.bincount(self._served_before(epoch), minlength=n)
+            rows = np.repeat(np.arange(n, dtype=np.int64), np.maximum(left, 0))
+        return rows
+
+    def _with_world(self, world_size: int, history: tuple[tuple[int, int], ...]) -> Any:
+        """A view of this sampler with another world size and resume history (shares the arrays)."""
+        other = copy.copy(self)
+        other.world_size, other.rank, other._cache = int(world_size), 0, {}
+        other._history = history
+        return other
+
+    def _served_before(self, epoch: int) -> np.ndarray:
+        """Rows of ``epoch`` served before the world-size change(s) in ``_history``."""
+        parts = []
+        for i, (world, cursor) in enumerate(self._history):
+            sched = self._with_world(world, self._history[:i])._build(epoch)
+            parts.append(sched.samples[: sched.step_offsets[cursor]])
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     # ------------------------------------------------------------------ schedule
     def _merge_leftovers(
@@ -457,9 +492,18 @@ class MultiConditionBucketSampler:
         if epoch != self._epoch:
             self._epoch, self._cursor = epoch, 0
 
-    def state_dict(self) -> dict[str, int]:
-        """Rank-agnostic state: seed, epoch and global steps already yielded in that epoch."""
-        return {"seed": self.seed, "epoch": self._epoch, "cursor": self._cursor}
+    def state_dict(self) -> dict[str, Any]:
+        """Rank-agnostic state: seed, epoch, global steps already yielded in that epoch, the world size
+        (a resume on another world size re-plans the rest of the epoch) and that re-planning's history."""
+        state: dict[str, Any] = {
+            "seed": self.seed,
+            "epoch": self._epoch,
+            "cursor": self._cursor,
+            "world_size": self.world_size,
+        }
+        if self._history and self._resumed_epoch == self._epoch:
+            state["history"] = [list(h) for h in self._history]
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore epoch and cursor; a state at the end of an epoch resumes at the next epoch's start."""
@@ -469,14 +513,30 @@ class MultiConditionBucketSampler:
             self.seed = seed
             self._cache.clear()
         epoch, cursor = int(state["epoch"]), int(state["cursor"])
-        steps = len(self.schedule(epoch))
+        history = tuple((int(w), int(c)) for w, c in state.get("history", ()))
+        world = int(state.get("world_size", self.world_size))
+        writer = self._with_world(world, history)  # the sampler that wrote the state
+        writer._resumed_epoch = epoch
+        steps = len(writer.schedule(epoch))
         if cursor > steps:
             raise ValueError(
                 f"sampler state cursor {cursor} is past the {steps} steps of epoch {epoch}: the checkpoint was "
-                "written with a different world size, token budget, bucket set or manifest"
+                "written with a different token budget, bucket set or manifest"
             )
         if cursor == steps and cursor > 0:
-            epoch, cursor = epoch + 1, 0
+            epoch, cursor, history = epoch + 1, 0, ()
+        elif world != self.world_size and cursor > 0:
+            log.info(
+                "sampler: resuming epoch %d at step %d of world size %d on world size %d: re-planning the rest "
+                "of the epoch (no sample lost or repeated)",
+                epoch,
+                cursor,
+                world,
+                self.world_size,
+            )
+            history, cursor = (*history, (world, cursor)), 0
+        self._resumed_epoch, self._history = (epoch, history) if history else (None, ())
+        self._cache.clear()
         self._epoch, self._cursor = epoch, cursor
 
     # ------------------------------------------------------------------ statistics

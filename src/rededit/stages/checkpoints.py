@@ -7,6 +7,10 @@
   diffusers loads: ``transformer/`` (``QwenImageTransformer2DModel.save_pretrained``, EMA weights when
   available), ``backbone_raw.safetensors`` (raw weights), ``rededit.yaml`` (the resolved config that
   rebuilds VAE, text encoder and backbone). Every file is written under a temporary name and renamed.
+* ``consolidate``: one full (raw, EMA) backbone state from any checkpoint a strategy writes — a Lightning
+  ``.ckpt`` file (single device, DDP), a sharded DCP directory (FSDP2/HSDP: ``.metadata`` + ``meta.pt``;
+  the EMA shadow is stored as ``__ema__.*`` shards, see ``callbacks/ema.py``) or a DeepSpeed directory
+  (Lightning's ``convert_zero_checkpoint_to_fp32_state_dict``); ``rededit-consolidate`` exports it.
 """
 
 from __future__ import annotations
@@ -23,15 +27,34 @@ from rededit.utils.io import atomic_path, atomic_write_text
 
 EMA_STATE_KEY = "EMA"
 EXPORT_CONFIG = "rededit.yaml"
+EXPORT_EXTRAS = "backbone_extras.safetensors"  # backbone tensors outside transformer/ (FireEdit options, issue 10)
+
+
+# = rededit.callbacks.ema.DCP_PREFIX (repeated so that loading needs no Lightning import)
+DCP_EMA_PREFIX = "__ema__."
+
+
+def is_dcp_dir(path: str | Path) -> bool:
+    """A sharded (torch.distributed.checkpoint) checkpoint directory."""
+    return (Path(path) / ".metadata").is_file()
+
+
+def is_deepspeed_dir(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "latest").is_file()
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return path.is_file() or is_dcp_dir(path) or is_deepspeed_dir(path)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A ``.ckpt`` file, or a run folder / export folder holding one (``checkpoints/last.ckpt``)."""
+    """A ``.ckpt`` file or sharded/DeepSpeed checkpoint directory, or a run folder holding one
+    (``checkpoints/last.ckpt``)."""
     path = Path(path)
-    if path.is_file():
+    if _is_checkpoint(path):
         return path
     for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
-        if candidate.is_file():
+        if _is_checkpoint(candidate):
             return candidate
     raise FileNotFoundError(f"no checkpoint at {path} (looked for the file itself and checkpoints/last.ckpt)")
 
@@ -57,19 +80,67 @@ def load_backbone_state(path: str | Path, *, use_ema: bool = True) -> tuple[dict
 
         transformer = QwenImageTransformer2DModel.from_pretrained(path / "transformer")
         state = {f"transformer.{k}": v for k, v in transformer.state_dict().items()}
+        if (path / EXPORT_EXTRAS).is_file():
+            state.update(load_file(path / EXPORT_EXTRAS))
         return state, (path / "WEIGHTS").read_text().strip()
-    ckpt = torch.load(resolve_checkpoint(path), map_location="cpu", weights_only=False)
-    state = {
-        k.removeprefix("backbone."): v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")
-    }
-    if not state:
-        raise ValueError(f"{path}: the checkpoint holds no backbone.* weights")
-    shadow = _ema_state(ckpt) if use_ema else None
-    if shadow:
+    raw, shadow = consolidate(path)
+    state = dict(raw)
+    if shadow and use_ema:
         for name, value in shadow.items():
             state[name] = value.to(state[name].dtype)
         return state, "ema"
     return state, "raw"
+
+
+def _load_full_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint as one in-memory dict (``state_dict``, ``callbacks``, ...), whatever wrote it."""
+    with tempfile.TemporaryDirectory(prefix="rededit-consolidate-") as tmp:
+        if is_dcp_dir(path):
+            from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+            out = Path(tmp) / "full.pt"
+            dcp_to_torch_save(path, out)  # single process: reads every rank's shards
+            # weights_only everywhere: a checkpoint handed to rededit-eval/init_from may come from anyone.
+            ckpt = torch.load(out, map_location="cpu", weights_only=True)
+            meta = path / "meta.pt"
+            if meta.is_file():
+                ckpt = {**torch.load(meta, map_location="cpu", weights_only=True), **ckpt}
+            return ckpt
+        if is_deepspeed_dir(path):
+            from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+            out = Path(tmp) / "fp32.ckpt"
+            convert_zero_checkpoint_to_fp32_state_dict(str(path), str(out))
+            return torch.load(out, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def consolidate(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """Full raw backbone state (keys relative to ``EditBackbone``) and the EMA shadow (trainable tensors
+    only, same keys; None without EMA) of any training checkpoint (see the module docstring)."""
+    ckpt_path = resolve_checkpoint(path)
+    ckpt = _load_full_checkpoint(ckpt_path)
+    weights = ckpt.get("state_dict", ckpt)
+    raw = {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
+    if not raw:
+        raise ValueError(f"{ckpt_path}: the checkpoint holds no backbone.* weights")
+    shadow = {k.removeprefix(DCP_EMA_PREFIX): v for k, v in weights.items() if k.startswith(DCP_EMA_PREFIX)}
+    return raw, (shadow or _ema_state(ckpt) or None)
+
+
+def backbone_from_state(cfg: Any, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Rebuild the ``EditBackbone`` of a run config (``cfg.backbone``, a ``_partial_``) on the meta device and
+    adopt ``state``'s tensors (no random init, no second copy of the weights)."""
+    from hydra.utils import instantiate
+
+    from rededit.parallel import meta_init
+
+    patch = int(cfg.backbone.get("patch_size", 2))
+    latent_channels = state["transformer.img_in.weight"].shape[1] // patch**2
+    backbone = meta_init(instantiate(cfg.backbone), latent_channels=latent_channels)
+    backbone.load_state_dict(state, strict=True, assign=True)
+    backbone.rebuild_rope()
+    return backbone
 
 
 def export_editor(
@@ -85,11 +156,17 @@ def export_editor(
     raw = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     with atomic_path(out_dir / "backbone_raw.safetensors") as tmp:
         save_file(raw, str(tmp))
+    extras = {k: v for k, v in (ema_state or raw).items() if not k.startswith("transformer.")}
+    if extras:  # parts diffusers' folder cannot hold (FireEdit options), EMA weights when available
+        with atomic_path(out_dir / EXPORT_EXTRAS) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in extras.items()}, str(tmp))
     transformer = backbone.transformer
     saved = None
     if ema_state is not None:
         saved = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
-        transformer.load_state_dict({k.removeprefix("transformer."): v for k, v in ema_state.items()})
+        transformer.load_state_dict(
+            {k.removeprefix("transformer."): v for k, v in ema_state.items() if k.startswith("transformer.")}
+        )
     try:
         # save_pretrained writes several files: build the folder aside, then swap it in.
         tmp_dir = Path(tempfile.mkdtemp(prefix=".transformer.", dir=out_dir))

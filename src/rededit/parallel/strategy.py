@@ -1,0 +1,86 @@
+"""``FSDP2Strategy``: Lightning's ``ModelParallelStrategy`` with our mesh, plan and atomic sharded checkpoints.
+
+Lightning builds a ``("data_parallel", "tensor_parallel")`` mesh and leaves the wrapping to
+``LightningModule.configure_model``. This subclass replaces the module's mesh by the FSDP2 / HSDP mesh of
+:func:`rededit.parallel.parallelize.build_mesh` (``("shard",)`` or ``("replicate", "shard")``) and carries the
+:class:`~rededit.parallel.parallelize.ParallelPlan` that ``BaseStage.configure_model`` hands to
+:func:`~rededit.parallel.parallelize.parallelize_backbone`.
+
+Checkpoints (``save_distributed_checkpoint=True``): a DCP directory — every rank writes its shards of the
+weights and optimizer state (and the EMA shadow, see ``callbacks/ema.py``) and rank 0 writes the rest
+(loop, sampler and curriculum state, callback states) to ``meta.pt``. The directory is written under
+``.<name>.tmp`` and swapped in after a barrier, so a kill mid-write keeps the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from rededit.parallel.checkpoint_io import swap_in_dir, tmp_dir_for
+from rededit.parallel.parallelize import ParallelPlan, build_mesh
+from rededit.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 (``hsdp=False``) or HSDP (``hsdp=True``) data parallelism over every rank.
+
+    Args:
+        parallelize: a :class:`ParallelPlan` or its fields (``shard_size``, ``hsdp``, ``activation_checkpointing``,
+            ``param_dtype``, ``reduce_dtype``, ``reshard_after_forward``, ``cpu_offload``, ``meta_init``).
+        save_distributed_checkpoint: sharded DCP directory (default) or one full ``.ckpt`` on rank 0.
+        **kwargs: passed to ``ModelParallelStrategy`` (``timeout``, ``process_group_backend``).
+    """
+
+    def __init__(
+        self,
+        parallelize: ParallelPlan | dict[str, Any] | None = None,
+        save_distributed_checkpoint: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("data_parallel_size", "auto")
+        kwargs.setdefault("tensor_parallel_size", 1)
+        super().__init__(save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+        if parallelize is None:
+            parallelize = ParallelPlan()
+        self.plan = (
+            parallelize if isinstance(parallelize, ParallelPlan) else ParallelPlan(**dict(parallelize))
+        )
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":
+            # Lightning's "auto" means num_nodes (with TP filling the node); we shard data over every rank.
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+        self._device_mesh = build_mesh(
+            self.world_size,
+            self.plan.shard_size,
+            hsdp=self.plan.hsdp,
+            devices_per_node=self.num_processes,
+            device_type=self.root_device.type,
+        )
+        self.lightning_module._device_mesh = self._device_mesh
+        log.info(
+            "FSDP2Strategy: mesh %s %s", self._device_mesh.mesh_dim_names, tuple(self._device_mesh.shape)
+        )
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        final = Path(self.broadcast(filepath))
+        tmp = tmp_dir_for(final)
+        if self.global_rank == 0 and tmp.exists():
+            shutil.rmtree(tmp)  # left by a run killed mid-write
+        self.barrier("rededit_ckpt_tmp_clean")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        self.barrier("rededit_ckpt_written")
+        if self.global_rank == 0:
+            swap_in_dir(tmp, final)
+        self.barrier("rededit_ckpt_swapped")
