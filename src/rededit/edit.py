@@ -112,7 +112,7 @@ def load_editor(
     Raises:
         EditorLoadError: nothing usable at ``checkpoint``.
     """
-    from rededit.stages.checkpoints import EXPORT_CONFIG, is_export_folder, load_backbone_state
+    from rededit.stages.checkpoints import EXPORT_CONFIG, EXPORT_EXTRAS, is_export_folder, load_backbone_state
 
     path = Path(checkpoint)
     if not path.exists():
@@ -126,6 +126,10 @@ def load_editor(
         node = OmegaConf.to_container(cfg.stage.backbone, resolve=True)
         node.update(transformer_config=None, pretrained_path=str(path / "transformer"), subfolder=None)
         stage = build_editor_from_config(cfg, backbone_node=node)
+        if (path / EXPORT_EXTRAS).is_file():  # backbone parts outside transformer/ (FireEdit options)
+            from safetensors.torch import load_file
+
+            stage.backbone.load_state_dict({**stage.backbone.state_dict(), **load_file(path / EXPORT_EXTRAS)})
         weights = (path / "WEIGHTS").read_text().strip() if (path / "WEIGHTS").is_file() else "ema"
     else:
         if not export:

@@ -292,6 +292,9 @@ def generate_edits(
                 ps = [prep[i] for i in batch]
                 refs = [torch.stack([p.refs[k] for p in ps]) for k in range(len(ps[0].refs))]
                 h, w = ps[0].hw
+                # Backbone region tokens (FireEdit option) read the item's boxes, already at the output size.
+                uses_boxes = getattr(getattr(editor, "backbone", None), "region_tokens", None) is not None
+                boxes = {"object_boxes": [p.item.object_boxes for p in ps]} if uses_boxes else {}
                 with torch.no_grad():
                     pred = editor.generate(
                         refs,
@@ -302,6 +305,7 @@ def generate_edits(
                         steps=steps,
                         cfg_scale=cfg_scale,
                         negative_prompt=negative_prompt,
+                        **boxes,
                     ).cpu()
                 for j, i in enumerate(batch):
                     if i in missing:

@@ -26,16 +26,32 @@ Text masking: ``text_mask`` is passed as ``encoder_hidden_states_mask``; diffuse
 key mask of the joint attention and places text RoPE positions by index (padding only at the end does not
 move valid tokens), so a sample's prediction is independent of how much padding its batch needs
 (tested: bs=1 unpadded vs bs=3 padded agree to 1e-5 in fp32).
+
+FireEdit options (optional, off by default, :mod:`rededit.models.fireedit`): ``region_tokens`` (boxes → extra
+tokens of the text stream), ``tati`` (σ-conditioned gate on the text stream) and ``hvca`` (cross-attention
+from target tokens to a pyramid of Picture 1 features after every k-th block). Each is ``false`` (nothing
+is built: state dict and outputs are those of the plain backbone), ``true`` (defaults) or a dict of the
+module's options. ``tati`` and ``hvca`` are zero-initialised, so switching them on equals "off" at init.
+Their weights live outside ``transformer`` (keys ``region_tokens.*``, ``tati.*``, ``hvca.*``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from rededit.models.fireedit import (
+    HVCA_KEY,
+    HybridVisualCrossAttention,
+    RegionTokens,
+    TimeAwareTargetInjection,
+    append_tokens,
+    normalize_boxes,
+)
 from rededit.models.packing import img_shapes_for, pack_latents, unpack_latents
 from rededit.models.vae import as_dtype
 from rededit.utils.logging import get_logger
@@ -43,6 +59,18 @@ from rededit.utils.logging import get_logger
 log = get_logger(__name__)
 
 Prediction = Literal["v", "x0"]
+
+
+def _option(value: Any, name: str) -> dict[str, Any] | None:
+    """``false``/``None`` → None (off); ``true`` → ``{}`` (defaults); a mapping → its options."""
+    value = _plain(value)
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    raise ValueError(f"backbone.{name} must be true, false or a dict of options, got {value!r}")
 
 
 def _plain(value: Any) -> Any:
@@ -84,6 +112,12 @@ class EditBackbone(nn.Module):
             that is exactly "return Picture 1 unchanged". Ignored when loading pretrained weights.
         expected_config: with ``pretrained_path``, config values the loaded transformer must have (the
             ``qwen_image`` preset lists the 20B architecture so a wrong folder fails loudly).
+        region_tokens: FireEdit region tokens (:class:`~rededit.models.fireedit.RegionTokens` options:
+            ``pool_size``, ``num_freqs``, ``max_regions``); boxes come through ``forward(regions=...)``.
+        tati: Time-Aware Target Injection (:class:`~rededit.models.fireedit.TimeAwareTargetInjection`
+            options: ``hidden_dim``, ``freq_dim``).
+        hvca: Hybrid Visual Cross Attention (:class:`~rededit.models.fireedit.HybridVisualCrossAttention`
+            options: ``every``, ``scales``, ``num_heads``).
     """
 
     def __init__(
@@ -101,6 +135,9 @@ class EditBackbone(nn.Module):
         expected_config: Mapping[str, Any] | None = None,
         source_residual: bool = False,
         zero_init_output: bool = False,
+        region_tokens: bool | Mapping[str, Any] = False,
+        tati: bool | Mapping[str, Any] = False,
+        hvca: bool | Mapping[str, Any] = False,
     ) -> None:
         super().__init__()
         from diffusers import QwenImageTransformer2DModel
@@ -162,8 +199,55 @@ class EditBackbone(nn.Module):
         self.prediction: Prediction = prediction
         self.x0_sigma_min = float(x0_sigma_min)
         self.source_residual = bool(source_residual)
+        self._build_fireedit(region_tokens, tati, hvca, dtype)
         self.set_zero_cond_t(zero_cond_t)
         self.set_gradient_checkpointing(gradient_checkpointing)
+
+    def _build_fireedit(self, region_tokens: Any, tati: Any, hvca: Any, dtype: torch.dtype | None) -> None:
+        """Create only the FireEdit parts that are on (none: no parameter, no hook, no cost)."""
+        tcfg = self.transformer.config
+        text_dim = int(tcfg.joint_attention_dim)
+        opts = _option(region_tokens, "region_tokens")
+        self.region_tokens = None if opts is None else RegionTokens(self.latent_channels, text_dim, **opts)
+        opts = _option(tati, "tati")
+        self.tati = None if opts is None else TimeAwareTargetInjection(text_dim, **opts)
+        opts = _option(hvca, "hvca")
+        self.hvca = None
+        if opts is not None:
+            opts.setdefault("num_heads", int(tcfg.num_attention_heads))
+            blocks = self.transformer.transformer_blocks
+            self.hvca = HybridVisualCrossAttention(self.transformer.inner_dim, len(blocks), **opts)
+            self.hvca.attach(blocks)
+        for part in (self.region_tokens, self.tati, self.hvca):
+            if part is not None and dtype is not None:
+                part.to(dtype)
+        self._context_regions: list[torch.Tensor | None] | None = None
+
+    @property
+    def fireedit(self) -> dict[str, bool]:
+        """Which FireEdit options are on."""
+        return {
+            "region_tokens": self.region_tokens is not None,
+            "tati": self.tati is not None,
+            "hvca": self.hvca is not None,
+        }
+
+    def batch_regions(self, batch: Mapping[str, Any]) -> list[torch.Tensor | None] | None:
+        """``regions`` for :meth:`forward` from a training batch: its ``object_boxes`` (target pixels) normalised
+        by the target's size; None when region tokens are off or the batch has no boxes."""
+        if self.region_tokens is None or batch.get("object_boxes") is None:
+            return None
+        return normalize_boxes(batch["object_boxes"], tuple(batch["target"].shape[-2:]))
+
+    @contextlib.contextmanager
+    def using_regions(self, regions: Sequence[torch.Tensor | None] | None) -> Iterator[None]:
+        """Default ``regions`` (``[0, 1]`` boxes) for every forward in the block (samplers call the backbone
+        without them; both CFG branches see the same image regions)."""
+        previous, self._context_regions = self._context_regions, None if regions is None else list(regions)
+        try:
+            yield
+        finally:
+            self._context_regions = previous
 
     # ----------------------------------------------------------------------------------------- switches
     def set_zero_cond_t(self, enabled: bool) -> None:
@@ -202,6 +286,7 @@ class EditBackbone(nn.Module):
         sigma: torch.Tensor,
         text_emb: torch.Tensor,
         text_mask: torch.Tensor | None,
+        regions: Sequence[torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """Predict the flow velocity ``v = ε − x0`` of the target (eq. of §3.3 rectified flow).
 
@@ -211,6 +296,8 @@ class EditBackbone(nn.Module):
             sigma: noise level ``[B]`` (or scalar) in ``[0, 1]``.
             text_emb: ``[B, L, D_txt]``.
             text_mask: ``[B, L]`` bool, True on valid tokens (``None``: all valid).
+            regions: per sample ``[O_i, 4]`` boxes (x0, y0, x1, y1) in ``[0, 1]`` of the image, or None; used by
+                region tokens only (ignored when they are off). Default: those of :meth:`using_regions`.
 
         Returns:
             velocity ``[B, C, h, w]`` (float dtype of the transformer output).
@@ -240,13 +327,29 @@ class EditBackbone(nn.Module):
         sigma = torch.as_tensor(sigma, device=noisy_target.device)
         sigma = sigma.reshape(-1).expand(b) if sigma.numel() == 1 else sigma.reshape(b)
         mask = None if text_mask is None else text_mask.to(device=noisy_target.device, dtype=torch.bool)
-
+        text_emb = text_emb.to(param_dtype)
+        regions = self._context_regions if regions is None else regions
+        if self.region_tokens is not None and regions is not None:
+            source = references[0] if references else None
+            extra = self.region_tokens(source, regions, b)
+            if extra is not None:
+                if mask is None:
+                    mask = torch.ones(text_emb.shape[:2], dtype=torch.bool, device=text_emb.device)
+                text_emb, mask = append_tokens(text_emb, mask, extra[0].to(text_emb.device), extra[1])
+        if self.tati is not None:
+            text_emb = self.tati(text_emb, sigma)
+        attention_kwargs = None
+        if self.hvca is not None and references:
+            # Passed through the blocks' arguments, so checkpointed blocks recompute with the same context.
+            ctx = self.hvca.context(self.transformer.img_in, references[0], (h, w), p)
+            attention_kwargs = {HVCA_KEY: ctx}
         out = self.transformer(
             hidden_states=hidden.to(param_dtype),
-            encoder_hidden_states=text_emb.to(param_dtype),
+            encoder_hidden_states=text_emb,
             encoder_hidden_states_mask=mask,
             timestep=sigma.to(param_dtype),
             img_shapes=img_shapes,
+            attention_kwargs=attention_kwargs,
             return_dict=False,
         )[0]
         # Target tokens come first in the image stream; reference outputs are discarded (as the pipeline does).
@@ -356,7 +459,12 @@ class EditBackbone(nn.Module):
                 if not param.requires_grad or id(param) in seen:
                     continue
                 seen.add(id(param))
-                if isinstance(module, no_decay_modules) or pname.endswith("bias") or param.ndim < 2:
+                # "*_embedding": FireEdit's learned type / scale embeddings (tables, like nn.Embedding)
+                if (
+                    isinstance(module, no_decay_modules)
+                    or pname.endswith(("bias", "embedding"))
+                    or param.ndim < 2
+                ):
                     no_decay.append(param)
                 else:
                     decay.append(param)

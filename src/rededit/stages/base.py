@@ -27,6 +27,7 @@ from rededit.flow.path import interpolate
 from rededit.flow.sampler import euler_sample
 from rededit.flow.weighting import loss_weight
 from rededit.models.backbone import EditBackbone
+from rededit.models.fireedit import normalize_boxes
 from rededit.utils.logging import get_logger
 from rededit.utils.seeding import torch_generator
 
@@ -121,14 +122,54 @@ class BaseStage(L.LightningModule):
                 part.to(self.device)
 
     # ------------------------------------------------------------------ model
+    def parallel_plan(self) -> Any | None:
+        """The strategy's :class:`~rededit.parallel.ParallelPlan` under FSDP2/HSDP (``ModelParallelStrategy``),
+        else None (DDP / single device / FSDP1 / DeepSpeed wrap the module themselves)."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        from rededit.parallel import ParallelPlan
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if not isinstance(strategy, ModelParallelStrategy):
+            return None
+        return getattr(strategy, "plan", None) or ParallelPlan()
+
+    def _parallel_mesh(self) -> Any:
+        mesh = self.device_mesh
+        # Our FSDP2Strategy mesh is ("shard",) or ("replicate", "shard"); Lightning's own is (data, tensor).
+        return mesh if "shard" in (mesh.mesh_dim_names or ()) else mesh["data_parallel"]
+
     def configure_model(self) -> None:
         if self.backbone is not None:
             return
-        self.backbone = self.backbone_factory(latent_channels=self.vae.latent_channels)
+        plan = self.parallel_plan()
+        self._deferred_init_from = None
+        if plan is not None and plan.meta_init:
+            from rededit.parallel import meta_init
+
+            if not self.init_from and self._trainer.ckpt_path is None:
+                raise ValueError(
+                    "strategy.parallelize.meta_init=true builds the backbone without weights: set stage.init_from "
+                    "or ckpt_path (or meta_init=false for a fresh random backbone)"
+                )
+            self.backbone = meta_init(self.backbone_factory, latent_channels=self.vae.latent_channels)
+            with torch.device(self._trainer.strategy.root_device):
+                self.backbone.rebuild_rope()  # plain tensors: Lightning's to_empty would leave them on meta
+        else:
+            self.backbone = self.backbone_factory(latent_channels=self.vae.latent_channels)
         frozen = self.backbone.freeze_unused_text_tail()
         n_params = sum(p.numel() for p in self.backbone.parameters())
         blocks = self.backbone.transformer.transformer_blocks
         n_ckpt = len(blocks) if getattr(self.backbone.transformer, "gradient_checkpointing", False) else 0
+        if plan is not None:
+            from rededit.parallel import parallelize_backbone
+
+            if self.init_from and not plan.meta_init:
+                # Full weights on every rank first, then shard (meta_init avoids the full copy).
+                self.load_backbone_from(self.init_from, use_ema=self.init_from_ema)
+            elif self.init_from:
+                self._deferred_init_from = self.init_from  # after Lightning materialises the shards
+            parallelize_backbone(self.backbone, self._parallel_mesh(), plan)
         if self.compile_backbone:
             self.backbone.transformer.compile()  # in place: parameter names and checkpoints are unchanged
         precision = self._trainer.precision if self._trainer is not None else "n/a"
@@ -147,8 +188,22 @@ class BaseStage(L.LightningModule):
             len(blocks),
             "on" if self.compile_backbone else "off",
         )
-        if self.init_from:
+        if self.init_from and plan is None:
             self.load_backbone_from(self.init_from, use_ema=self.init_from_ema)
+
+    def _load_deferred_init_from(self) -> None:
+        """Meta-init under FSDP2: rank 0 reads ``init_from`` and broadcasts it into every rank's shards."""
+        if not getattr(self, "_deferred_init_from", None):
+            return
+        from rededit.parallel import load_full_state
+        from rededit.stages.checkpoints import load_backbone_state
+
+        state = None
+        if self.global_rank == 0:
+            state, source = load_backbone_state(self._deferred_init_from, use_ema=self.init_from_ema)
+            log.info("initialised sharded backbone from %s (%s)", self._deferred_init_from, source)
+        load_full_state(self.backbone, state, broadcast_from_rank0=True)
+        self._deferred_init_from = None
 
     def load_backbone_from(self, path: str | Path, *, use_ema: bool = True) -> None:
         """Weights-only chaining from a previous stage (``stage.init_from``): a ``.ckpt`` file, a run folder
@@ -205,7 +260,7 @@ class BaseStage(L.LightningModule):
         text_emb, text_mask = self.text_condition(batch)
         sigma, eps = self._draw(batch, x0)
         x_t = interpolate(x0, eps, sigma)
-        v_hat = self.backbone(x_t, refs, sigma, text_emb, text_mask)
+        v_hat = self.backbone(x_t, refs, sigma, text_emb, text_mask, regions=self.backbone.batch_regions(batch))
         # The backbone's own target: ε − x0, damped below σ_min in x0-prediction mode (see EditBackbone).
         v = self.backbone.velocity_target(x0, eps, sigma)
         mse = (v_hat.float() - v).pow(2).flatten(1).mean(1)
@@ -260,6 +315,7 @@ class BaseStage(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> Any:
+        self._load_deferred_init_from()  # runs after materialisation, before a resumed checkpoint loads
         groups = self.backbone.trainable_parameter_groups(self.weight_decay)
         optimizer = self.optimizer_factory(groups)
         if self.warmup_steps <= 0:
@@ -292,12 +348,14 @@ class BaseStage(L.LightningModule):
         steps: int | None = None,
         cfg_scale: float | None = None,
         negative_prompt: str | None = None,
+        object_boxes: list | None = None,
     ) -> torch.Tensor:
         """Edit (or generate, with no references) a batch: images ``[B, 3, height, width]`` in [-1, 1].
 
         Args:
             references: per position ``[B, 3, H_k, W_k]`` in [-1, 1]; Picture 1 is ``references[0]``.
             texts: ``B`` instructions.
+            object_boxes: per sample ``[O, 4]`` boxes in output pixels or None (backbone region tokens only).
         """
         self._move_frozen()
         was_training = self.backbone.training
@@ -319,16 +377,18 @@ class BaseStage(L.LightningModule):
         f = vae.downsample
         gen = torch_generator(seed, "generate")
         noise = torch.randn((b, vae.latent_channels, height // f, width // f), generator=gen).to(self.device)
-        x0 = euler_sample(
-            self.backbone,
-            noise=noise,
-            references=refs,
-            text_emb=emb.to(self.device),
-            text_mask=mask.to(self.device),
-            neg_text_emb=neg_emb,
-            neg_text_mask=neg_mask,
-            steps=steps or self.sample_steps,
-            cfg_scale=cfg,
-        )
+        regions = normalize_boxes(object_boxes, (height, width))
+        with self.backbone.using_regions(regions if self.backbone.region_tokens is not None else None):
+            x0 = euler_sample(
+                self.backbone,
+                noise=noise,
+                references=refs,
+                text_emb=emb.to(self.device),
+                text_mask=mask.to(self.device),
+                neg_text_emb=neg_emb,
+                neg_text_mask=neg_mask,
+                steps=steps or self.sample_steps,
+                cfg_scale=cfg,
+            )
         self.backbone.train(was_training)
         return vae.decode(x0).clamp(-1, 1)
