@@ -50,7 +50,8 @@ class EditCollator:
     Batch keys: ``ids``, ``tasks``, ``rows``, ``epoch``, ``step``, ``texts`` (after SIA), ``langs``,
     ``target`` ``[B, 3, H, W]``, ``references`` list of ``[B, 3, H_k, W_k]`` (post-SIA order),
     ``ref_order`` (per sample: original index of the reference at each position), ``edit_mask``
-    ``[B, 1, H, W]`` (ones where a sample has no mask) and ``has_edit_mask`` ``[B]``, ``ocr_target``,
+    ``[B, 1, H, W]`` (ones where a sample has no mask) and ``has_edit_mask`` ``[B]``, ``rejected`` ``[B, 3, H, W]`` + ``has_rejected`` ``[B]`` (only when some
+    sample has a DPO pair), ``ocr_target``,
     ``face_landmarks`` / ``object_boxes`` (lists, None where absent), ``skipped`` (ids dropped from
     this batch) and, when a text conditioner is set, ``text_emb`` ``[B, L, D]`` + ``text_mask`` ``[B, L]``.
     """
@@ -111,6 +112,7 @@ class EditCollator:
         target = torch.stack([s["target"] for s in good])
         has_mask = torch.tensor(["edit_mask" in s for s in good])
         edit_mask = torch.stack([s.get("edit_mask", torch.ones(1, *target.shape[-2:])) for s in good])
+        has_rejected = torch.tensor(["rejected" in s for s in good])
         batch: dict[str, Any] = {
             "ids": [s["id"] for s in good],
             "tasks": [s["task"] for s in good],
@@ -130,6 +132,10 @@ class EditCollator:
             "object_boxes": [s.get("object_boxes") for s in good],
             "skipped": [s.id for s in skipped],
         }
+        if has_rejected.any():
+            # DPO pairs; zeros where a row has none (``has_rejected`` says which, the stage decides).
+            batch["rejected"] = torch.stack([s.get("rejected", torch.zeros_like(s["target"])) for s in good])
+            batch["has_rejected"] = has_rejected
         if self.text_conditioner is not None:
             batch["text_emb"], batch["text_mask"] = self.text_conditioner(batch)
         return batch

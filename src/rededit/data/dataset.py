@@ -53,7 +53,7 @@ class EditDataset(Dataset):
     Returned keys: ``id``, ``task``, ``row``, ``epoch``, ``step``, ``text`` (chosen per Table 1 / §2.5.2,
     before Stochastic Instruction Alignment), ``text_column``, ``lang``, ``target`` ``[3, H, W]`` in
     [-1, 1], ``references`` list of ``[3, H_k, W_k]``, ``reference_uris``, and when present ``edit_mask``
-    ``[1, H, W]`` in {0, 1}, ``ocr_target``, ``face_landmarks`` ``[F, 5, 2]`` and ``object_boxes``
+    ``[1, H, W]`` in {0, 1}, ``rejected`` ``[3, H, W]`` (DPO pairs), ``ocr_target``, ``face_landmarks`` ``[F, 5, 2]`` and ``object_boxes``
     ``[O, 4]`` in bucket pixels.
     """
 
@@ -79,6 +79,10 @@ class EditDataset(Dataset):
             if row.get("edit_mask"):
                 column = "edit_mask"
                 mask = load_image(row["edit_mask"], root, mode="L")
+            rejected = None
+            if row.get("rejected"):
+                column = "rejected"
+                rejected = load_image(row["rejected"], root)
         except (FileNotFoundError, ImageDecodeError, ValueError) as err:
             return SkippedSample(id=row["id"], column=column, reason=str(err))
         if len(refs) != len(key.ref_hws):
@@ -103,6 +107,9 @@ class EditDataset(Dataset):
             "reference_uris": list(row["references"]),
             "ocr_target": row.get("ocr_target"),
         }
+        if rejected is not None:
+            # The dispreferred edit (DPO pairs) is served at exactly the target's bucket shape.
+            sample["rejected"] = to_tensor(resize_to_bucket(rejected, th, tw))
         if mask is not None:
             # Nearest keeps the mask binary; the cover-crop is the same as the target's.
             mask_img = resize_to_bucket(mask, th, tw, resample="nearest")

@@ -2,8 +2,8 @@
 
 A row is one training sample: a target image, 0..K ordered reference images (T2I rows have none),
 the texts that condition it, and optional supervision for later stages. Every image is a URI
-resolved by :func:`rededit.data.uri.resolve_uri` (a path relative to the manifest today; the
-scale-out work adds ``shard.tar#key``).
+resolved by :func:`rededit.data.uri.resolve_uri`: a path relative to the manifest, or
+``shard-00000.tar#key`` for tar shards with an index (``rededit-data shard``, :mod:`rededit.data.shards`).
 
 Text columns and Table 1 of the report:
 
@@ -48,6 +48,7 @@ OPTIONAL_FIELDS: tuple[pa.Field, ...] = (
     pa.field("caption_type", pa.string()),
     pa.field("split", pa.string()),
     pa.field("edit_mask", pa.string()),  # URI of a single-channel mask at the target's size
+    pa.field("rejected", pa.string()),  # URI of a dispreferred edit at the target's size (DPO, §3.6.1)
     pa.field("ocr_target", pa.string()),  # exact text expected in the target (text edits)
     # [F, 5, 2] float pixel coordinates in the target image (F faces, 5 landmarks, x/y), flattened.
     pa.field("face_landmarks", pa.list_(pa.float32())),

@@ -267,6 +267,10 @@ def _check_strings(cols: dict[str, pa.ChunkedArray], out: _Collector) -> None:
         col = cols["edit_mask"]
         empty = pc.and_(pc.is_valid(col), _blank(col))
         out.rows(_rows(empty), "edit_mask", "edit_mask is an empty string; use null for rows without a mask")
+    if "rejected" in cols:
+        col = cols["rejected"]
+        empty = pc.and_(pc.is_valid(col), _blank(col))
+        out.rows(_rows(empty), "rejected", "rejected is an empty string; use null for rows without a pair")
 
 
 def _check_text(cols: dict[str, pa.ChunkedArray], n: int, out: _Collector) -> None:
@@ -399,6 +403,7 @@ def _check_files(
     target, tw, th = values("target"), values("target_width"), values("target_height")
     refs, rws, rhs = values("references"), values("reference_widths"), values("reference_heights")
     masks = values("edit_mask")
+    rejected = values("rejected")
     cache: dict[str, tuple[int, int] | str] = {}
 
     def decoded_size(uri: str) -> tuple[int, int] | str:
@@ -443,6 +448,8 @@ def _check_files(
             check(k, "target", target[k], target_wh)
         if masks is not None and masks[k] is not None:
             check(k, "edit_mask", masks[k], target_wh, against="the target's size")
+        if rejected is not None and rejected[k] is not None:
+            check(k, "rejected", rejected[k], target_wh, against="the target's size")
         if refs is not None and refs[k]:
             ws, hs = (rws[k] if rws else None), (rhs[k] if rhs else None)
             aligned = ws is not None and hs is not None and len(ws) == len(hs) == len(refs[k])

@@ -1,0 +1,226 @@
+"""DPO stage (report §3.6.1): flow-matching Diffusion-DPO with Positive Sample Reinforcement, eq. (2).
+
+Each batch row is a preference pair for one condition (references + instruction): the manifest's target
+is the preferred edit ``x_w`` and its ``rejected`` column the dispreferred ``x_l`` (built offline by
+``rededit-data make-pairs``, the Mix-Policy recipe). Win and lose share ε and σ (one ``_draw`` of the
+base stage, so the pair differs only in its image), and policy and reference see the same ``x_t``::
+
+    x_t^w = (1 − σ) x_w + σ ε      x_t^l = (1 − σ) x_l + σ ε
+    L^θ_w = w(σ)·mean((v_θ(x_t^w) − v_w)²),  likewise L^θ_l, L^ref_w, L^ref_l          (each [B])
+    loss  = mean_B dpo_loss(L^θ_w, L^θ_l, L^ref_w, L^ref_l, β, ω, λ)                    (eq. 2)
+
+Win and lose go through the backbone as one ``[2B, ...]`` batch (same bucket, same shapes).
+
+The frozen reference is a copy of the backbone's *initial* weights (after ``init_from``), built in
+:meth:`configure_model` right after the backbone and kept out of the module tree (like the VAE), so it is
+neither trained, nor saved in checkpoints, nor wrapped by the strategy. On resume, ``configure_model``
+rebuilds it from ``init_from`` before the checkpoint's policy weights are loaded; a fingerprint stored in
+the checkpoint catches a reference that changed in between. Under FSDP2/HSDP the reference must be
+sharded like the policy: that is the ``parallelize`` module's job (issue 7); here it is a plain copy.
+
+Rows without a ``rejected`` image: ``missing_rejected="error"`` refuses them; ``"reference_sample"`` takes
+the reference policy's own sample of the condition as the negative (the self-sampling half of Mix-Policy,
+with no judge filtering) and logs the fraction as ``dpo/online_negative_frac``.
+
+Logged every step (``dpo/``): ``win_diff``, ``lose_diff`` (the "double degradation" of §3.6.1 shows as both
+rising together), ``ref_loss_w``, ``ref_loss_l``, ``implicit_acc``, ``reward_margin``, plus ``loss_w`` /
+``loss_l`` (the policy's own errors) and the SFT term.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from rededit.flow.path import interpolate
+from rededit.flow.sampler import euler_sample
+from rededit.flow.weighting import loss_weight
+from rededit.losses.dpo import dpo_loss, dpo_stats
+from rededit.stages.base import _STEPS_PER_EPOCH_STRIDE, BaseStage, _hidden
+from rededit.utils.logging import get_logger
+from rededit.utils.seeding import torch_generator
+
+log = get_logger(__name__)
+
+MISSING_REJECTED = ("error", "reference_sample")
+
+
+@torch.no_grad()
+def backbone_fingerprint(module: torch.nn.Module) -> float:
+    """A cheap float summary of a module's weights (sum of per-tensor means of |θ|), to detect a changed copy."""
+    return float(sum(p.detach().float().abs().mean() for p in module.parameters()))
+
+
+class DPOModule(BaseStage):
+    """Diffusion-DPO with ω / λ (eq. 2) on top of :class:`BaseStage`.
+
+    Args:
+        beta: β of eq. (2) (scales the whole difference; see :mod:`rededit.losses.dpo` for the relation to
+            Diffusion-DPO's β·T and its code's 0.5).
+        omega: ω ≥ 1, weight of the Win Diff (1 = standard Diffusion-DPO).
+        lam: λ ≥ 0, SFT regulariser on the winners.
+        missing_rejected: ``error`` | ``reference_sample`` for rows without a ``rejected`` image.
+        negative_steps: Euler steps of an online reference sample (``reference_sample`` only).
+        **kwargs: :class:`BaseStage` arguments.
+    """
+
+    def __init__(
+        self,
+        *,
+        beta: float = 2500.0,
+        omega: float = 1.0,
+        lam: float = 0.0,
+        missing_rejected: str = "error",
+        negative_steps: int = 8,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        if missing_rejected not in MISSING_REJECTED:
+            raise ValueError(
+                f"stage.missing_rejected must be one of {MISSING_REJECTED}, got {missing_rejected!r}"
+            )
+        if beta <= 0 or omega <= 0 or lam < 0:
+            raise ValueError(f"DPO needs beta > 0, omega > 0, lam >= 0; got {beta}, {omega}, {lam}")
+        self.beta = float(beta)
+        self.omega = float(omega)
+        self.lam = float(lam)
+        self.missing_rejected = missing_rejected
+        self.negative_steps = int(negative_steps)
+        self._reference = _hidden(None)
+        self._reference_fingerprint: float | None = None
+
+    # ------------------------------------------------------------------ reference
+    @property
+    def reference(self) -> torch.nn.Module | None:
+        return self._reference[0]
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.reference is not None:
+            return
+        if not self.init_from:
+            log.warning(
+                "DPO without stage.init_from: the reference is the random initial backbone (fine for tests; "
+                "a real run starts from the SFT checkpoint)"
+            )
+        ref = copy.deepcopy(self.backbone).eval().requires_grad_(False)
+        self._reference[0] = ref
+        self._reference_fingerprint = backbone_fingerprint(ref)
+
+    def _move_frozen(self) -> None:
+        super()._move_frozen()
+        if self.reference is not None:
+            self.reference.to(self.device)
+
+    # ------------------------------------------------------------------ negatives
+    @torch.no_grad()
+    def _reference_negatives(
+        self, batch: Mapping[str, Any], x_w: torch.Tensor, refs: list[torch.Tensor], text_emb, text_mask
+    ) -> torch.Tensor:
+        """The reference policy's own edits of the batch's conditions, latents ``[B, C, h, w]``."""
+        micro_step = int(batch["epoch"]) * _STEPS_PER_EPOCH_STRIDE + int(batch["step"])
+        gen = torch_generator(self.seed, "dpo-negative", micro_step, self.global_rank)
+        noise = torch.randn(x_w.shape, generator=gen, dtype=torch.float32).to(x_w.device)
+        return euler_sample(
+            self.reference,
+            noise=noise,
+            references=refs,
+            text_emb=text_emb,
+            text_mask=text_mask,
+            steps=self.negative_steps,
+        )
+
+    @torch.no_grad()
+    def encode_rejected(
+        self, batch: Mapping[str, Any], x_w: torch.Tensor, refs: list[torch.Tensor], text_emb, text_mask
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Lose latents ``[B, C, h, w]`` and a ``[B]`` bool of rows whose negative was sampled online."""
+        b = x_w.shape[0]
+        has = batch.get("has_rejected")
+        has = torch.zeros(b, dtype=torch.bool) if has is None else torch.as_tensor(has, dtype=torch.bool)
+        x_l = torch.zeros_like(x_w)
+        if has.any():
+            enc = self.vae.encode(batch["rejected"].to(self.device)).float()
+            if enc.shape != x_w.shape:
+                raise ValueError(
+                    f"rejected latents {tuple(enc.shape)} do not match the target's {tuple(x_w.shape)}: the "
+                    "dataset must serve `rejected` at the target's bucket size"
+                )
+            x_l = torch.where(has.to(x_w.device).view(-1, 1, 1, 1), enc, x_l)
+        missing = ~has
+        if missing.any():
+            if self.missing_rejected == "error":
+                ids = [i for i, m in zip(batch["ids"], missing.tolist()) if m]
+                raise ValueError(
+                    f"DPO rows without a `rejected` image: {ids[:5]}; build pairs with `rededit-data "
+                    "make-pairs` or set stage.missing_rejected=reference_sample"
+                )
+            online = self._reference_negatives(batch, x_w, refs, text_emb, text_mask)
+            x_l = torch.where(missing.to(x_w.device).view(-1, 1, 1, 1), online, x_l)
+        return x_l, missing
+
+    # ------------------------------------------------------------------ loss
+    def pair_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Per-sample errors ``[B]`` of policy and reference on win and lose (shared ε, σ, x_t)."""
+        x_w, refs = self.encode_images(batch)
+        text_emb, text_mask = self.text_condition(batch)
+        x_l, online = self.encode_rejected(batch, x_w, refs, text_emb, text_mask)
+        sigma, eps = self._draw(batch, x_w)
+        b = x_w.shape[0]
+        x0 = torch.cat([x_w, x_l])
+        eps2, sigma2 = torch.cat([eps, eps]), torch.cat([sigma, sigma])
+        x_t = interpolate(x0, eps2, sigma2)
+        refs2 = [torch.cat([r, r]) for r in refs]
+        text2, mask2 = torch.cat([text_emb, text_emb]), torch.cat([text_mask, text_mask])
+        v = self.backbone.velocity_target(x0, eps2, sigma2)
+        w = loss_weight(sigma2, **self.weighting).to(x0.device)
+        v_theta = self.backbone(x_t, refs2, sigma2, text2, mask2)
+        err = w * (v_theta.float() - v).pow(2).flatten(1).mean(1)
+        with torch.no_grad():
+            v_ref = self.reference(x_t, refs2, sigma2, text2, mask2)
+            ref_err = w * (v_ref.float() - v).pow(2).flatten(1).mean(1)
+        return {
+            "loss_w": err[:b],
+            "loss_l": err[b:],
+            "ref_loss_w": ref_err[:b],
+            "ref_loss_l": ref_err[b:],
+            "sigma": sigma,
+            "online": online,
+        }
+
+    def compute_loss(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        p = self.pair_losses(batch)
+        per_sample = dpo_loss(
+            p["loss_w"], p["loss_l"], p["ref_loss_w"], p["ref_loss_l"], self.beta, self.omega, self.lam
+        )
+        stats = dpo_stats(p["loss_w"], p["loss_l"], p["ref_loss_w"], p["ref_loss_l"], self.beta)
+        stats.update(
+            loss_w=p["loss_w"].detach().mean(),
+            loss_l=p["loss_l"].detach().mean(),
+            sft_term=self.lam * p["loss_w"].detach().mean(),
+            online_negative_frac=p["online"].float().mean(),
+        )
+        train = self.training
+        bs = int(p["loss_w"].shape[0])
+        for name, value in stats.items():
+            key = f"dpo/{name}" if train else f"val/dpo_{name}"
+            self.log(key, value, on_step=train, on_epoch=True, batch_size=bs)
+        return per_sample.mean(), {"sigma": p["sigma"], "mse": p["loss_w"].detach()}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["dpo_reference_fingerprint"] = self._reference_fingerprint
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # builds backbone + reference from init_from
+        saved = checkpoint.get("dpo_reference_fingerprint")
+        current = self._reference_fingerprint
+        if saved is not None and current is not None and abs(saved - current) > 1e-6 * max(1.0, abs(saved)):
+            raise RuntimeError(
+                "the DPO reference rebuilt from stage.init_from differs from the one the checkpoint was "
+                f"trained against (fingerprint {current:.6g} vs {saved:.6g}); resume with the same stage.init_from"
+            )

@@ -1,0 +1,326 @@
+"""Online DiffusionNFT stage (report §3.6.2, eq. 3).
+
+One training step on a batch of B prompts (conditions: references + instruction):
+
+1. **Rollout** with the old policy: each prompt is repeated G times (``group_size``) and edited from
+   noise drawn from (seed, "rollout", epoch·stride + data step, rank) with the Euler ODE sampler
+   (:func:`~rededit.flow.sampler.euler_sample`) or the marginal-preserving SDE
+   (:func:`~rededit.flow.sde.sde_sample`), ``rollout_steps`` steps, no CFG (DiffusionNFT is CFG-free).
+2. **Score** the decoded edits ``[B·G, 3, H, W]`` in [0, 1] with the configured
+   :class:`~rededit.rewards.base.Reward` (NaN = not applicable) and compute the unrewarded hack monitors
+   (:func:`~rededit.rewards.monitors.hack_monitors`) next to it.
+3. **Normalise** to optimality probabilities per prompt group
+   (:func:`~rededit.losses.nft.optimality_probability`): ``A = (R − mean_g) / std_g`` clipped to ``±c``,
+   ``r = ½ + A/(2c)``; NaN rewards are dropped from the loss.
+4. **Train** on the rollout latents ``x_0`` (not re-encoded): fresh σ, ε from the base stage's ``_draw``,
+   ``x_t = (1 − σ) x_0 + σ ε``, ``v = ε − x_0``, ``v_θ`` from the policy and ``v_old`` from the old policy
+   on the same ``x_t``, loss = eq. (3) (:func:`~rededit.losses.nft.nft_loss`) averaged over valid samples.
+5. **Soft update** of the old policy after every optimizer step, reusing the EMA math of
+   :class:`~rededit.callbacks.ema.EMA` with DiffusionNFT's ramped decay (:class:`OldPolicyEMA`):
+   ``θ_old ← η_n θ_old + (1 − η_n) θ``, ``η_n = min(η_max, η_rate · n)`` — on-policy at first, smoother later.
+
+The old policy and the reward are kept out of the module tree (not trained, not wrapped); the old
+policy's weights and update count go into the checkpoint under ``nft_old_policy`` (they cannot be rebuilt
+from ``init_from``). Under FSDP2 the old policy must be sharded like the policy by the ``parallelize``
+module (issue 7); here it is a plain fp32 copy whose parameters *are* the EMA shadow.
+
+Validation (``val/loss``) is the base stage's flow-matching loss on the held-out targets: a cheap check
+that RL does not destroy the supervised fit (no rollout in validation).
+
+Logged per step: ``reward/mean``, ``reward/std``, ``reward/<component>`` (every key the reward returns),
+``monitor/<name>`` (brightness, saturation, edge density, colour entropy, …), ``nft/r_mean``, ``nft/r_std``,
+``nft/adv_abs_mean``, ``nft/valid_frac``, ``nft/flat_group_frac`` (groups with no reward spread), ``nft/pos_mse``, ``nft/neg_mse``, ``nft/policy_old_mse`` (drift
+from the old policy) and ``nft/old_decay``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from rededit.callbacks.ema import EMA
+from rededit.flow.path import interpolate
+from rededit.flow.sampler import euler_sample
+from rededit.flow.sde import sde_sample
+from rededit.losses.nft import nft_loss, optimality_probability
+from rededit.stages.base import _STEPS_PER_EPOCH_STRIDE, BaseStage, _hidden
+from rededit.utils.logging import get_logger
+from rededit.utils.seeding import torch_generator
+
+log = get_logger(__name__)
+
+SAMPLERS = ("ode", "sde")
+
+
+class OldPolicyEMA(EMA):
+    """EMA with DiffusionNFT's soft-update schedule ``η_n = min(decay, rate · n)`` (n = updates so far).
+
+    Used as a plain object (not a trainer callback): :meth:`EMA.update` lerps ``shadow`` toward the policy,
+    and ``shadow`` aliases the old-policy module's parameters, so the update happens in place.
+    """
+
+    def __init__(self, decay: float = 0.5, rate: float = 0.001):
+        super().__init__(decay=decay, warmup=False)
+        if rate < 0:
+            raise ValueError(f"old-policy decay rate must be >= 0, got {rate}")
+        self.rate = float(rate)
+
+    def decay_at(self, n: int) -> float:
+        return min(self.decay, self.rate * n)
+
+
+def repeat_batch(batch: Mapping[str, Any], g: int) -> dict[str, Any]:
+    """Each sample repeated ``g`` times (``[b0, b0, …, b1, b1, …]``): tensors along dim 0, per-sample lists
+    element-wise, reference lists position-wise; scalars (epoch, step) unchanged."""
+    n = len(batch["ids"])
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == n:
+            out[key] = value.repeat_interleave(g, dim=0)
+        elif key == "references":
+            out[key] = [r.repeat_interleave(g, dim=0) for r in value]
+        elif isinstance(value, list) and len(value) == n:
+            out[key] = [v for v in value for _ in range(g)]
+        else:
+            out[key] = value
+    return out
+
+
+class NFTModule(BaseStage):
+    """Online DiffusionNFT (eq. 3) on top of :class:`BaseStage`.
+
+    Args:
+        reward: a :class:`~rededit.rewards.base.Reward` (``forward(images [B,3,H,W] in [0,1], batch)``);
+            the config passes the ``reward=`` group here (None when no option is chosen).
+        fallback_reward: the reward used when ``reward`` is None (the stage config's weight-free default).
+        group_size: G rollouts per prompt (group statistics need G ≥ 2).
+        nft_beta: β of the implicit policies v⁺ / v⁻.
+        rollout_sampler: ``ode`` (Euler) or ``sde``.
+        rollout_steps: sampler steps per rollout.
+        sde_noise_level: ``a`` of the SDE's ``g(σ)``.
+        adv_clip: c of the advantage clip / r mapping.
+        adv_scale: ``group`` or ``global`` std for the advantages.
+        old_decay / old_decay_rate: η_max and η_rate of the old policy's soft update.
+        monitors: compute the hack monitors (cheap image statistics).
+        **kwargs: :class:`BaseStage` arguments.
+    """
+
+    def __init__(
+        self,
+        *,
+        reward: nn.Module | None = None,
+        fallback_reward: nn.Module | None = None,
+        group_size: int = 4,
+        nft_beta: float = 1.0,
+        rollout_sampler: str = "ode",
+        rollout_steps: int = 8,
+        sde_noise_level: float = 0.7,
+        adv_clip: float = 1.0,
+        adv_scale: str = "group",
+        old_decay: float = 0.5,
+        old_decay_rate: float = 0.001,
+        monitors: bool = True,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        if reward is None:
+            reward = fallback_reward
+        if reward is None:
+            raise ValueError(
+                "NFTModule needs a reward: choose `reward=<conf/reward option>` or set stage.reward"
+            )
+        if group_size < 2:
+            raise ValueError(f"stage.group_size must be >= 2 (per-prompt statistics), got {group_size}")
+        if rollout_sampler not in SAMPLERS:
+            raise ValueError(f"stage.rollout_sampler must be one of {SAMPLERS}, got {rollout_sampler!r}")
+        if nft_beta <= 0:
+            raise ValueError(f"stage.nft_beta must be > 0, got {nft_beta}")
+        self._reward = _hidden(reward)
+        self.group_size = int(group_size)
+        self.nft_beta = float(nft_beta)
+        self.rollout_sampler = rollout_sampler
+        self.rollout_steps = int(rollout_steps)
+        self.sde_noise_level = float(sde_noise_level)
+        self.adv_clip = float(adv_clip)
+        self.adv_scale = adv_scale
+        self.old_ema = OldPolicyEMA(old_decay, old_decay_rate)
+        self._old = _hidden(None)
+        self.monitors = bool(monitors)
+
+    # ------------------------------------------------------------------ frozen parts
+    @property
+    def reward(self) -> nn.Module:
+        return self._reward[0]
+
+    @property
+    def old_policy(self) -> nn.Module | None:
+        return self._old[0]
+
+    def _move_frozen(self) -> None:
+        super()._move_frozen()
+        self.reward.to(self.device)
+        if self.old_policy is not None:
+            self.old_policy.to(self.device)
+            self._alias_shadow()
+
+    def _alias_shadow(self) -> None:
+        """Point the EMA shadow at the old policy's parameters (trainable names of the policy)."""
+        old = dict(self.old_policy.named_parameters())
+        names = [n for n, p in self.backbone.named_parameters() if p.requires_grad]
+        self.old_ema.shadow = {n: old[n].data for n in names}
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.old_policy is not None:
+            return
+        # fp32 so the EMA lerp (fp32 shadow) runs in place on the module's own tensors.
+        old = copy.deepcopy(self.backbone).float().eval().requires_grad_(False)
+        self._old[0] = old
+        self._alias_shadow()
+
+    # ------------------------------------------------------------------ rollout
+    def _micro_step(self, batch: Mapping[str, Any]) -> int:
+        return int(batch["epoch"]) * _STEPS_PER_EPOCH_STRIDE + int(batch["step"])
+
+    @torch.no_grad()
+    def rollout(
+        self, batch: Mapping[str, Any], refs: list[torch.Tensor], text_emb: torch.Tensor, text_mask, shape
+    ) -> torch.Tensor:
+        """Old-policy edits (latents ``[B·G, C, h, w]``) of the G-repeated batch."""
+        micro = self._micro_step(batch)
+        gen = torch_generator(self.seed, "rollout", micro, self.global_rank)
+        noise = torch.randn(shape, generator=gen, dtype=torch.float32).to(self.device)
+        kwargs = dict(
+            noise=noise, references=refs, text_emb=text_emb, text_mask=text_mask, steps=self.rollout_steps
+        )
+        if self.rollout_sampler == "sde":
+            sde_gen = torch_generator(self.seed, "rollout-sde", micro, self.global_rank)
+            return sde_sample(self.old_policy, noise_level=self.sde_noise_level, generator=sde_gen, **kwargs)
+        return euler_sample(self.old_policy, **kwargs)
+
+    @torch.no_grad()
+    def score(self, images01: torch.Tensor, batch: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
+        """Reward dict and hack monitors of decoded edits ``[N, 3, H, W]`` in [0, 1]."""
+        out = self.reward(images01, batch)
+        if "reward" not in out:
+            raise ValueError(
+                f"the reward {type(self.reward).__name__} returned no 'reward' key: {sorted(out)}"
+            )
+        monitors: dict[str, torch.Tensor] = {}
+        if self.monitors:
+            from rededit.rewards.base import source_from_batch
+            from rededit.rewards.monitors import hack_monitors
+
+            masks = None
+            if "edit_mask" in batch and bool(torch.as_tensor(batch.get("has_edit_mask", False)).all()):
+                masks = batch["edit_mask"].to(images01.device)
+            monitors = hack_monitors(images01, source_from_batch(batch, images01), masks)
+        return out, monitors
+
+    # ------------------------------------------------------------------ loss
+    def nft_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Rollout → reward → r → eq. (3). Returns the scalar loss and what to log."""
+        g = self.group_size
+        _, refs = self.encode_images(batch)  # the target latent is not used: the rollout replaces it
+        text_emb, text_mask = self.text_condition(batch)
+        b = text_emb.shape[0]
+        big = repeat_batch(batch, g)
+        refs_g = [r.repeat_interleave(g, 0) for r in refs]
+        emb_g, mask_g = text_emb.repeat_interleave(g, 0), text_mask.repeat_interleave(g, 0)
+        f = self.vae.downsample
+        h, w = batch["target"].shape[-2:]
+        shape = (b * g, self.vae.latent_channels, h // f, w // f)
+        x0 = self.rollout(batch, refs_g, emb_g, mask_g, shape)
+        with torch.no_grad():
+            images01 = ((self.vae.decode(x0).float().clamp(-1, 1) + 1) / 2).clamp(0, 1)
+        rewards, monitors = self.score(images01, big)
+        groups = torch.arange(b, device=x0.device).repeat_interleave(g)
+        r, adv, valid = optimality_probability(
+            rewards["reward"].to(x0.device), groups, adv_clip=self.adv_clip, scale=self.adv_scale
+        )
+        sigma, eps = self._draw(batch, x0)
+        x_t = interpolate(x0, eps, sigma)
+        v = self.backbone.velocity_target(x0, eps, sigma)
+        v_theta = self.backbone(x_t, refs_g, sigma, emb_g, mask_g).float()
+        with torch.no_grad():
+            v_old = self.old_policy(x_t, refs_g, sigma, emb_g, mask_g).float()
+        per_sample = nft_loss(v_theta, v_old, v, r, self.nft_beta)
+        vf = valid.float()
+        loss = (per_sample * vf).sum() / vf.sum().clamp_min(1.0)
+        with torch.no_grad():
+            beta = self.nft_beta
+            v_pos = (1 - beta) * v_old + beta * v_theta
+            v_neg = (1 + beta) * v_old - beta * v_theta
+            mse = (v_theta - v).pow(2).flatten(1).mean(1)
+            finite = rewards["reward"][torch.isfinite(rewards["reward"])].float()
+            logs: dict[str, torch.Tensor] = {
+                "reward/mean": finite.mean() if finite.numel() else torch.tensor(float("nan")),
+                "reward/std": finite.std(unbiased=False) if finite.numel() else torch.tensor(float("nan")),
+                "nft/r_mean": r[valid].mean() if valid.any() else torch.tensor(0.5),
+                "nft/r_std": r[valid].std(unbiased=False) if valid.any() else torch.tensor(0.0),
+                "nft/adv_abs_mean": adv[valid].abs().mean() if valid.any() else torch.tensor(0.0),
+                "nft/valid_frac": vf.mean(),
+                # Groups whose G rewards are all equal carry no signal (r = ½ everywhere).
+                "nft/flat_group_frac": (adv.view(b, g).abs().amax(1) == 0).float().mean(),
+                "nft/pos_mse": (v_pos - v).pow(2).flatten(1).mean(1).mean(),
+                "nft/neg_mse": (v_neg - v).pow(2).flatten(1).mean(1).mean(),
+                "nft/policy_old_mse": (v_theta - v_old).pow(2).flatten(1).mean(1).mean(),
+                "nft/old_decay": torch.tensor(self.old_ema.decay_at(self.old_ema.num_updates)),
+            }
+            for key, value in rewards.items():
+                if key == "reward" or not torch.is_tensor(value) or value.shape != (b * g,):
+                    continue
+                vals = value.float()[torch.isfinite(value.float())]
+                if vals.numel():
+                    logs[f"reward/{key}"] = vals.mean()
+            for key, value in monitors.items():
+                vals = value.float()[torch.isfinite(value.float())]
+                if vals.numel():
+                    logs[f"monitor/{key}"] = vals.mean()
+        return loss, {"sigma": sigma, "mse": mse, "logs": logs, "n": b * g}
+
+    def compute_loss(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        if not self.training:
+            return super().compute_loss(batch)  # val/loss: flow matching on held-out targets
+        loss, parts = self.nft_step(batch)
+        for key, value in parts.pop("logs").items():
+            self.log(key, value.float(), on_step=True, on_epoch=True, batch_size=parts["n"])
+        return loss, parts
+
+    # ------------------------------------------------------------------ old-policy soft update
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = self.trainer.global_step
+        if step == self.old_ema.last_step:
+            return  # accumulation micro-batch: no optimizer step yet
+        self.old_ema.last_step = step
+        self.old_ema.update(self)
+
+    def _load_old_state(self, state: Mapping[str, Any]) -> None:
+        params = dict(self.old_policy.named_parameters())
+        with torch.no_grad():
+            for name, value in state["shadow"].items():
+                params[name].copy_(value.to(params[name].device, params[name].dtype))
+        self.old_ema.num_updates = int(state["num_updates"])
+        self.old_ema.last_step = int(state.get("last_step", 0))
+        self._alias_shadow()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["nft_old_policy"] = self.old_ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # configure_model: backbone + old policy exist now
+        state = checkpoint.get("nft_old_policy")
+        if state is not None:
+            # Frozen tensors (not in the EMA state) equal the policy's: take them from the checkpoint too,
+            # the old policy was copied from the freshly built backbone before its weights were loaded.
+            saved = checkpoint.get("state_dict", {})
+            with torch.no_grad():
+                for name, t in self.old_policy.state_dict().items():
+                    if name not in state["shadow"] and f"backbone.{name}" in saved:
+                        t.copy_(saved[f"backbone.{name}"].to(t.device, t.dtype))
+            self._load_old_state(state)
