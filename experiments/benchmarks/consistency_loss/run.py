@@ -1,0 +1,251 @@
+"""Benchmark: cost of the §3.7 identity-consistency loss on an SFT step of the tiny config (CPU).
+
+Question (issue 5): does ``loss/consistency=face`` add at most 30 % to a training step of
+``experiment=demo_sft`` (tiny MM-DiT, pixel VAE, 64² buckets, token budget 2048, EMA, NaN guard)?
+
+Data: the synthetic corpus (``rededit-data synth``, 128² images) with every target and reference image
+replaced by a real portrait crop (scikit-image's astronaut and cameraman, matplotlib's Grace Hopper;
+random scale/shift/mirror, the reference colour-shifted), then ``rededit-data faces`` writes the
+landmarks, so *every* sample carries a face: the worst case for the loss (a portrait task's share).
+The dataset maps the landmarks through the 128 → 64 bucket resize; φ = SFace at 112×112 per face.
+
+One SFT stage is built from ``experiment=demo_sft loss/consistency=face`` and each pre-drawn batch is run
+through a full optimisation step once per variant (rotating order, so the shared machine's load hits all
+alike); only the stage's ``auxiliary_losses`` differ:
+
+* ``off``: no auxiliary loss (what ``loss/consistency=none`` trains).
+* ``face``: the loss on every eligible sample (faces and σ < 0.9).
+* ``face-K``: ``max_samples=K``: φ on K randomly drawn eligible samples per step, scaled by
+  ``n_eligible/K`` (unbiased; see :class:`rededit.losses.consistency.ConsistencyLoss`).
+
+A step is ``compute_loss`` + ``backward`` + AdamW ``step`` + ``zero_grad``; data loading and text encoding
+happen before timing, so the ratio to ``off`` is an upper bound of what the loss adds to a ``trainer.fit``
+step. The first ``--warmup`` batches are dropped; figures are medians.
+
+    python experiments/benchmarks/consistency_loss/run.py                # prints the table
+    python experiments/benchmarks/consistency_loss/run.py --record       # also writes results.json
+    python experiments/benchmarks/consistency_loss/run.py --rows 40 --steps 2 --warmup 1 --max-samples 1  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import lightning as L  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from rededit.train import CONF_DIR, build  # noqa: E402
+from rededit.utils.seeding import numpy_rng  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------- data
+def portraits() -> list[np.ndarray]:
+    import matplotlib.cbook as cbook
+    import skimage.data
+
+    hopper = np.asarray(Image.open(cbook.get_sample_data("grace_hopper.jpg")).convert("RGB"))
+    camera = np.repeat(skimage.data.camera()[..., None], 3, axis=2)
+    return [skimage.data.astronaut(), np.ascontiguousarray(hopper), camera]
+
+
+def _portrait_crop(img: np.ndarray, face_box: np.ndarray, side: int, rng: np.random.Generator) -> np.ndarray:
+    """A ``side``² crop around the face: face width ≈ 40–55 % of the crop, random shift and mirror."""
+    x0, y0, x1, y1 = face_box
+    cx, cy = (x0 + x1) / 2 + rng.uniform(-0.1, 0.1) * (x1 - x0), (y0 + y1) / 2
+    half = (x1 - x0) / rng.uniform(0.8, 1.1)
+    h, w = img.shape[:2]
+    box = (max(cx - half, 0), max(cy - half, 0), min(cx + half, w), min(cy + half, h))
+    crop = Image.fromarray(img).crop(tuple(round(v) for v in box)).resize((side, side), Image.BICUBIC)
+    out = np.asarray(crop)
+    return np.ascontiguousarray(out[:, ::-1]) if rng.random() < 0.5 else out
+
+
+def make_portrait_corpus(out_dir: str | Path, rows: int, seed: int = 0, side: int = 128) -> tuple[Path, str]:
+    """Synthetic corpus whose images are portrait crops, with landmarks from ``rededit-data faces``."""
+    import io
+    from contextlib import redirect_stdout
+
+    from rededit.cli.data import main as data_main
+    from rededit.data.manifest import Manifest
+    from rededit.data.synth.writer import synthesize
+    from rededit.models.faces import YuNetDetector
+
+    manifest = synthesize(out_dir, n=rows, seed=seed, bench_n=4, min_side=side, max_side=side)
+    det = YuNetDetector()
+    sources = [(img, det.detect(img).boxes[0]) for img in portraits()]
+    m = Manifest.open(manifest, validate=False)
+    for i, row in enumerate(m.table.select(["id", "target", "references"]).to_pylist()):
+        rng = numpy_rng(seed, "portrait", row["id"])
+        img, box = sources[i % len(sources)]
+        target = _portrait_crop(img, box, side, rng)
+        Image.fromarray(target).save(m.root / row["target"])
+        for uri in row["references"]:
+            shift = rng.uniform(-25, 25, size=3)  # a colour edit: the face itself is unchanged
+            Image.fromarray(np.clip(target + shift, 0, 255).astype(np.uint8)).save(m.root / uri)
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        code = data_main(["faces", "--manifest", str(manifest)])
+    if code != 0:
+        raise RuntimeError(f"rededit-data faces failed ({code}): {buf.getvalue()}")
+    return manifest, buf.getvalue().strip()
+
+
+# ---------------------------------------------------------------------------------------------- runs
+def compose_cfg(manifest: Path, out_dir: Path, *, overrides: list[str]) -> DictConfig:
+    args = [
+        "experiment=demo_sft",
+        "loss/consistency=face",
+        f"data.manifest={manifest}",
+        f"paths.output_dir={out_dir}",
+        "export_dir=null",
+        "~logger",
+        *overrides,
+    ]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("train", overrides=args)
+
+
+def step_times(stamps: list[float], warmup: int) -> list[float]:
+    """Intervals between consecutive stamps, dropping the first ``warmup`` intervals."""
+    return [b - a for a, b in itertools.pairwise(stamps)][warmup:]
+
+
+def measure(manifest: Path, out_dir: Path, *, steps: int, warmup: int, max_samples: list[int], seed: int = 0):
+    """Per-step interleaved timing of one SFT stage with its auxiliary losses swapped per variant.
+
+    The batches (collated, text encoded by the loader) are drawn first, so data loading is excluded and
+    the denominator is the bare step: ``compute_loss`` (VAE encode, transformer forward, flow loss, and the
+    consistency loss when on), ``backward``, AdamW ``step``, ``zero_grad``. That makes the ratio an upper
+    bound of what the loss adds to a real ``trainer.fit`` step. Each batch is run once per variant in a
+    rotating order, so load on the shared machine hits every variant alike.
+    """
+    from rededit.losses.consistency import ConsistencyLoss
+
+    cfg = compose_cfg(manifest, out_dir, overrides=[])
+    L.seed_everything(seed, workers=True, verbose=False)
+    model, datamodule, _ = build(cfg)
+    model.configure_model()
+    model.log = lambda *a, **k: None  # no trainer: logging is not part of what is timed
+    model.train()
+    face = model.auxiliary_losses["loss_id"]
+    variants: dict[str, dict[str, Any]] = {"off": {}, "face": {"loss_id": face}}
+    for k in max_samples:
+        capped = ConsistencyLoss(face.criterion, face.eta, face.sigma_cutoff, max_samples=k, seed=seed)
+        variants[f"face-{k}"] = {"loss_id": capped}
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
+    batches: list[dict[str, Any]] = []
+    while len(batches) < warmup + steps:  # several epochs if the corpus is small (the sampler moves on)
+        batches += list(itertools.islice(iter(loader), warmup + steps - len(batches)))
+    opt = model.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    stats: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    names = list(variants)
+    for i, batch in enumerate(batches):
+        order = names[i % len(names) :] + names[: i % len(names)]
+        for name in order:
+            model.auxiliary_losses = torch.nn.ModuleDict(variants[name])
+            t0 = time.perf_counter()
+            loss, _ = model.compute_loss(batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            if i >= warmup:
+                times[name].append(dt)
+                for fn in variants[name].values():
+                    stats[name].append({k: float(v) for k, v in fn.last_stats.items()})
+    sizes = [len(b["ids"]) for b in batches[warmup:]]
+    return times, stats, sizes
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=48)
+    ap.add_argument("--steps", type=int, default=12, help="measured batches (after warm-up)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-samples", type=int, nargs="*", default=[1, 4], help="K of the face-K variants")
+    ap.add_argument("--record", action="store_true", help="write results.json next to this script")
+    ap.add_argument("--out", default=None, help="results path (default: results.json here with --record)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="consistency_bench_") as tmp:
+        tmp = Path(tmp)
+        manifest, faces_report = make_portrait_corpus(tmp / "corpus", args.rows)
+        print(faces_report)
+        times, stats, sizes = measure(
+            manifest, tmp / "run", steps=args.steps, warmup=args.warmup, max_samples=args.max_samples
+        )
+    base = statistics.median(times["off"])
+    table = []
+    for name in times:
+        med = statistics.median(times[name])
+        frac = [s["id_face_fraction"] for s in stats[name]]
+        act = [s["id_active_fraction"] for s in stats[name]]
+        table.append(
+            {
+                "variant": name,
+                "median_step_s": round(med, 4),
+                "ratio_vs_off": round(med / base, 3),
+                "steps": len(times[name]),
+                "face_fraction": round(float(np.mean(frac)), 3) if frac else None,
+                "eligible_fraction": round(float(np.mean(act)), 3) if act else None,
+            }
+        )
+    print(f"batch size: median {statistics.median(sizes)} samples ({min(sizes)}-{max(sizes)})")
+    print(
+        f"\n{'variant':<10} {'median step s':>14} {'ratio vs off':>13} {'steps':>6} {'faces':>6} {'σ<0.9':>6}"
+    )
+    for r in table:
+        ff = "-" if r["face_fraction"] is None else f"{r['face_fraction']:.2f}"
+        ef = "-" if r["eligible_fraction"] is None else f"{r['eligible_fraction']:.2f}"
+        print(
+            f"{r['variant']:<10} {r['median_step_s']:>14.4f} {r['ratio_vs_off']:>13.3f} {r['steps']:>6} {ff:>6} {ef:>6}"
+        )
+    results = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": args.threads,
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+        },
+        "args": vars(args),
+        "faces": faces_report,
+        "batch_sizes": sizes,
+        "table": table,
+    }
+    out = Path(args.out) if args.out else (HERE / "results.json" if args.record else None)
+    if out is not None:
+        from rededit.utils.io import atomic_write_text
+
+        atomic_write_text(out, json.dumps(results, indent=2) + "\n")
+        print(f"wrote {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
