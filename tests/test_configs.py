@@ -2,7 +2,7 @@
 
 Options that need local production weights (``backbone=qwen_image``, ``vae=qwen_image``,
 ``text_encoder=qwen_vl``), a GPU (``trainer=gpu``) or packages outside the default install
-(``strategy=hsdp`` / ``deepspeed``, the tensorboard and wandb loggers when absent) are composed and
+(``strategy=fsdp1_hybrid`` / ``deepspeed_zero*``: instantiated, never run; the tensorboard and wandb loggers when absent) are composed and
 checked, not instantiated. A config group missing from :data:`CHECKS` fails the inventory test, so a new
 group cannot go untested.
 """
@@ -26,6 +26,7 @@ from rededit.train import _instantiate_group, build_strategy
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 WEIGHT_PATHS = {"backbone.pretrained_path", "vae.path", "text_encoder.path"}
+WEIGHT_PATHS |= {"reward.scorer.path", "reward.rewards.vlm.scorer.path"}  # local VLM judge folder
 LATENT_CHANNELS = 48  # conf/vae/pixel.yaml: factor 4 → 3·4² channels
 
 
@@ -101,13 +102,32 @@ def _check_trainer(cfg: DictConfig, option: str) -> None:
 
 
 def _check_strategy(cfg: DictConfig, option: str) -> None:
-    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+    from lightning.pytorch.strategies import (
+        DDPStrategy,
+        DeepSpeedStrategy,
+        FSDPStrategy,
+        ModelParallelStrategy,
+    )
 
-    expected = {"auto": str, "ddp": DDPStrategy, "fsdp": ModelParallelStrategy}
-    if option not in expected:  # hsdp (FSDP1 on GPUs), deepspeed (not installed): compose only
-        assert cfg.strategy._target_.startswith("lightning.pytorch.strategies.")
-        return
-    assert isinstance(build_strategy(cfg.strategy), expected[option])
+    from rededit.parallel.strategy import FSDP2Strategy
+
+    expected = {
+        "auto": str,
+        "ddp": DDPStrategy,
+        "fsdp2": FSDP2Strategy,
+        "hsdp": FSDP2Strategy,
+        "fsdp1_hybrid": FSDPStrategy,  # GPU only: instantiated here, never run on CPU
+        "deepspeed_zero2": DeepSpeedStrategy,
+        "deepspeed_zero3": DeepSpeedStrategy,
+    }
+    strategy = build_strategy(cfg.strategy)
+    assert isinstance(strategy, expected[option]) and cfg.strategy.name == option
+    if isinstance(strategy, ModelParallelStrategy):
+        assert strategy.plan.hsdp == (option == "hsdp") and strategy._save_distributed_checkpoint
+    if isinstance(strategy, DeepSpeedStrategy):
+        assert strategy.config["zero_optimization"]["stage"] == int(option[-1])
+    if isinstance(strategy, FSDPStrategy):
+        assert strategy.sharding_strategy.name == "HYBRID_SHARD"
 
 
 def _check_logger(cfg: DictConfig, option: str) -> None:
@@ -137,6 +157,33 @@ def _check_buckets(cfg: DictConfig, option: str) -> None:
     assert len(resset) > 0
 
 
+def _check_reward(cfg: DictConfig, option: str) -> None:
+    from rededit.rewards import Reward
+
+    for node in (cfg.reward, *cfg.reward.get("rewards", {}).values()):
+        if "scorer" in node:  # a factory (_partial_): no model is loaded, so any folder name will do
+            node.scorer.path = "/nonexistent/vlm"
+    reward = instantiate(cfg.reward)
+    assert isinstance(reward, Reward) and reward.name
+
+
+def _check_loss_consistency(cfg: DictConfig, option: str) -> None:
+    from rededit.losses.consistency import ConsistencyLoss
+
+    # The group fills stage.auxiliary_losses, which only the SFT stage takes: compose it with one.
+    sft = compose(["experiment=demo_sft", f"loss/consistency={option}"])
+    stage = instantiate(sft.stage, text_encoder=None)
+    expected = {"none": set(), "face": {"loss_id"}, "object": {"loss_obj"}}[option]
+    assert set(stage.auxiliary_losses) == expected
+    assert all(isinstance(m, ConsistencyLoss) for m in stage.auxiliary_losses.values())
+
+
+def _check_hydra_launcher(cfg: DictConfig, option: str) -> None:
+    # The launcher lives in the hydra node (removed from a task's config): compose it again with it.
+    launcher = compose([f"hydra/launcher={option}"], keep_hydra=True).hydra.launcher
+    assert launcher._target_.startswith("hydra_plugins.hydra_submitit_launcher.")  # tests/test_slurm_launch.py
+
+
 CHECKS: dict[str, Callable[[DictConfig, str], None]] = {
     "stage": _check_stage,
     "backbone": _check_backbone,
@@ -151,6 +198,9 @@ CHECKS: dict[str, Callable[[DictConfig, str], None]] = {
     "experiment": _check_experiment,
     "debug": _check_debug,
     "data/buckets": _check_buckets,
+    "reward": _check_reward,
+    "loss/consistency": _check_loss_consistency,
+    "hydra/launcher": _check_hydra_launcher,
 }
 SINGLE_OPTION = {"paths", "hydra", "data"}  # one option each, composed by every test here
 CASES = [(group, option) for group in CHECKS for option in _options(group)]
@@ -158,8 +208,13 @@ CASES = [(group, option) for group in CHECKS for option in _options(group)]
 
 def test_every_config_group_is_checked() -> None:
     # conf/eval/ holds the groups of the other primary config (conf/eval.yaml, rededit-eval); its
-    # options are composed by tests/test_evaluate.py.
-    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "eval"} | {"data/buckets"}
+    # options are composed by tests/test_evaluate.py. conf/engine/ likewise (conf/engine.yaml, rededit-data
+    # pipeline; tests/test_engine_runner.py). conf/ablation/ holds multirun studies appended with
+    # `+ablation=<study>`: tests/test_ablations.py expands every study and composes every job.
+    primaries = ("eval", "engine", "ablation")
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in primaries} | {"data/buckets"}
+    groups = (groups - {"loss"}) | {f"loss/{p.name}" for p in (CONF_DIR / "loss").iterdir() if p.is_dir()}
+    groups |= {f"hydra/{p.name}" for p in (CONF_DIR / "hydra").iterdir() if p.is_dir()}
     assert groups - SINGLE_OPTION == set(CHECKS), "add the new config group to CHECKS in this file"
     assert {g for g in SINGLE_OPTION if len(_options(g)) > 1} == set(), "check the new options"
 
@@ -189,8 +244,8 @@ def test_several_callbacks_are_one_override(tmp_path) -> None:
     kinds = {type(c) for c in _instantiate_group(cfg.callbacks)}
     assert {EMA, NaNGuard} <= kinds
     # The selection is independent of the strategy group (issue 3: composable with any strategy=).
-    cfg = compose(["callbacks=[ema,nan_guard]", "strategy=fsdp"], tmp_path)
-    assert set(cfg.callbacks) == {"ema", "nan_guard"} and cfg.strategy.name == "fsdp"
+    cfg = compose(["callbacks=[ema,nan_guard]", "strategy=fsdp2"], tmp_path)
+    assert set(cfg.callbacks) == {"ema", "nan_guard"} and cfg.strategy.name == "fsdp2"
 
 
 def test_unknown_key_fails_with_a_clear_error(tmp_path) -> None:

@@ -1,4 +1,4 @@
-"""``rededit-data``: offline data commands (synth, validate, buckets, encode-text).
+"""``rededit-data``: offline data commands (``rededit-data --help`` lists them; data_scripts/README.md).
 
 Each command lives in its own module ``rededit.cli.data_<name>`` exposing ``add_parser(subparsers)``,
 which registers the sub-command and sets ``func(args) -> int`` (the exit code).
@@ -10,7 +10,23 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("synth", "validate", "buckets", "encode_text")
+COMMANDS = (
+    # corpus and payloads (§2.3, §3.2)
+    "synth",
+    "validate",
+    "buckets",
+    "encode_text",
+    "shard",
+    "faces",
+    # data engine (§2.1-2.6)
+    "pipeline",
+    "caption",
+    "longtail",
+    "transform",
+    # preference / RL data (§3.6)
+    "make_pairs",
+    "mine_hard",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
