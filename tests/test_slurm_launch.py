@@ -170,6 +170,8 @@ def test_sbatch_template_passes_nodes_devices_and_auto_resume(tmp_path) -> None:
         "trainer.num_nodes=2",
         "trainer.devices=4",
         "ckpt_path=auto",
+        "+callbacks=preemption",  # our signal-safe save + requeue (not Lightning's in-handler save)
+        "callbacks.preemption.requeue=true",
         "experiment=sft",
         "strategy=hsdp",
     ]

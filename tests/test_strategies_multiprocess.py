@@ -11,6 +11,10 @@ not in-process DDP inside pytest: DISTRIBUTED.md). For each strategy:
    (fsdp2: DCP directories with EMA shards, consolidated in one process by ``rededit-consolidate``'s code);
 4. fsdp2 only: the 2-rank sharded checkpoint resumes on 1 rank without losing or repeating a sample;
 5. fsdp2 only: meta-device init + ``stage.init_from`` starts from exactly the checkpoint's weights.
+
+DPO / NFT (``test_rl_stage_frozen_copies_under_fsdp2``; fsdp2, NFT also hsdp and a gathered-file checkpoint): the
+sharded DPO reference / NFT old policy give each rank the loss and reference / old-policy terms of a
+single-process run on the same weights and batch, and a resume from a mid-run checkpoint reproduces the rest.
 """
 
 from __future__ import annotations
@@ -225,3 +229,188 @@ def test_frozen_copy_under_fsdp2(tmp_path) -> None:
     ]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "OK" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]
+
+
+# ------------------------------------------------------------------------------------ DPO / NFT under FSDP2
+# The DPO reference and the NFT old policy are sharded frozen twins of the backbone (stages/dpo.py
+# sharded_frozen_twin), run several forwards per step on every rank together (DPO: the reference's online
+# negatives, 2 Euler steps, + its [2B] loss forward; NFT: 2-step rollouts + v_old), and the old policy is saved
+# as __nft_old__.* shards in the DCP checkpoint.
+RL_COMMON = (
+    "backbone.transformer_config.num_layers=2",
+    "data.val_split=null",
+    "data.token_budget=256",
+    "trainer.log_every_n_steps=1",
+    "~callbacks.progress",
+    "callbacks.model_checkpoint.every_n_train_steps=1",
+    "stage.warmup_steps=0",
+    "stage.init_from_ema=false",
+)
+RL_STAGES = {
+    # No `rejected` column in the tiny corpus: every negative is the sharded reference's own sample.
+    "dpo": ("experiment=demo_dpo", "stage.missing_rejected=reference_sample", "stage.negative_steps=2"),
+    "nft": (
+        "experiment=demo_nft",
+        "stage.reward={_target_: test_nft.BrightnessReward}",
+        "stage.group_size=2",
+        "stage.rollout_steps=2",
+        "stage.old_decay_rate=0.3",  # η = 0, 0.3, 0.5: the old policy differs from the policy from step 2 on
+        "optimizer.lr=1e-3",
+    ),
+}
+
+
+def _perturbed_init(path: Path) -> Path:
+    """A start checkpoint (``stage.init_from``) whose rollouts depend on their noise (the zero-initialised tiny
+    preset predicts one x̂0 for every x_t: flat NFT groups, policy == reference in every DPO loss term)."""
+    from hydra.utils import instantiate
+
+    factory = instantiate(compose(["backbone.transformer_config.num_layers=2"]).backbone)
+    torch.manual_seed(0)
+    model = factory(latent_channels=instantiate(compose([]).vae).latent_channels)
+    gen = torch.Generator().manual_seed(0)
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in state.items()}}, path)
+    return path
+
+
+# HSDP on a 2 × 1 mesh (replicate 2, shard 1), fp32 compute for exact comparisons; its AC stays on.
+RL_STRATEGIES = {
+    "fsdp2": ("strategy=fsdp2",),
+    "hsdp": ("strategy=hsdp", "strategy.parallelize.shard_size=1", "strategy.parallelize.param_dtype=null"),
+    # One gathered .ckpt file (old policy in nft_old_policy's shadow, put back into the shards on resume).
+    "fsdp2_full": ("strategy=fsdp2", "strategy.save_distributed_checkpoint=false"),
+}
+
+
+def _rl_overrides(
+    stage: str, manifest: Path, init: Path, steps: int, *extra: str, strategy: str = "fsdp2"
+) -> list[str]:
+    return [
+        *RL_STAGES[stage],
+        *RL_COMMON,
+        *RL_STRATEGIES[strategy],
+        "trainer.devices=2",
+        f"data.manifest={manifest}",
+        f"stage.init_from={init}",
+        f"trainer.max_steps={steps}",
+        *extra,
+    ]
+
+
+def _single_process_step(stage_name: str, manifest: Path, init: Path, run: Path, g: int) -> dict[int, dict]:
+    """Rank r's loss (and stage metrics) of the batch before optimizer step ``g``, recomputed in one process from
+    the 2-rank run's weights at ``g`` (consolidated checkpoint) and its dumped batch, with rank r's streams."""
+    from hydra.utils import instantiate
+
+    from rededit.losses.dpo import dpo_loss
+    from rededit.stages.checkpoints import _load_full_checkpoint, consolidate
+
+    cfg = compose(
+        [*RL_STAGES[stage_name], *RL_COMMON, f"data.manifest={manifest}", f"stage.init_from={init}"]
+    )
+    stage = instantiate(cfg.stage, text_encoder=None)
+    stage.configure_model()  # single device: reference / old policy = deep copy of the init_from backbone
+    if g > 0:
+        ckpt = run / "checkpoints" / f"step{g:07d}.ckpt"
+        raw, _ = consolidate(ckpt)
+        stage.backbone.load_state_dict(raw)
+        if stage_name == "nft":
+            full = _load_full_checkpoint(ckpt)
+            prefix = "__nft_old__."
+            old = {k.removeprefix(prefix): v for k, v in full["state_dict"].items() if k.startswith(prefix)}
+            if (
+                not old
+            ):  # a gathered checkpoint: the trainable tensors' shadow, the frozen ones = the policy's
+                old = {**raw, **full["nft_old_policy"]["shadow"]}
+            stage.old_policy.load_state_dict(old)
+    out = {}
+    for rank in (0, 1):
+        batch = torch.load(run / "records" / f"batch_g{g}_rank{rank}.pt", weights_only=False)
+        stage._trainer = types.SimpleNamespace(global_rank=rank, world_size=2, global_step=g)
+        with torch.no_grad():
+            if stage_name == "dpo":
+                p = stage.pair_losses(batch)
+                per = dpo_loss(
+                    p["loss_w"],
+                    p["loss_l"],
+                    p["ref_loss_w"],
+                    p["ref_loss_l"],
+                    stage.beta,
+                    stage.omega,
+                    stage.lam,
+                )
+                out[rank] = {
+                    "loss": float(per.mean()),
+                    "dpo/ref_loss_w": float(p["ref_loss_w"].mean()),
+                    "dpo/ref_loss_l": float(p["ref_loss_l"].mean()),
+                    "dpo/loss_w": float(p["loss_w"].mean()),
+                }
+            else:
+                loss, parts = stage.nft_step(batch)
+                logs = parts["logs"]
+                out[rank] = {
+                    "loss": float(loss),
+                    "reward/mean": float(logs["reward/mean"]),
+                    "nft/policy_old_mse": float(logs["nft/policy_old_mse"]),
+                }
+    stage._trainer = None
+    return out
+
+
+@pytest.mark.parametrize(
+    ("stage_name", "strategy"), [("dpo", "fsdp2"), ("nft", "fsdp2"), ("nft", "hsdp"), ("nft", "fsdp2_full")]
+)
+def test_rl_stage_frozen_copies_under_fsdp2(stage_name, strategy, tiny_corpus, tmp_path) -> None:
+    """2-rank fsdp2 DPO / NFT: per-rank losses and reference / old-policy terms equal a single-process run with
+    the same weights and batch (unsharded deep-copied reference / old policy); a resume from a mid-run sharded
+    checkpoint reproduces the uninterrupted run's losses and stage metrics exactly."""
+    total, resume_at = 3, (1 if stage_name == "dpo" else 2)
+    init = _perturbed_init(tmp_path / "init.ckpt")
+    full = tmp_path / "full"
+    proc = launch(
+        full, _rl_overrides(stage_name, tiny_corpus, init, total, strategy=strategy), "--dump-batches"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if strategy == "hsdp":
+        assert "mesh ('replicate', 'shard') (2, 1)" in proc.stdout + proc.stderr
+    rec = records(full)
+    assert sorted({s for s, _ in rec}) == list(range(1, total + 1))
+    ckpt = full / "checkpoints" / f"step{resume_at:07d}.ckpt"
+    assert (ckpt / ".metadata").is_file() == (strategy != "fsdp2_full")  # sharded DCP directory or one file
+
+    # Sharded frozen copies == unsharded ones: step 1 (reference / old policy = init) and the step after the
+    # resume point (policy trained; DPO reference still the init weights; NFT old policy ≠ policy).
+    checks = {
+        "dpo": ("dpo/ref_loss_w", "dpo/ref_loss_l", "dpo/loss_w"),
+        "nft": ("reward/mean", "nft/policy_old_mse"),
+    }
+    for g in (0, resume_at):
+        want = _single_process_step(stage_name, tiny_corpus, init, full, g)
+        for rank in (0, 1):
+            got = rec[(g + 1, rank)]
+            assert got["loss"] == pytest.approx(want[rank]["loss"], rel=1e-4, abs=1e-6), (g, rank)
+            for key in checks[stage_name]:
+                assert got["metrics"][key] == pytest.approx(want[rank][key], rel=1e-4, abs=1e-7), (
+                    g,
+                    rank,
+                    key,
+                )
+    if stage_name == "nft":
+        assert rec[(resume_at + 1, 0)]["metrics"]["nft/policy_old_mse"] > 0  # the old policy lags the policy
+    else:
+        assert rec[(resume_at + 1, 0)]["metrics"]["dpo/implicit_acc"] >= 0  # logged per rank
+        ref_w, pol_w = (rec[(resume_at + 1, 0)]["metrics"][k] for k in ("dpo/ref_loss_w", "dpo/loss_w"))
+        assert ref_w != pol_w  # the reference did not follow the policy
+
+    # Resume from the sharded mid-run checkpoint (DPO: reference rebuilt from init_from, fingerprint-checked;
+    # NFT: old-policy shards and counters read back): the remaining steps are reproduced exactly.
+    resumed = tmp_path / "resumed"
+    extra = f"ckpt_path={ckpt}"
+    proc = launch(resumed, _rl_overrides(stage_name, tiny_corpus, init, total, extra, strategy=strategy))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec_resumed = records(resumed)
+    assert sorted({s for s, _ in rec_resumed}) == list(range(resume_at + 1, total + 1))
+    for key, row in rec_resumed.items():
+        assert row["ids"] == rec[key]["ids"] and row["loss"] == rec[key]["loss"], key
+        assert row["metrics"] == rec[key]["metrics"], key

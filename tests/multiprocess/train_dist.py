@@ -8,7 +8,9 @@ as ``rededit-train`` does. A recorder callback writes, per rank, one JSON line p
 (``records/rank{r}.jsonl``: global step, sampler epoch/step, served target shape, sample ids, local loss) and,
 with ``--dump-step0``, the first optimizer step's inputs and full (gathered) gradients plus the initial
 weights (``step0_*.pt``). ``--kill-after-step k`` SIGKILLs every rank at the start of the batch after
-optimizer step ``k`` (after that step's checkpoint is written): a hard crash, no cleanup.
+optimizer step ``k`` (after that step's checkpoint is written): a hard crash, no cleanup. ``--dump-batches`` saves
+every batch a rank is served (``batch_g{global step before it}_rank{r}.pt``), and each record carries the
+stage's own per-step metrics (``dpo/*``, ``nft/*``, ``reward/*``: this rank's values, not synced).
 """
 
 from __future__ import annotations
@@ -33,9 +35,12 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 class Recorder(L.Callback):
-    def __init__(self, out: Path, dump_step0: bool, kill_after_step: int | None) -> None:
+    def __init__(
+        self, out: Path, dump_step0: bool, kill_after_step: int | None, dump_batches: bool = False
+    ) -> None:
         self.out = out
         self.dump_step0 = dump_step0
+        self.dump_batches = dump_batches
         self.kill_after_step = kill_after_step
         self._batch = None
 
@@ -52,9 +57,11 @@ class Recorder(L.Callback):
             self.fh.flush()
             os.kill(os.getpid(), signal.SIGKILL)
         self._batch = batch
+        keep = {k: v for k, v in batch.items() if k != "texts"}
         if self.dump_step0 and trainer.global_step == 0:
-            keep = {k: v for k, v in batch.items() if k != "texts"}
             torch.save(keep, self.out / f"step0_batch_rank{trainer.global_rank}.pt")
+        if self.dump_batches:
+            torch.save(keep, self.out / f"batch_g{trainer.global_step}_rank{trainer.global_rank}.pt")
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.dump_step0 and trainer.global_step == 0:
@@ -78,6 +85,11 @@ class Recorder(L.Callback):
             "target_hw": list(keys),
             "ids": list(batch["ids"]),
             "loss": float(loss.detach()),
+            "metrics": {
+                k.removesuffix("_step"): float(v)
+                for k, v in trainer.callback_metrics.items()
+                if k.startswith(("dpo/", "nft/", "reward/")) and k.endswith("_step")
+            },
         }
         self.fh.write(json.dumps(record) + "\n")
         self.fh.flush()
@@ -89,13 +101,14 @@ def main() -> int:
     parser.add_argument("--record", required=True)
     parser.add_argument("--dump-step0", action="store_true")
     parser.add_argument("--kill-after-step", type=int)
+    parser.add_argument("--dump-batches", action="store_true")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     torch.set_num_threads(1)
     import rededit.train as train_mod
 
     cfg = compose(args.overrides, args.out)
-    recorder = Recorder(Path(args.record), args.dump_step0, args.kill_after_step)
+    recorder = Recorder(Path(args.record), args.dump_step0, args.kill_after_step, args.dump_batches)
     original = train_mod._instantiate_group
 
     def with_recorder(node):

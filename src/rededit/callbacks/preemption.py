@@ -1,4 +1,8 @@
-"""Save a checkpoint before exit on SIGTERM / SIGUSR1 (preemption, SLURM time limit), then stop cleanly.
+"""Save a checkpoint before exit on SIGTERM / SIGUSR1 / SIGUSR2 (preemption, SLURM time limit), then stop cleanly.
+
+SIGUSR1 is what ``scripts/slurm/train.sbatch`` asks for (``--signal=USR1@120``); SIGUSR2 is what submitit (the
+``hydra/launcher=slurm`` sweeps) sends ``signal_delay_s`` before the limit. Replacing submitit's USR2 handler
+means submitit no longer requeues the job itself: set ``requeue=true`` (rank 0 runs ``scontrol requeue``).
 
 Why not Lightning's own handling: on SIGTERM Lightning only stops (``SIGTERMException``, no checkpoint),
 and its SLURM ``auto_requeue`` SIGUSR1 handler calls ``trainer.save_checkpoint`` *inside the signal
@@ -40,7 +44,7 @@ class PreemptionCheckpoint(L.Callback):
 
     def __init__(
         self,
-        signals: tuple[str, ...] | list[str] = ("SIGTERM", "SIGUSR1"),
+        signals: tuple[str, ...] | list[str] = ("SIGTERM", "SIGUSR1", "SIGUSR2"),
         filename: str = "last.ckpt",
         dirpath: str | None = None,
         requeue: bool = False,

@@ -4,7 +4,9 @@ preservation numbers (``val/success_<category>``, ``val/edit_ratio``, ``val/psnr
 
 Uses the EMA weights when the EMA callback is active (swapped in and out around the sampling, never
 across a checkpoint write), a fixed seed, and the same batching/metrics as the demo report, so the
-grids of one run are comparable step to step. Rank 0 only; files are written atomically.
+grids of one run are comparable step to step. Every rank runs the sampler (under FSDP2/HSDP, FSDP1 or
+ZeRO-3 each backbone forward is a collective: all ranks must take part, and under DDP the other ranks would
+only wait at the next collective anyway); rank 0 alone scores, writes the files (atomically) and logs.
 """
 
 from __future__ import annotations
@@ -96,15 +98,17 @@ class SampleImages(L.Callback):
         from rededit.callbacks.ema import EMA
         from rededit.eval.demo_report import render_grid, run_edits
 
-        if trainer.global_rank != 0 or trainer.global_step == self._last:
+        if trainer.global_step == self._last:
             return
         self._last = trainer.global_step
         if self._samples is None:
             self._samples = self._load(trainer)
         ema = next((c for c in trainer.callbacks if isinstance(c, EMA) and c.shadow), None)
         ctx = ema.averaged(pl_module) if ema is not None else contextlib.nullcontext()
-        with ctx:
+        with ctx:  # on every rank: the (sharded) backbone's forwards are collectives
             run_edits(pl_module, self._samples, steps=self.steps, cfg=self.cfg_scale, seed=self.seed)
+        if trainer.global_rank != 0:
+            return
         out = (
             Path(self.out_dir or Path(trainer.default_root_dir) / "samples")
             / f"step{trainer.global_step:07d}.png"

@@ -15,8 +15,15 @@ The frozen reference is a copy of the backbone's *initial* weights (after ``init
 :meth:`configure_model` right after the backbone and kept out of the module tree (like the VAE), so it is
 neither trained, nor saved in checkpoints, nor wrapped by the strategy. On resume, ``configure_model``
 rebuilds it from ``init_from`` before the checkpoint's policy weights are loaded; a fingerprint stored in
-the checkpoint catches a reference that changed in between. Under FSDP2/HSDP the reference must be
-sharded like the policy: that is the ``parallelize`` module's job (issue 7); here it is a plain copy.
+the checkpoint catches a reference that changed in between.
+
+Under FSDP2/HSDP (``strategy=fsdp2|hsdp``) the backbone is sharded and must not be deep-copied: the reference
+is built collectively in :meth:`configure_optimizers` — after a meta-initialised backbone got its ``init_from``
+weights and *before* a resumed checkpoint is loaded (Lightning's ``ModelParallelStrategy`` restores after
+setup), so it holds the init weights, never the resumed ones — as a frozen twin sharded the same way
+(:func:`sharded_frozen_twin`: meta init → ``parallelize_frozen`` → ``copy_shards_``, no communication). Its
+forwards run under ``no_grad``, on every rank together (each all-gathers per block): rows that need an
+online negative on *any* rank make every rank run the reference sampler.
 
 Rows without a ``rejected`` image: ``missing_rejected="error"`` refuses them; ``"reference_sample"`` takes
 the reference policy's own sample of the condition as the negative (the self-sampling half of Mix-Policy,
@@ -39,6 +46,7 @@ from rededit.flow.path import interpolate
 from rededit.flow.sampler import euler_sample
 from rededit.flow.weighting import loss_weight
 from rededit.losses.dpo import dpo_loss, dpo_stats
+from rededit.parallel.parallelize import is_sharded
 from rededit.stages.base import _STEPS_PER_EPOCH_STRIDE, BaseStage, _hidden
 from rededit.utils.logging import get_logger
 from rededit.utils.seeding import torch_generator
@@ -50,8 +58,38 @@ MISSING_REJECTED = ("error", "reference_sample")
 
 @torch.no_grad()
 def backbone_fingerprint(module: torch.nn.Module) -> float:
-    """A cheap float summary of a module's weights (sum of per-tensor means of |θ|), to detect a changed copy."""
-    return float(sum(p.detach().float().abs().mean() for p in module.parameters()))
+    """A cheap float summary of a module's weights (sum of per-tensor means of |θ|), to detect a changed copy.
+
+    Sharded (FSDP2) parameters reduce across ranks (``full_tensor`` of the partial mean): call it on every rank.
+    """
+    total = 0.0
+    for p in module.parameters():
+        m = p.detach().float().abs().mean()
+        total += float(m.full_tensor() if hasattr(m, "full_tensor") else m)
+    return total
+
+
+def sharded_frozen_twin(stage: BaseStage, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A frozen copy of ``stage.backbone``'s *current* weights, sharded exactly like it (FSDP2 / HSDP).
+
+    Built like :func:`rededit.parallel.frozen_copy` (factory on ``meta`` → ``parallelize_frozen`` →
+    materialise), but filled with :func:`rededit.parallel.copy_shards_` from the trained backbone's own
+    shards: same mesh, same placements, so no gather / broadcast and no full copy on any rank. A collective
+    only in that every rank must call it (``fully_shard`` builds per-mesh state). Used for the DPO reference
+    and the NFT old policy (``dtype=float32``: the EMA lerp writes into it in place).
+    """
+    from rededit.parallel import copy_shards_, materialize, meta_init, parallelize_frozen
+
+    plan = stage.parallel_plan()
+    twin = meta_init(stage.backbone_factory, latent_channels=stage.vae.latent_channels)
+    if dtype is not None:
+        twin = twin.to(dtype)
+    twin.freeze_unused_text_tail()  # same requires_grad pattern as the backbone (the EMA shadow's names)
+    parallelize_frozen(twin, stage._parallel_mesh(), plan)
+    # CPU offload keeps the sharded parameters in host memory, like the backbone's.
+    materialize(twin, "cpu" if plan.cpu_offload else stage.device)
+    copy_shards_(twin, stage.backbone)
+    return twin
 
 
 class DPOModule(BaseStage):
@@ -106,13 +144,25 @@ class DPOModule(BaseStage):
                 "DPO without stage.init_from: the reference is the random initial backbone (fine for tests; "
                 "a real run starts from the SFT checkpoint)"
             )
-        ref = copy.deepcopy(self.backbone).eval().requires_grad_(False)
+        if self.parallel_plan() is not None:
+            return  # sharded backbone: the reference is built collectively in configure_optimizers
+        self._set_reference(copy.deepcopy(self.backbone).eval().requires_grad_(False))
+
+    def _set_reference(self, ref: torch.nn.Module) -> None:
         self._reference[0] = ref
         self._reference_fingerprint = backbone_fingerprint(ref)
 
+    def configure_optimizers(self) -> Any:
+        out = super().configure_optimizers()  # first fills a meta-initialised backbone from init_from
+        if self.reference is None and self.parallel_plan() is not None:
+            # Before Lightning restores a resumed checkpoint: the backbone still holds the init weights.
+            self._set_reference(sharded_frozen_twin(self))
+            log.info("DPO: sharded reference built from the initial backbone (FSDP2/HSDP)")
+        return out
+
     def _move_frozen(self) -> None:
         super()._move_frozen()
-        if self.reference is not None:
+        if self.reference is not None and not is_sharded(self.reference):
             self.reference.to(self.device)
 
     # ------------------------------------------------------------------ negatives
@@ -151,13 +201,17 @@ class DPOModule(BaseStage):
                 )
             x_l = torch.where(has.to(x_w.device).view(-1, 1, 1, 1), enc, x_l)
         missing = ~has
-        if missing.any():
-            if self.missing_rejected == "error":
-                ids = [i for i, m in zip(batch["ids"], missing.tolist()) if m]
-                raise ValueError(
-                    f"DPO rows without a `rejected` image: {ids[:5]}; build pairs with `rededit-data "
-                    "make-pairs` or set stage.missing_rejected=reference_sample"
-                )
+        sample = bool(missing.any())
+        if is_sharded(self.reference) and self.missing_rejected != "error":
+            # The sharded reference's forwards are collectives: sample on every rank if any rank needs it.
+            sample = self.trainer.strategy.reduce_boolean_decision(sample, all=False)
+        if missing.any() and self.missing_rejected == "error":
+            ids = [i for i, m in zip(batch["ids"], missing.tolist()) if m]
+            raise ValueError(
+                f"DPO rows without a `rejected` image: {ids[:5]}; build pairs with `rededit-data "
+                "make-pairs` or set stage.missing_rejected=reference_sample"
+            )
+        if sample:
             online = self._reference_negatives(batch, x_w, refs, text_emb, text_mask)
             x_l = torch.where(missing.to(x_w.device).view(-1, 1, 1, 1), online, x_l)
         return x_l, missing
@@ -165,6 +219,11 @@ class DPOModule(BaseStage):
     # ------------------------------------------------------------------ loss
     def pair_losses(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Per-sample errors ``[B]`` of policy and reference on win and lose (shared ε, σ, x_t)."""
+        if self.reference is None:
+            raise RuntimeError(
+                "DPO has no reference policy: under FSDP2/HSDP it is built in configure_optimizers, i.e. only "
+                "by trainer.fit (validate a DPO checkpoint with stage=sft, or call configure_model off-strategy)"
+            )
         x_w, refs = self.encode_images(batch)
         text_emb, text_mask = self.text_condition(batch)
         x_l, online = self.encode_rejected(batch, x_w, refs, text_emb, text_mask)

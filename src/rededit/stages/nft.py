@@ -15,14 +15,23 @@ One training step on a batch of B prompts (conditions: references + instruction)
 4. **Train** on the rollout latents ``x_0`` (not re-encoded): fresh σ, ε from the base stage's ``_draw``,
    ``x_t = (1 − σ) x_0 + σ ε``, ``v = ε − x_0``, ``v_θ`` from the policy and ``v_old`` from the old policy
    on the same ``x_t``, loss = eq. (3) (:func:`~rededit.losses.nft.nft_loss`) averaged over valid samples.
-5. **Soft update** of the old policy after every optimizer step, reusing the EMA math of
-   :class:`~rededit.callbacks.ema.EMA` with DiffusionNFT's ramped decay (:class:`OldPolicyEMA`):
+5. **Soft update** of the old policy right after every optimizer step (before that step's checkpoint),
+   reusing the EMA math of :class:`~rededit.callbacks.ema.EMA` with DiffusionNFT's ramped decay
+   (:class:`OldPolicyEMA`):
    ``θ_old ← η_n θ_old + (1 − η_n) θ``, ``η_n = min(η_max, η_rate · n)`` — on-policy at first, smoother later.
 
 The old policy and the reward are kept out of the module tree (not trained, not wrapped); the old
 policy's weights and update count go into the checkpoint under ``nft_old_policy`` (they cannot be rebuilt
-from ``init_from``). Under FSDP2 the old policy must be sharded like the policy by the ``parallelize``
-module (issue 7); here it is a plain fp32 copy whose parameters *are* the EMA shadow.
+from ``init_from``). On one device / DDP it is a plain fp32 deep copy whose parameters *are* the EMA shadow.
+
+Under FSDP2/HSDP it is an fp32 frozen twin sharded like the policy
+(:func:`~rededit.stages.dpo.sharded_frozen_twin`, built collectively in :meth:`configure_optimizers` from the
+backbone's shards), its local shards are the EMA shadow (the lerp stays local) and every rank runs its
+rollout / ``v_old`` forwards together. Checkpoints: with a sharded (DCP) checkpoint every old-policy tensor is
+written by its own rank as ``__nft_old__.<name>`` in the DCP directory (like the EMA's ``__ema__.``) and
+``nft_old_policy`` keeps only the counters and ``"sharded": True``; a resume reads the shards back (DCP
+reshards, so the world size may change). A full checkpoint (``save_distributed_checkpoint=false``, DDP, one
+device) carries the gathered shadow and resumes under any strategy.
 
 Validation (``val/loss``) is the base stage's flow-matching loss on the held-out targets: a cheap check
 that RL does not destroy the supervised fit (no rollout in validation).
@@ -47,13 +56,17 @@ from rededit.flow.path import interpolate
 from rededit.flow.sampler import euler_sample
 from rededit.flow.sde import sde_sample
 from rededit.losses.nft import nft_loss, optimality_probability
+from rededit.parallel.parallelize import is_sharded
 from rededit.stages.base import _STEPS_PER_EPOCH_STRIDE, BaseStage, _hidden
+from rededit.stages.dpo import sharded_frozen_twin
 from rededit.utils.logging import get_logger
 from rededit.utils.seeding import torch_generator
 
 log = get_logger(__name__)
 
 SAMPLERS = ("ode", "sde")
+# State-dict prefix of the sharded old policy in DCP checkpoints (cf. rededit.callbacks.ema.DCP_PREFIX).
+DCP_OLD_PREFIX = "__nft_old__."
 
 
 class OldPolicyEMA(EMA):
@@ -164,7 +177,8 @@ class NFTModule(BaseStage):
         super()._move_frozen()
         self.reward.to(self.device)
         if self.old_policy is not None:
-            self.old_policy.to(self.device)
+            if not is_sharded(self.old_policy):  # a sharded twin was materialised on its device
+                self.old_policy.to(self.device)
             self._alias_shadow()
 
     def _alias_shadow(self) -> None:
@@ -175,12 +189,21 @@ class NFTModule(BaseStage):
 
     def configure_model(self) -> None:
         super().configure_model()
-        if self.old_policy is not None:
-            return
+        if self.old_policy is not None or self.parallel_plan() is not None:
+            return  # sharded backbone: the old policy is built collectively in configure_optimizers
         # fp32 so the EMA lerp (fp32 shadow) runs in place on the module's own tensors.
         old = copy.deepcopy(self.backbone).float().eval().requires_grad_(False)
         self._old[0] = old
         self._alias_shadow()
+
+    def configure_optimizers(self) -> Any:
+        out = super().configure_optimizers()  # first fills a meta-initialised backbone from init_from
+        if self.old_policy is None and self.parallel_plan() is not None:
+            # fp32 like the unsharded copy: the EMA lerp writes into its local shards in place.
+            self._old[0] = sharded_frozen_twin(self, dtype=torch.float32)
+            self._alias_shadow()
+            log.info("NFT: sharded old policy built from the backbone (FSDP2/HSDP)")
+        return out
 
     # ------------------------------------------------------------------ rollout
     def _micro_step(self, batch: Mapping[str, Any]) -> int:
@@ -292,35 +315,102 @@ class NFTModule(BaseStage):
         return loss, parts
 
     # ------------------------------------------------------------------ old-policy soft update
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = self.trainer.global_step
-        if step == self.old_ema.last_step:
-            return  # accumulation micro-batch: no optimizer step yet
-        self.old_ema.last_step = step
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)  # once per optimizer step, not per accumulation micro-batch
+        # Right after the step, not in on_train_batch_end: Lightning runs the LightningModule's batch-end hook
+        # *after* the callbacks', i.e. after ModelCheckpoint saved, so a checkpoint would miss this update and
+        # a resumed run would drift from the uninterrupted one.
         self.old_ema.update(self)
+        self.old_ema.last_step = self.trainer.global_step
 
     def _load_old_state(self, state: Mapping[str, Any]) -> None:
         params = dict(self.old_policy.named_parameters())
         with torch.no_grad():
             for name, value in state["shadow"].items():
-                params[name].copy_(value.to(params[name].device, params[name].dtype))
+                _copy_full_(params[name], value)
+        self._load_counters(state)
+
+    def _load_counters(self, state: Mapping[str, Any]) -> None:
         self.old_ema.num_updates = int(state["num_updates"])
         self.old_ema.last_step = int(state.get("last_step", 0))
         self._alias_shadow()
 
+    def _old_policy_in_dcp(self) -> bool:
+        """The old policy is sharded and the strategy writes sharded (DCP) checkpoints."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        return (
+            self.old_policy is not None
+            and is_sharded(self.old_policy)
+            and bool(getattr(strategy, "_save_distributed_checkpoint", False))
+        )
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["nft_old_policy"] = self.old_ema.state_dict()
+        if self._old_policy_in_dcp():
+            # Rank 0 alone writes the non-state-dict keys (meta.pt): the shards go through the state dict,
+            # every tensor (frozen ones too) so the resume needs nothing else.
+            checkpoint["state_dict"].update(
+                {DCP_OLD_PREFIX + n: p.detach() for n, p in self.old_policy.named_parameters()}
+            )
+            ema = self.old_ema
+            counters = {"decay": ema.decay, "num_updates": ema.num_updates, "last_step": ema.last_step}
+            checkpoint["nft_old_policy"] = {**counters, "sharded": True, "shadow": {}}
+        else:
+            checkpoint["nft_old_policy"] = self.old_ema.state_dict()  # gathers a sharded shadow (collective)
+
+    def _load_old_shards(self) -> None:
+        """Every rank reads its old-policy shards from the resumed DCP directory (``__nft_old__.*``)."""
+        import torch.distributed.checkpoint as dcp
+
+        path = self.trainer.ckpt_path
+        target = {
+            "state_dict": {DCP_OLD_PREFIX + n: p.detach() for n, p in self.old_policy.named_parameters()}
+        }
+        dcp.load(target, checkpoint_id=str(path))  # in place into the local shards
+        log.info("NFT: loaded the sharded old policy from %s", path)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)  # configure_model: backbone + old policy exist now
         state = checkpoint.get("nft_old_policy")
-        if state is not None:
-            # Frozen tensors (not in the EMA state) equal the policy's: take them from the checkpoint too,
-            # the old policy was copied from the freshly built backbone before its weights were loaded.
-            saved = checkpoint.get("state_dict", {})
-            with torch.no_grad():
-                for name, t in self.old_policy.state_dict().items():
+        if state is None:
+            return
+        if self.old_policy is None:
+            raise RuntimeError(
+                "the checkpoint has an NFT old policy but none was built: under FSDP2/HSDP it is created in "
+                "configure_optimizers, i.e. only by trainer.fit"
+            )
+        if state.get("sharded"):
+            if not is_sharded(self.old_policy):
+                raise RuntimeError(
+                    "this checkpoint's NFT old policy is sharded (a DCP directory): resume it with "
+                    "strategy=fsdp2/hsdp, or consolidate it with rededit-consolidate first"
+                )
+            self._load_old_shards()
+            self._load_counters(state)
+            return
+        # Frozen tensors (not in the EMA state) equal the policy's: take them from the checkpoint too,
+        # the old policy was copied from the freshly built backbone before its weights were loaded.
+        saved = checkpoint.get("state_dict", {})
+        with torch.no_grad():
+            if is_sharded(self.old_policy) and not saved:
+                # FSDP2 restores the backbone before this hook (and drops the state dict): copy its shards.
+                from rededit.parallel import copy_shards_
+
+                copy_shards_(self.old_policy, self.backbone)
+            else:
+                for name, t in self.old_policy.named_parameters():
                     if name not in state["shadow"] and f"backbone.{name}" in saved:
-                        t.copy_(saved[f"backbone.{name}"].to(t.device, t.dtype))
-            self._load_old_state(state)
+                        _copy_full_(t, saved[f"backbone.{name}"])
+        self._load_old_state(state)
+
+
+@torch.no_grad()
+def _copy_full_(param: torch.Tensor, value: torch.Tensor) -> None:
+    """``param ← value`` for a full tensor ``value``; a sharded ``param`` keeps its own shard of it."""
+    if hasattr(param, "to_local"):
+        from torch.distributed.tensor import distribute_tensor
+
+        local = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements)
+        param.to_local().copy_(local.to_local())
+    else:
+        param.copy_(value.to(param.device, param.dtype))
