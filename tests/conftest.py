@@ -7,11 +7,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import functools
+import json
 import os
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -95,6 +98,49 @@ def read_step_metric(run_dir: str | Path, key: str = "train/loss_step") -> dict[
                 # Lightning logs a training step's metrics under the step index *before* the update.
                 out[int(row["step"]) + 1] = float(row[key])
     return out
+
+
+# ---------------------------------------------------------------------------------------------- fake endpoint
+@contextlib.contextmanager
+def fake_endpoint(
+    respond: Callable[[object, dict], tuple[int, object]],
+    record: Callable[[object, dict], object] | None = None,
+) -> Iterator[tuple[object, str]]:
+    """A local OpenAI-compatible HTTP server for the judge / reward / captioning clients.
+
+    Args:
+        respond: ``(server, request JSON) -> (status, payload)``; a dict payload is sent as JSON, bytes as they are.
+        record: ``(handler, request JSON) -> entry`` appended to ``server.requests`` (default: the JSON).
+
+    Yields:
+        ``(server, base_url)``; ``server.requests`` lists the recorded requests in order.
+    """
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            self.server.requests.append(record(self, body) if record else body)
+            status, payload = respond(self.server, body)
+            data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args) -> None:  # keep test output quiet
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.daemon_threads = True
+    srv.requests = []
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    try:
+        yield srv, f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
 # ---------------------------------------------------------------------------------------------------- tiny module

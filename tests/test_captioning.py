@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 from PIL import Image
 
+from conftest import fake_endpoint
 from rededit.data.engine.captioning import CaptionStage, CaptionTemplate, default_templates, load_templates
 from rededit.data.engine.stage import StageContext
 from rededit.data.schema import manifest_schema
@@ -34,37 +33,25 @@ def _answer(prompt: str) -> str:
     return "你能帮我加个红色方块吗？" if zh else '"Could you help me add a red square?"'
 
 
-class _Handler(BaseHTTPRequestHandler):
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        srv = self.server
-        prompt = body["messages"][0]["content"][0]["text"]
-        n_images = len(body["messages"][0]["content"]) - 1
-        srv.requests.append({"prompt": prompt, "n_images": n_images, "model": body["model"]})
-        override = next((f(prompt) for f in srv.rules if f(prompt) is not None), None)
-        status, content = override if override is not None else (200, _answer(prompt))
-        payload = {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
-        data = json.dumps(payload).encode() if status == 200 else b'{"error": "boom"}'
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+def _respond(srv, body: dict):
+    prompt = body["messages"][0]["content"][0]["text"]
+    override = next((f(prompt) for f in srv.rules if f(prompt) is not None), None)
+    status, content = override if override is not None else (200, _answer(prompt))
+    if status != 200:
+        return status, b'{"error": "boom"}'
+    return 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
 
-    def log_message(self, *args):
-        pass
+
+def _record(handler, body: dict) -> dict:
+    content = body["messages"][0]["content"]
+    return {"prompt": content[0]["text"], "n_images": len(content) - 1, "model": body["model"]}
 
 
 @pytest.fixture
 def server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.daemon_threads = True
-    srv.requests, srv.rules = [], []
-    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    t.start()
-    yield srv, f"http://127.0.0.1:{srv.server_address[1]}/v1"
-    srv.shutdown()
-    srv.server_close()
+    with fake_endpoint(_respond, record=_record) as (srv, url):
+        srv.rules = []
+        yield srv, url
 
 
 def _manifest(root: Path, n_edit: int = 2, n_t2i: int = 1, **cols) -> pa.Table:

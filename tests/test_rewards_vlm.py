@@ -4,14 +4,12 @@ local fake server, and a tiny random Qwen2.5-VL."""
 
 from __future__ import annotations
 
-import json
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
+from conftest import fake_endpoint
 from rededit.eval.judges.prompts import builtin_prompt_set
 from rededit.eval.judges.vlm import JudgeError
 from rededit.rewards import (
@@ -176,31 +174,11 @@ def _logprob_reply(tokens: list[tuple[str, list[tuple[str, float]]]]) -> dict:
     }
 
 
-class _Handler(BaseHTTPRequestHandler):
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append(body)
-        status, payload = self.server.script.pop(0)
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.daemon_threads = True
-    srv.requests, srv.script = [], []
-    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
-    yield srv, f"http://127.0.0.1:{srv.server_address[1]}/v1"
-    srv.shutdown()
-    srv.server_close()
+    with fake_endpoint(lambda srv, body: srv.script.pop(0)) as (srv, url):
+        srv.script = []
+        yield srv, url
 
 
 def test_openai_soft_scorer_reads_rating_logprobs(server):

@@ -9,11 +9,11 @@ import json
 import math
 import shutil
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from PIL import Image
 
+from conftest import fake_endpoint
 from rededit.eval.judges.prompts import builtin_prompt_set, gedit_prompt_set
 from rededit.eval.judges.vlm import (
     CachedJudge,
@@ -46,36 +46,20 @@ def _completion(content) -> dict:
     }
 
 
-class _Handler(BaseHTTPRequestHandler):
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        srv = self.server
-        srv.requests.append({"path": self.path, "headers": dict(self.headers), "json": json.loads(body)})
-        status, payload = srv.script.pop(0) if srv.script else (200, _completion(GOOD))
-        if status == "sleep":
-            threading.Event().wait(payload)
-            status, payload = 200, _completion(GOOD)
-        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):  # keep test output quiet
-        pass
+def _respond(srv, body: dict):
+    status, payload = srv.script.pop(0) if srv.script else (200, _completion(GOOD))
+    if status == "sleep":
+        threading.Event().wait(payload)
+        status, payload = 200, _completion(GOOD)
+    return status, payload
 
 
 @pytest.fixture
 def server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.daemon_threads = True
-    srv.requests, srv.script = [], []
-    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    t.start()
-    yield srv, f"http://127.0.0.1:{srv.server_address[1]}/v1"
-    srv.shutdown()
-    srv.server_close()
+    record = lambda handler, body: {"path": handler.path, "headers": dict(handler.headers), "json": body}  # noqa: E731
+    with fake_endpoint(_respond, record=record) as (srv, url):
+        srv.script = []
+        yield srv, url
 
 
 class _Sleeps(list):
