@@ -66,6 +66,25 @@ def test_synthetic_bench_items_have_exact_ground_truth(synth_manifest) -> None:
     assert SyntheticBench(synth_manifest, tasks=[first]).benchmark_hash != bench.benchmark_hash
 
 
+def test_synthetic_bench_reversed_reference_order(synth_manifest) -> None:
+    """The SIA ablation's test-time permutation: Pictures reversed, mentions re-indexed, nothing else."""
+    plain = SyntheticBench(synth_manifest, tasks=["compose"])
+    rev = SyntheticBench(synth_manifest, tasks=["compose"], reference_order="reversed")
+    a, b = plain[0], rev[0]
+    assert len(a.references) >= 2
+    assert [r.tobytes() for r in b.references] == [r.tobytes() for r in a.references[::-1]]
+    assert b.target.tobytes() == a.target.tobytes() and b.id == a.id
+    k = len(a.references)
+    assert "Picture 1" in a.instruction or "picture 1" in a.instruction.lower()
+    assert b.instruction != a.instruction
+    from rededit.data.alignment import reindex
+
+    assert b.instruction == reindex(a.instruction, list(range(k))[::-1], num_refs=k)
+    assert rev.benchmark_hash != plain.benchmark_hash
+    with pytest.raises(ValueError, match="reference_order"):
+        SyntheticBench(synth_manifest, reference_order="shuffled")
+
+
 def test_synthetic_bench_resizes_to_buckets(synth_manifest) -> None:
     bench = SyntheticBench(synth_manifest, buckets="tiny")
     for item in bench:

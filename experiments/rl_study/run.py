@@ -58,6 +58,9 @@ def metric_series(run_dir: Path, key: str) -> dict[int, float]:
     return out
 
 
+COMMON: list[str] = []  # --override values, added to every training run
+
+
 def train(
     run_dir: Path, experiment: str, base: Path, manifest: Path, seed: int, steps: int, extra: tuple[str, ...]
 ) -> None:
@@ -67,7 +70,7 @@ def train(
         [
             PY, "-m", "rededit.train", f"experiment={experiment}", f"stage.init_from={base}",
             f"data.manifest={manifest}", f"seed={seed}", f"trainer.max_steps={steps}",
-            "trainer.log_every_n_steps=1", f"paths.output_dir={run_dir}", f"export_dir={run_dir}/export", *extra,
+            "trainer.log_every_n_steps=1", f"paths.output_dir={run_dir}", f"export_dir={run_dir}/export", *COMMON, *extra,
         ]
     )  # fmt: skip
     if not metric_series(run_dir, "train/loss_step"):
@@ -134,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-rows", type=int, default=40)
     p.add_argument("--sample-steps", type=int, default=8)
     p.add_argument("--smoke", action="store_true", help="2 steps, 40 pair rows, 4 eval rows, one seed")
+    p.add_argument("--override", action="append", default=[], help="Hydra override for every training run")
     a = p.parse_args(argv)
+    COMMON[:] = a.override
     if a.smoke:
         a.seeds, a.dpo_steps, a.nft_steps, a.pair_rows, a.eval_rows = a.seeds[:1], 2, 2, 40, 4
     a.out.mkdir(parents=True, exist_ok=True)

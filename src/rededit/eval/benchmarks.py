@@ -304,6 +304,10 @@ class SyntheticBench(Benchmark):
         tasks: keep only these tasks.
         max_per_task: keep the first rows of each task.
         category_map: see the module docstring.
+        reference_order: ``as_is``, or ``reversed``: Picture 1..K are presented in reverse order and every
+            image mention of the instructions is re-indexed to match (:func:`rededit.data.alignment.reindex`),
+            the test-time permutation of the Stochastic Instruction Alignment ablation (§3.2). Items with
+            fewer than two references are unchanged.
     """
 
     name = "synthetic"
@@ -317,8 +321,13 @@ class SyntheticBench(Benchmark):
         tasks: Sequence[str] | None = None,
         max_per_task: int | None = None,
         category_map: Any = "default",
+        reference_order: str = "as_is",
     ) -> None:
         from rededit.data.manifest import Manifest
+
+        if reference_order not in ("as_is", "reversed"):
+            raise ValueError(f"reference_order must be 'as_is' or 'reversed', got {reference_order!r}")
+        self.reference_order = reference_order
 
         self.manifest = Manifest.open(manifest_path)
         super().__init__(self.manifest.root, category_map)
@@ -343,21 +352,36 @@ class SyntheticBench(Benchmark):
                 continue
             taken[task] = taken.get(task, 0) + 1
             row = self.manifest.row(i)
-            self.records.append(
-                {
-                    "row": i,
-                    "id": row["id"],
-                    "task": task,
-                    "instruction": row.get("instruction") or "",
-                    "instruction_zh": row.get("instruction_zh"),
-                }
-            )
+            rec = {
+                "row": i,
+                "id": row["id"],
+                "task": task,
+                "instruction": row.get("instruction") or "",
+                "instruction_zh": row.get("instruction_zh"),
+            }
+            self.records.append(self._reorder_texts(rec, len(row["references"] or ())))
         if not self.records:
             raise ValueError(
                 f"{manifest_path}: no rows with split == {split!r}"
                 + (f" and task in {tasks}" if tasks else "")
             )
         self._finish_records()
+
+    def _new_order(self, num_refs: int) -> list[int] | None:
+        """Original index of the reference shown at each position, or None when the order is unchanged."""
+        if self.reference_order == "as_is" or num_refs < 2:
+            return None
+        return list(range(num_refs))[::-1]
+
+    def _reorder_texts(self, rec: dict[str, Any], num_refs: int) -> dict[str, Any]:
+        from rededit.data.alignment import reindex
+
+        order = self._new_order(num_refs)
+        if order is not None:
+            for key in ("instruction", "instruction_zh"):
+                if rec[key]:
+                    rec[key] = reindex(rec[key], order, num_refs=num_refs)
+        return rec
 
     def _uris(self, row: Mapping[str, Any]) -> list[str]:
         uris = [row["target"], *row["references"]]
@@ -374,18 +398,22 @@ class SyntheticBench(Benchmark):
         row = self.manifest.row(rec["row"])
         root = self.manifest.root
         boxes = row.get("object_boxes")
+        refs = [load_image(u, root) for u in row["references"]]
+        order = self._new_order(len(refs))
+        if order is not None:
+            refs = [refs[j] for j in order]
         item = BenchItem(
             id=rec["id"],
             task=rec["task"],
             category=self.category_of(rec["task"]),
             instruction=rec["instruction"],
             instruction_zh=rec["instruction_zh"],
-            references=[load_image(u, root) for u in row["references"]],
+            references=refs,
             target=load_image(row["target"], root),
             edit_mask=load_image(row["edit_mask"], root, mode="L") if row.get("edit_mask") else None,
             ocr_target=row.get("ocr_target"),
             object_boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4) if boxes else None,
-            meta={"source": row.get("source"), "manifest_row": rec["row"]},
+            meta={"source": row.get("source"), "manifest_row": rec["row"], "reference_order": order},
         )
         if self._rs is None:
             return item
