@@ -36,13 +36,25 @@ EMBEDDED = (
 )
 
 
-def _config_sets() -> list[tuple[str, ...]]:
+# The preference / RL stages run their own fast_dev_runs (with online rollouts and OCR rewards) in the default
+# tier (tests/test_dpo.py, tests/test_nft.py); repeating them here costs ~1 min, so these cases are slow-tier.
+RL_OVERRIDES = {
+    f"{g}={o}"
+    for g, opts in (("stage", ("dpo", "nft")), ("experiment", ("dpo", "nft", "demo_dpo", "demo_nft")))
+    for o in opts
+}
+
+
+def _config_sets() -> list:
     stages = [(f"stage={p.stem}",) for p in sorted((CONF_DIR / "stage").glob("*.yaml"))]
     experiments = [(f"experiment={p.stem}",) for p in sorted((CONF_DIR / "experiment").glob("*.yaml"))]
-    return stages + experiments
+    return [
+        pytest.param(o, id=o[0], marks=pytest.mark.slow) if o[0] in RL_OVERRIDES else pytest.param(o, id=o[0])
+        for o in stages + experiments
+    ]
 
 
-@pytest.mark.parametrize("overrides", _config_sets(), ids=lambda o: o[0])
+@pytest.mark.parametrize("overrides", _config_sets())
 def test_fast_dev_run(overrides, tiny_corpus, tmp_path) -> None:
     # Production recipes (pretrain / ct / sft) run on the embedded default parts and tiny buckets: the
     # recipe is the same, only backbone/data are swapped (as the README's production overrides do the reverse).
