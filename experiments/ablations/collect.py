@@ -89,6 +89,21 @@ def evaluate_job(job: Path, manifest: str, max_per_task: int, raw: bool, order: 
     return {k: (overall.get(k) or {}).get("mean") for k, _, _ in METRICS}
 
 
+def factor_value(job: Path, cfg: Any, factor: str) -> str:
+    """The job's value of the study's factor: the command-line choice (a group option such as
+    ``timestep=stratified`` reads better than its node), else the resolved config value."""
+    from omegaconf import OmegaConf
+
+    overrides = job / ".hydra" / "overrides.yaml"
+    if overrides.exists():
+        for line in OmegaConf.load(overrides):
+            key, _, val = str(line).partition("=")
+            if key.lstrip("+~") == factor:
+                return val
+    value = OmegaConf.select(cfg, factor)
+    return json.dumps(OmegaConf.to_container(value), sort_keys=True) if OmegaConf.is_config(value) else str(value)
+
+
 def mean_std(values: list[float | None]) -> dict[str, Any]:
     vals = [v for v in values if v is not None and math.isfinite(v)]
     return {
@@ -117,8 +132,7 @@ def collect(study: str, sweep: Path, max_per_task: int, do_eval: bool) -> dict[s
     rows = []
     for job in jobs:
         cfg = OmegaConf.load(job / "config.yaml")
-        value = OmegaConf.select(cfg, meta["factor"])
-        value = json.dumps(OmegaConf.to_container(value), sort_keys=True) if OmegaConf.is_config(value) else value
+        value = factor_value(job, cfg, meta["factor"])
         row: dict[str, Any] = {"job": job.name, "factor": str(value), "seed": int(cfg.seed), **loss_stats(job)}
         finished = (job / "export" / "WEIGHTS").exists() or (job / "export" / "rededit.yaml").exists()
         row["finished"] = finished

@@ -76,8 +76,9 @@ def pad_sample(sample: dict, hw: tuple[int, int], num_refs: int) -> dict:
     if "edit_mask" in sample and sample["edit_mask"] is not None:
         out["edit_mask"] = pad(sample["edit_mask"])
     refs = [pad(r) for r in sample["references"]]
-    refs += [torch.zeros(3, *hw) for _ in range(num_refs - len(refs))]
-    out["references"] = refs
+    blanks = num_refs - len(refs)
+    out["references"] = refs + [torch.zeros(3, *hw) for _ in range(blanks)]
+    out["reference_uris"] = list(sample.get("reference_uris") or []) + [""] * blanks
     return out
 
 
