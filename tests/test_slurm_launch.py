@@ -177,3 +177,19 @@ def test_sbatch_template_passes_nodes_devices_and_auto_resume(tmp_path) -> None:
     ]
     text = Path(SBATCH).read_text()
     assert "#SBATCH --requeue" in text and "#SBATCH --signal=USR1@120" in text
+
+
+def test_preemption_callback_turns_off_lightnings_in_handler_requeue(monkeypatch) -> None:
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from rededit.callbacks.preemption import PreemptionCheckpoint
+    from rededit.train import cluster_plugins
+
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    assert SLURMEnvironment.detect()
+    (env,) = cluster_plugins([PreemptionCheckpoint(requeue=True)])
+    assert isinstance(env, SLURMEnvironment) and env.auto_requeue is False
+    assert cluster_plugins([]) == []  # without our callback Lightning keeps its own handler
+    monkeypatch.delenv("SLURM_NTASKS")
+    assert cluster_plugins([PreemptionCheckpoint()]) == []  # not under SLURM

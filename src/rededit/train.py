@@ -50,9 +50,27 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
     trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=build_strategy(cfg.strategy)
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        strategy=build_strategy(cfg.strategy),
+        plugins=cluster_plugins(callbacks),
     )
     return model, datamodule, trainer
+
+
+def cluster_plugins(callbacks: list[Any]) -> list[Any]:
+    """Under SLURM with our :class:`~rededit.callbacks.preemption.PreemptionCheckpoint`, Lightning's own
+    auto-requeue handler is switched off from the start: it saves a checkpoint *inside* the signal handler
+    (unsafe with sharded checkpoints) and would be live during setup/restore, before the callback takes the
+    signals over at ``on_train_start``."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from rededit.callbacks.preemption import PreemptionCheckpoint
+
+    if SLURMEnvironment.detect() and any(isinstance(c, PreemptionCheckpoint) for c in callbacks):
+        return [SLURMEnvironment(auto_requeue=False)]
+    return []
 
 
 def export(model: L.LightningModule, trainer: L.Trainer, cfg: DictConfig) -> Path | None:
