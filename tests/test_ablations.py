@@ -26,7 +26,11 @@ def expand_jobs(study: str) -> tuple[list[list[str]], object]:
     axes = []
     for key, value in params.items():
         (override,) = parser.parse_overrides([f"{key}={value}"])
-        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.get_value_element_as_str()]
+        values = (
+            list(override.sweep_string_iterator())
+            if override.is_sweep_override()
+            else [override.get_value_element_as_str()]
+        )
         axes.append([f"{key}={v}" for v in values])
     return [list(job) for job in itertools.product(*axes)], cfg
 

@@ -181,7 +181,9 @@ def _check_loss_consistency(cfg: DictConfig, option: str) -> None:
 def _check_hydra_launcher(cfg: DictConfig, option: str) -> None:
     # The launcher lives in the hydra node (removed from a task's config): compose it again with it.
     launcher = compose([f"hydra/launcher={option}"], keep_hydra=True).hydra.launcher
-    assert launcher._target_.startswith("hydra_plugins.hydra_submitit_launcher.")  # tests/test_slurm_launch.py
+    assert launcher._target_.startswith(
+        "hydra_plugins.hydra_submitit_launcher."
+    )  # tests/test_slurm_launch.py
 
 
 CHECKS: dict[str, Callable[[DictConfig, str], None]] = {

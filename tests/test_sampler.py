@@ -112,7 +112,9 @@ def test_resume_mid_epoch_reproduces_rest(assignment):
     for _ in range(7):
         next(it0), next(it1)
     state = a0.state_dict()
-    assert state == a1.state_dict() == {"seed": 3, "epoch": 0, "cursor": 7, "world_size": 2}  # rank-agnostic (trap 1)
+    assert (
+        state == a1.state_dict() == {"seed": 3, "epoch": 0, "cursor": 7, "world_size": 2}
+    )  # rank-agnostic (trap 1)
     r0, r1 = samplers(assignment, seed=3)
     r0.load_state_dict(state)
     r1.load_state_dict(state)  # rank 1 loads rank 0's state

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import os
@@ -43,7 +44,9 @@ LOSS_METRICS = (("loss_cv", "loss CV ↓", ".3f"), ("loss_mean", "loss (2nd half
 def latest_sweep(study: str) -> Path:
     runs = sorted(p for p in (OUT_ROOT / study).glob("*") if p.is_dir())
     if not runs:
-        raise SystemExit(f"no sweep of {study!r} under {OUT_ROOT / study}: run `rededit-train +ablation={study}`")
+        raise SystemExit(
+            f"no sweep of {study!r} under {OUT_ROOT / study}: run `rededit-train +ablation={study}`"
+        )
     return runs[-1]
 
 
@@ -61,8 +64,13 @@ def loss_stats(job: Path) -> dict[str, float | None]:
     if len(vals) < 3:
         return {"loss_mean": None, "loss_std": None, "loss_cv": None, "loss_diff_std": None}
     mean, std = statistics.fmean(vals), statistics.stdev(vals)
-    diffs = [b - a for a, b in zip(vals, vals[1:])]
-    return {"loss_mean": mean, "loss_std": std, "loss_cv": std / mean, "loss_diff_std": statistics.stdev(diffs)}
+    diffs = [b - a for a, b in itertools.pairwise(vals)]
+    return {
+        "loss_mean": mean,
+        "loss_std": std,
+        "loss_cv": std / mean,
+        "loss_diff_std": statistics.stdev(diffs),
+    }
 
 
 def evaluate_job(job: Path, manifest: str, max_per_task: int, raw: bool, order: str) -> dict[str, Any]:
@@ -101,7 +109,11 @@ def factor_value(job: Path, cfg: Any, factor: str) -> str:
             if key.lstrip("+~") == factor:
                 return val
     value = OmegaConf.select(cfg, factor)
-    return json.dumps(OmegaConf.to_container(value), sort_keys=True) if OmegaConf.is_config(value) else str(value)
+    return (
+        json.dumps(OmegaConf.to_container(value), sort_keys=True)
+        if OmegaConf.is_config(value)
+        else str(value)
+    )
 
 
 def mean_std(values: list[float | None]) -> dict[str, Any]:
@@ -133,7 +145,12 @@ def collect(study: str, sweep: Path, max_per_task: int, do_eval: bool) -> dict[s
     for job in jobs:
         cfg = OmegaConf.load(job / "config.yaml")
         value = factor_value(job, cfg, meta["factor"])
-        row: dict[str, Any] = {"job": job.name, "factor": str(value), "seed": int(cfg.seed), **loss_stats(job)}
+        row: dict[str, Any] = {
+            "job": job.name,
+            "factor": str(value),
+            "seed": int(cfg.seed),
+            **loss_stats(job),
+        }
         finished = (job / "export" / "WEIGHTS").exists() or (job / "export" / "rededit.yaml").exists()
         row["finished"] = finished
         for raw in weights:
@@ -154,8 +171,15 @@ def collect(study: str, sweep: Path, max_per_task: int, do_eval: bool) -> dict[s
         for variant in variants:
             s[variant] = {k: mean_std([(r.get(variant) or {}).get(k) for r in rs]) for k, _, _ in METRICS}
         summary[value] = s
-    return {"study": study, "meta": meta, "sweep": str(sweep), "max_per_task": max_per_task,
-            "variants": variants, "jobs": rows, "summary": summary}
+    return {
+        "study": study,
+        "meta": meta,
+        "sweep": str(sweep),
+        "max_per_task": max_per_task,
+        "variants": variants,
+        "jobs": rows,
+        "summary": summary,
+    }
 
 
 def render_table(result: dict[str, Any]) -> str:
@@ -190,7 +214,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2))
     names = list(result["summary"])
     for ax, (key, variant) in zip(axes, keys):
-        stats = [result["summary"][n][key] if variant is None else result["summary"][n][variant][key] for n in names]
+        stats = [
+            result["summary"][n][key] if variant is None else result["summary"][n][variant][key]
+            for n in names
+        ]
         means = [s["mean"] if s["mean"] is not None else float("nan") for s in stats]
         errs = [s["std"] or 0.0 for s in stats]
         ax.bar(range(len(names)), means, yerr=errs, capsize=3, color="tab:red")

@@ -32,11 +32,29 @@ def sh(*cmd: str) -> None:
 
 def prepare(n: int) -> None:
     if not (CORPUS / "manifest.parquet").exists():
-        sh(str(BIN / "rededit-data"), "synth", "--out", str(CORPUS), "--n", str(n), "--seed", "0",
-           "--min-side", "64", "--max-side", "128")
+        sh(
+            str(BIN / "rededit-data"),
+            "synth",
+            "--out",
+            str(CORPUS),
+            "--n",
+            str(n),
+            "--seed",
+            "0",
+            "--min-side",
+            "64",
+            "--max-side",
+            "128",
+        )
     if not (CACHE / "index.json").exists():
-        sh(str(BIN / "rededit-data"), "encode-text", "--manifest", str(CORPUS / "manifest.parquet"),
-           "--cache", str(CACHE))
+        sh(
+            str(BIN / "rededit-data"),
+            "encode-text",
+            "--manifest",
+            str(CORPUS / "manifest.parquet"),
+            "--cache",
+            str(CACHE),
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,8 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.seeds:
             overrides.append(f"seed={args.seeds}")
         sh(str(BIN / "rededit-train"), *overrides)
-    sh(sys.executable, str(Path(__file__).with_name("collect.py")), args.study,
-       "--max-per-task", str(args.max_per_task))
+    sh(
+        sys.executable,
+        str(Path(__file__).with_name("collect.py")),
+        args.study,
+        "--max-per-task",
+        str(args.max_per_task),
+    )
     print(f"{args.study}: {time.perf_counter() - t0:.0f} s", flush=True)
     return 0
 

@@ -68,6 +68,7 @@ def build(seed: int):
 
 def pad_sample(sample: dict, hw: tuple[int, int], num_refs: int) -> dict:
     """Zero-pad every image of a sample to ``hw`` and append blank references up to ``num_refs``."""
+
     def pad(x: torch.Tensor) -> torch.Tensor:
         return F.pad(x, (0, hw[1] - x.shape[-1], 0, hw[0] - x.shape[-2]))
 
@@ -95,7 +96,13 @@ def naive_batches(dm, batch_size: int, seed: int, n_batches: int | None):
         for r in rows.tolist():
             refs = assignment.ref_res[assignment.ref_offsets[r] : assignment.ref_offsets[r + 1]]
             keys.append(
-                SampleKey(r, 0, step, tuple(int(v) for v in assignment.target_res[r]), tuple(tuple(int(v) for v in x) for x in refs))
+                SampleKey(
+                    r,
+                    0,
+                    step,
+                    tuple(int(v) for v in assignment.target_res[r]),
+                    tuple(tuple(int(v) for v in x) for x in refs),
+                )
             )
         yield keys
 
@@ -149,8 +156,10 @@ def run_seed(seed: int, steps: int) -> dict:
         for keys in naive_keys:
             samples = [dataset[k] for k in keys]
             hw = (max(s["target"].shape[-2] for s in samples), max(s["target"].shape[-1] for s in samples))
-            hw = (max([hw[0]] + [r.shape[-2] for s in samples for r in s["references"]]),
-                  max([hw[1]] + [r.shape[-1] for s in samples for r in s["references"]]))
+            hw = (
+                max([hw[0]] + [r.shape[-2] for s in samples for r in s["references"]]),
+                max([hw[1]] + [r.shape[-1] for s in samples for r in s["references"]]),
+            )
             kmax = max(len(s["references"]) for s in samples)
             yield collate([pad_sample(s, hw, kmax) for s in samples]), key_tokens(keys)[0]
 
@@ -178,11 +187,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     if not CORPUS.exists():
-        raise SystemExit(f"{CORPUS} missing: run `python experiments/ablations/run.py timestep_sampling` first")
+        raise SystemExit(
+            f"{CORPUS} missing: run `python experiments/ablations/run.py timestep_sampling` first"
+        )
     rows = [run_seed(int(s), args.steps) for s in args.seeds.split(",")]
     keys = [k for k in rows[0] if k not in ("seed", "batch_size")]
     summary = {
-        k: {"mean": statistics.fmean(r[k] for r in rows), "std": statistics.stdev(r[k] for r in rows) if len(rows) > 1 else None}
+        k: {
+            "mean": statistics.fmean(r[k] for r in rows),
+            "std": statistics.stdev(r[k] for r in rows) if len(rows) > 1 else None,
+        }
         for k in keys
     }
     result = {"steps": args.steps, "threads": torch.get_num_threads(), "seeds": rows, "summary": summary}

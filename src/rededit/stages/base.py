@@ -260,7 +260,9 @@ class BaseStage(L.LightningModule):
         text_emb, text_mask = self.text_condition(batch)
         sigma, eps = self._draw(batch, x0)
         x_t = interpolate(x0, eps, sigma)
-        v_hat = self.backbone(x_t, refs, sigma, text_emb, text_mask, regions=self.backbone.batch_regions(batch))
+        v_hat = self.backbone(
+            x_t, refs, sigma, text_emb, text_mask, regions=self.backbone.batch_regions(batch)
+        )
         # The backbone's own target: ε − x0, damped below σ_min in x0-prediction mode (see EditBackbone).
         v = self.backbone.velocity_target(x0, eps, sigma)
         mse = (v_hat.float() - v).pow(2).flatten(1).mean(1)

@@ -27,7 +27,9 @@ from rededit.utils.io import atomic_path, atomic_write_text
 
 EMA_STATE_KEY = "EMA"
 EXPORT_CONFIG = "rededit.yaml"
-EXPORT_EXTRAS = "backbone_extras.safetensors"  # backbone tensors outside transformer/ (FireEdit options, issue 10)
+EXPORT_EXTRAS = (
+    "backbone_extras.safetensors"  # backbone tensors outside transformer/ (FireEdit options, issue 10)
+)
 
 
 # = rededit.callbacks.ema.DCP_PREFIX (repeated so that loading needs no Lightning import)
