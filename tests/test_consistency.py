@@ -284,6 +284,25 @@ def test_max_samples_draws_k_and_rescales(faces, face_loss, stage) -> None:
     assert len(hits) > 1  # the draw moves with the step
 
 
+def test_max_samples_draw_is_unbiased_and_favours_weighty_samples(face_loss) -> None:
+    """The λ-proportional draw: E[Σ_i w_i·L_i] = Σ_i λ_i·L_i for any per-sample L, and a sample with
+    λ ≈ 0 is (almost) never given φ's budget."""
+    capped = ConsistencyLoss(face_loss, max_samples=2, seed=3)
+    sel = torch.arange(5)
+    lam = torch.tensor([0.01, 0.2, 0.5, 0.81, 0.3])
+    l_id = torch.tensor([0.9, 0.1, 0.4, 0.2, 0.7])  # arbitrary per-sample identity losses
+    est, hits = [], torch.zeros(5)
+    for step in range(4000):
+        picked, w = capped._draw(sel, lam, {"epoch": 0, "step": step}, None)
+        assert picked.unique().numel() == picked.numel() <= 2
+        est.append(float((w * l_id[picked]).sum()))
+        hits[picked] += 1
+    exact = float((lam * l_id).sum())
+    assert abs(np.mean(est) - exact) < 4 * np.std(est) / np.sqrt(len(est))
+    assert abs(np.mean(est) - exact) < 0.02 * exact
+    assert hits[0] < 0.05 * hits[3]
+
+
 def test_sft_stage_adds_and_logs_the_loss(faces, tmp_path, monkeypatch) -> None:
     """SFTModule with ``experiment=demo_sft loss/consistency=face``: eq. 7 per sample, and the logged keys.
     (The SFace model is the process-wide converted copy: instantiating it again costs a deepcopy.)"""
@@ -323,3 +342,13 @@ def test_sft_stage_adds_and_logs_the_loss(faces, tmp_path, monkeypatch) -> None:
     assert not any(k.startswith("auxiliary_losses") for k in stage.state_dict())
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in stage.backbone.parameters())
+
+
+def test_tiny_config_caps_phi_and_production_runs_every_face(tmp_path) -> None:
+    """demo_sft bounds φ to one sample per step (the CPU cost goal); the Table 1 SFT recipe keeps eq. 8 exact."""
+    from conftest import compose
+
+    tiny = compose(["experiment=demo_sft", "loss/consistency=face"], tmp_path / "a")
+    assert tiny.stage.auxiliary_losses.loss_id.max_samples == 1
+    prod = compose(["experiment=sft", "loss/consistency=face"], tmp_path / "b")
+    assert prod.stage.auxiliary_losses.loss_id.max_samples is None

@@ -33,7 +33,7 @@ def test_benchmark_smoke(bench, tmp_path):
     out = tmp_path / "results.json"
     results = bench.main(
         ["--rows", "40", "--steps", "2", "--warmup", "1", "--threads", "1", "--max-samples", "1",
-         "--out", str(out)]
+         "--fit-rounds", "1", "--out", str(out)]
     )  # fmt: skip
     assert json.loads(out.read_text())["table"] == results["table"]
     rows = {r["variant"]: r for r in results["table"]}
@@ -42,6 +42,8 @@ def test_benchmark_smoke(bench, tmp_path):
     assert (
         rows["face"]["face_fraction"] == 1.0
     )  # every portrait row got landmarks and kept them in the bucket
+    fit = {r["variant"]: r for r in results["fit_table"]}
+    assert set(fit) == {"off", "face", "face-1"} and all(r["steps"] == 2 for r in fit.values())
     assert " 0 unreadable" in results["faces"] and "with 0 faces" in results["faces"]
 
 

@@ -9,18 +9,20 @@ random scale/shift/mirror, the reference colour-shifted), then ``rededit-data fa
 landmarks, so *every* sample carries a face: the worst case for the loss (a portrait task's share).
 The dataset maps the landmarks through the 128 → 64 bucket resize; φ = SFace at 112×112 per face.
 
-One SFT stage is built from ``experiment=demo_sft loss/consistency=face`` and each pre-drawn batch is run
-through a full optimisation step once per variant (rotating order, so the shared machine's load hits all
-alike); only the stage's ``auxiliary_losses`` differ:
+Two measurements, each variant differing only in the consistency loss:
 
-* ``off``: no auxiliary loss (what ``loss/consistency=none`` trains).
-* ``face``: the loss on every eligible sample (faces and σ < 0.9).
-* ``face-K``: ``max_samples=K``: φ on K randomly drawn eligible samples per step, scaled by
-  ``n_eligible/K`` (unbiased; see :class:`rededit.losses.consistency.ConsistencyLoss`).
+1. compute step (``measure``): one SFT stage; each pre-drawn batch (collated, text encoded) goes through
+   ``compute_loss`` + ``backward`` + AdamW ``step`` + ``zero_grad`` once per variant in rotating order. Data
+   loading is outside the timed region, so the ratio to ``off`` is an upper bound of what the loss adds.
+2. ``trainer.fit`` step (``measure_fit``): real ``trainer.fit`` runs of the recipe (data loading in the main
+   process as ``num_workers: 0`` configures it, EMA, NaN guard, CSV logger), one per variant and round;
+   per-step wall time between consecutive ``on_train_batch_start``. This is what a user of the tiny config
+   pays.
 
-A step is ``compute_loss`` + ``backward`` + AdamW ``step`` + ``zero_grad``; data loading and text encoding
-happen before timing, so the ratio to ``off`` is an upper bound of what the loss adds to a ``trainer.fit``
-step. The first ``--warmup`` batches are dropped; figures are medians.
+Variants: ``off`` (``loss/consistency=none``); ``face`` (every eligible sample, faces and σ < 0.9:
+``consistency_max_samples=null``); ``face-K`` (``consistency_max_samples=K``: φ on K draws ∝ λ_id(σ), weighted
+so the loss stays unbiased; see :meth:`rededit.losses.consistency.ConsistencyLoss._draw`). ``demo_sft`` sets
+K = 1. The first ``--warmup`` steps are dropped; figures are medians.
 
     python experiments/benchmarks/consistency_loss/run.py                # prints the table
     python experiments/benchmarks/consistency_loss/run.py --record       # also writes results.json
@@ -110,14 +112,16 @@ def make_portrait_corpus(out_dir: str | Path, rows: int, seed: int = 0, side: in
 
 
 # ---------------------------------------------------------------------------------------------- runs
-def compose_cfg(manifest: Path, out_dir: Path, *, overrides: list[str]) -> DictConfig:
+def compose_cfg(
+    manifest: Path, out_dir: Path, *, overrides: list[str], consistency: str = "face", logger: bool = False
+) -> DictConfig:
     args = [
         "experiment=demo_sft",
-        "loss/consistency=face",
+        f"loss/consistency={consistency}",
         f"data.manifest={manifest}",
         f"paths.output_dir={out_dir}",
         "export_dir=null",
-        "~logger",
+        *([] if logger else ["~logger"]),
         *overrides,
     ]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -147,7 +151,8 @@ def measure(manifest: Path, out_dir: Path, *, steps: int, warmup: int, max_sampl
     model.log = lambda *a, **k: None  # no trainer: logging is not part of what is timed
     model.train()
     face = model.auxiliary_losses["loss_id"]
-    variants: dict[str, dict[str, Any]] = {"off": {}, "face": {"loss_id": face}}
+    full = ConsistencyLoss(face.criterion, face.eta, face.sigma_cutoff, max_samples=None, seed=seed)
+    variants: dict[str, dict[str, Any]] = {"off": {}, "face": {"loss_id": full}}
     for k in max_samples:
         capped = ConsistencyLoss(face.criterion, face.eta, face.sigma_cutoff, max_samples=k, seed=seed)
         variants[f"face-{k}"] = {"loss_id": capped}
@@ -179,6 +184,86 @@ def measure(manifest: Path, out_dir: Path, *, steps: int, warmup: int, max_sampl
     return times, stats, sizes
 
 
+class StepTimer(L.Callback):
+    """Stamps every ``on_train_batch_start``: consecutive intervals are whole loop iterations of
+    ``trainer.fit`` (data loading with ``num_workers: 0``, text encoding, the step, callbacks such as EMA)."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.stamps.append(time.perf_counter())
+
+
+def fit_variant_overrides(max_samples: list[int]) -> dict[str, tuple[str, list[str]]]:
+    """variant → (``loss/consistency`` choice, extra overrides) for the ``trainer.fit`` measurement."""
+    out = {"off": ("none", []), "face": ("face", ["consistency_max_samples=null"])}
+    for k in max_samples:
+        out[f"face-{k}"] = ("face", [f"consistency_max_samples={k}"])
+    return out
+
+
+def measure_fit(
+    manifest: Path, out_dir: Path, *, steps: int, warmup: int, max_samples: list[int], rounds: int
+):
+    """Per-step wall time of real ``trainer.fit`` runs of ``experiment=demo_sft`` (one per variant and
+    round, the variants rotated within a round; same seed, so the same batches). This is the step a user
+    of the tiny config pays for; the ``measure`` figures isolate the loss's compute."""
+    times: dict[str, list[float]] = {}
+    variants = fit_variant_overrides(max_samples)
+    names = list(variants)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            consistency, extra = variants[name]
+            cfg = compose_cfg(
+                manifest,
+                out_dir / f"fit-{name}-{r}",
+                consistency=consistency,
+                logger=True,  # the recipe's own CSV logger and LR monitor: part of a real step
+                overrides=[f"trainer.max_steps={warmup + steps + 1}", "~callbacks.progress", *extra],
+            )
+            L.seed_everything(0, workers=True, verbose=False)
+            model, datamodule, trainer = build(cfg)
+            timer = StepTimer()
+            trainer.callbacks.append(timer)
+            trainer.fit(model, datamodule=datamodule)
+            times.setdefault(name, []).extend(step_times(timer.stamps, warmup))
+    return times
+
+
+def summarise(times: dict[str, list[float]], stats: dict[str, list[dict[str, float]]] | None = None):
+    """Rows of the result table: median per-step seconds and the ratio to ``off``."""
+    base = statistics.median(times["off"])
+    table = []
+    for name, ts in times.items():
+        st = (stats or {}).get(name) or []
+        frac = [x["id_face_fraction"] for x in st]
+        act = [x["id_active_fraction"] for x in st]
+        table.append(
+            {
+                "variant": name,
+                "median_step_s": round(statistics.median(ts), 4),
+                "ratio_vs_off": round(statistics.median(ts) / base, 3),
+                "steps": len(ts),
+                "face_fraction": round(float(np.mean(frac)), 3) if frac else None,
+                "eligible_fraction": round(float(np.mean(act)), 3) if act else None,
+            }
+        )
+    return table
+
+
+def print_table(title: str, table: list[dict[str, Any]]) -> None:
+    print(
+        f"\n{title}\n{'variant':<10} {'median step s':>14} {'ratio vs off':>13} {'steps':>6} {'faces':>6} {'σ<0.9':>6}"
+    )
+    for r in table:
+        ff = "-" if r["face_fraction"] is None else f"{r['face_fraction']:.2f}"
+        ef = "-" if r["eligible_fraction"] is None else f"{r['eligible_fraction']:.2f}"
+        print(
+            f"{r['variant']:<10} {r['median_step_s']:>14.4f} {r['ratio_vs_off']:>13.3f} {r['steps']:>6} {ff:>6} {ef:>6}"
+        )
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=48)
@@ -186,6 +271,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-samples", type=int, nargs="*", default=[1, 4], help="K of the face-K variants")
+    ap.add_argument("--fit-rounds", type=int, default=2, help="trainer.fit runs per variant (0: skip)")
     ap.add_argument("--record", action="store_true", help="write results.json next to this script")
     ap.add_argument("--out", default=None, help="results path (default: results.json here with --record)")
     args = ap.parse_args(argv)
@@ -197,32 +283,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         times, stats, sizes = measure(
             manifest, tmp / "run", steps=args.steps, warmup=args.warmup, max_samples=args.max_samples
         )
-    base = statistics.median(times["off"])
-    table = []
-    for name in times:
-        med = statistics.median(times[name])
-        frac = [s["id_face_fraction"] for s in stats[name]]
-        act = [s["id_active_fraction"] for s in stats[name]]
-        table.append(
-            {
-                "variant": name,
-                "median_step_s": round(med, 4),
-                "ratio_vs_off": round(med / base, 3),
-                "steps": len(times[name]),
-                "face_fraction": round(float(np.mean(frac)), 3) if frac else None,
-                "eligible_fraction": round(float(np.mean(act)), 3) if act else None,
-            }
+        fit_times = (
+            measure_fit(
+                manifest,
+                tmp / "fit",
+                steps=args.steps,
+                warmup=args.warmup,
+                max_samples=args.max_samples,
+                rounds=args.fit_rounds,
+            )
+            if args.fit_rounds
+            else None
         )
     print(f"batch size: median {statistics.median(sizes)} samples ({min(sizes)}-{max(sizes)})")
-    print(
-        f"\n{'variant':<10} {'median step s':>14} {'ratio vs off':>13} {'steps':>6} {'faces':>6} {'σ<0.9':>6}"
-    )
-    for r in table:
-        ff = "-" if r["face_fraction"] is None else f"{r['face_fraction']:.2f}"
-        ef = "-" if r["eligible_fraction"] is None else f"{r['eligible_fraction']:.2f}"
-        print(
-            f"{r['variant']:<10} {r['median_step_s']:>14.4f} {r['ratio_vs_off']:>13.3f} {r['steps']:>6} {ff:>6} {ef:>6}"
-        )
+    table = summarise(times, stats)
+    print_table("compute step (compute_loss + backward + AdamW; data loading excluded)", table)
+    fit_table = summarise(fit_times) if fit_times else None
+    if fit_table:
+        print_table("trainer.fit step (the tiny config as a user runs it)", fit_table)
     results = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {
@@ -232,11 +310,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "torch_threads": args.threads,
             "python": sys.version.split()[0],
             "torch": torch.__version__,
+            "load_average_at_end": os.getloadavg(),
         },
         "args": vars(args),
         "faces": faces_report,
         "batch_sizes": sizes,
         "table": table,
+        "fit_table": fit_table,
     }
     out = Path(args.out) if args.out else (HERE / "results.json" if args.record else None)
     if out is not None:

@@ -279,11 +279,10 @@ class ConsistencyLoss(nn.Module):
             (``object_boxes``).
         eta: η of eq. 6 (the report gives no value; 1.0 puts ``λ_id·L_id`` ≤ 0.81·2 next to an MSE ≈ 1).
         sigma_cutoff: eq. 6's 0.9.
-        max_samples: run φ on at most this many of the batch's eligible samples per step (``None`` = all).
-            The chosen ones are drawn from (seed, epoch, step, rank) and their terms scaled by
-            ``n_eligible / max_samples``, so the batch mean of the loss stays an unbiased estimate of
-            eq. 7's; it bounds φ's cost per step where φ dominates (the tiny CPU config, see
-            ``experiments/benchmarks/consistency_loss``).
+        max_samples: run φ on at most this many of the batch's eligible samples per step (``None`` = all,
+            exactly eq. 8 on every face). K draws with probability ∝ ``λ_id(σ)`` (see :meth:`_draw`), so the
+            batch mean of the loss stays an unbiased estimate of eq. 7's; it bounds φ's cost per step
+            where φ dominates (the tiny CPU config, see ``experiments/benchmarks/consistency_loss``).
         seed: base of that draw.
 
     After each call :attr:`last_stats` holds ``{fraction_name: share of the batch with regions,
@@ -332,13 +331,9 @@ class ConsistencyLoss(nn.Module):
         if not bool(active.any()):
             return out
         sel = active.nonzero().flatten()
-        scale = 1.0
+        weight = lam[sel]
         if self.max_samples is not None and sel.numel() > self.max_samples:
-            rank = int(getattr(stage, "global_rank", 0) or 0)
-            gen = torch_generator(self.seed, "consistency", batch.get("epoch", 0), batch.get("step", 0), rank)
-            pick = torch.randperm(sel.numel(), generator=gen)[: self.max_samples].sort().values
-            scale = sel.numel() / self.max_samples
-            sel = sel[pick.to(sel.device)]
+            sel, weight = self._draw(sel, lam[sel], batch, stage)
         # x̂_0 by the backbone's own conversion (x_t − σ_c·v̂; exact in both prediction modes).
         x0_hat = stage.backbone.predicted_x0(x_t[sel], v_hat[sel], sigma[sel])
         pred = stage.vae.decode(x0_hat.to(_vae_dtype(stage.vae, x0_hat))).float()
@@ -350,7 +345,25 @@ class ConsistencyLoss(nn.Module):
                 "VAE and the data must agree on the target resolution"
             )
         l_id, _ = self.criterion(pred, target, [regions[i] for i in sel.tolist()])
-        return out.index_put((sel,), scale * lam[sel] * l_id)
+        return out.index_put((sel,), weight * l_id)
+
+    def _draw(self, sel: torch.Tensor, lam: torch.Tensor, batch: Mapping[str, Any], stage: Any):
+        """``max_samples`` = K draws, with replacement, of eligible samples with probability ``p_i ∝ λ_i``.
+
+        Importance sampling for ``S = Σ_i λ_i·L_i`` (the batch sum of eq. 7's extra term):
+        ``Ŝ = (1/K)·Σ_k λ_{i_k}·L_{i_k} / p_{i_k} = (Λ/K)·Σ_k L_{i_k}`` with ``Λ = Σ_i λ_i`` is unbiased, and
+        its variance comes only from how much ``L_id`` differs between samples, not from ``λ_id(σ)``
+        (which spans 0…0.81 within a batch: uniform draws would spend φ on near-zero-weight samples).
+        Drawn from (seed, epoch, step, rank). Returns the distinct samples and their weights
+        ``Λ·count_i/K`` (used in place of ``λ_i``).
+        """
+        rank = int(getattr(stage, "global_rank", 0) or 0)
+        gen = torch_generator(self.seed, "consistency", batch.get("epoch", 0), batch.get("step", 0), rank)
+        lam = lam.detach().float().cpu()
+        draws = torch.multinomial(lam / lam.sum(), self.max_samples, replacement=True, generator=gen)
+        picked, counts = draws.unique(return_counts=True)  # sorted; φ runs once per distinct sample
+        weight = lam.sum() * counts.float() / self.max_samples
+        return sel[picked.to(sel.device)], weight.to(sel.device)
 
 
 def _vae_dtype(vae: nn.Module, like: torch.Tensor) -> torch.dtype:
