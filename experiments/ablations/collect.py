@@ -41,6 +41,15 @@ METRICS = (
 LOSS_METRICS = (("loss_cv", "loss CV ↓", ".3f"), ("loss_mean", "loss (2nd half)", ".4f"))
 
 
+def study_metrics(meta: dict[str, Any]) -> tuple[tuple[str, str, str], ...]:
+    """Held-out figures of a study: the synthetic bench's, or identity similarity on portraits (§3.7)."""
+    if meta.get("evaluation") == "portrait_identity":
+        from identity_eval import METRICS as IDENTITY_METRICS
+
+        return IDENTITY_METRICS
+    return METRICS
+
+
 def latest_sweep(study: str) -> Path:
     runs = sorted(p for p in (OUT_ROOT / study).glob("*") if p.is_dir())
     if not runs:
@@ -73,8 +82,15 @@ def loss_stats(job: Path) -> dict[str, float | None]:
     }
 
 
-def evaluate_job(job: Path, manifest: str, max_per_task: int, raw: bool, order: str) -> dict[str, Any]:
-    """Overall model metrics of ``rededit-eval`` on the job's export (cached in ``job/eval_<variant>``)."""
+def evaluate_job(
+    job: Path, manifest: str, max_per_task: int, raw: bool, order: str, meta: dict[str, Any]
+) -> dict[str, Any]:
+    """Overall model metrics of ``rededit-eval`` on the job's export (cached in ``job/eval_<variant>``), or
+    the portrait identity figures for a study with ``evaluation: portrait_identity``."""
+    if meta.get("evaluation") == "portrait_identity":
+        from identity_eval import evaluate_identity
+
+        return evaluate_identity(job, manifest, raw=raw)
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -157,9 +173,10 @@ def collect(study: str, sweep: Path, max_per_task: int, do_eval: bool) -> dict[s
             for order in orders:
                 variant = f"{'raw' if raw else 'ema'}/{order}"
                 if do_eval and finished:
-                    row[variant] = evaluate_job(job, str(cfg.data.manifest), max_per_task, raw, order)
+                    row[variant] = evaluate_job(job, str(cfg.data.manifest), max_per_task, raw, order, meta)
         rows.append(row)
     variants = [f"{'raw' if raw else 'ema'}/{order}" for raw in weights for order in orders]
+    metrics = study_metrics(meta)
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         groups[r["factor"]].append(r)
@@ -169,7 +186,7 @@ def collect(study: str, sweep: Path, max_per_task: int, do_eval: bool) -> dict[s
         for key, _, _ in LOSS_METRICS:
             s[key] = mean_std([r.get(key) for r in rs])
         for variant in variants:
-            s[variant] = {k: mean_std([(r.get(variant) or {}).get(k) for r in rs]) for k, _, _ in METRICS}
+            s[variant] = {k: mean_std([(r.get(variant) or {}).get(k) for r in rs]) for k, _, _ in metrics}
         summary[value] = s
     return {
         "study": study,
@@ -177,6 +194,7 @@ def collect(study: str, sweep: Path, max_per_task: int, do_eval: bool) -> dict[s
         "sweep": str(sweep),
         "max_per_task": max_per_task,
         "variants": variants,
+        "metrics": [list(m) for m in metrics],
         "jobs": rows,
         "summary": summary,
     }
@@ -184,14 +202,19 @@ def collect(study: str, sweep: Path, max_per_task: int, do_eval: bool) -> dict[s
 
 def render_table(result: dict[str, Any]) -> str:
     meta, variants = result["meta"], result["variants"]
+    metrics = [tuple(m) for m in result.get("metrics") or METRICS]
     head = [meta["factor"], "seeds", *(t for _, t, _ in LOSS_METRICS)]
     for variant in variants:
-        head += [f"{t} [{variant}]" for _, t, _ in METRICS]
+        head += [f"{t} [{variant}]" for _, t, _ in metrics]
     lines = [
         f"# {result['study']} ({meta['section']})",
         "",
-        f"Claim: {meta['claim']}. Mean ± std over seeds; held-out: synthetic bench, "
-        f"{result['max_per_task']} items per task.",
+        f"Claim: {meta['claim']}. Mean ± std over seeds; held-out: "
+        + (
+            "the portrait corpus's bench split (SFace identity similarity, experiments/ablations/identity_eval.py)."
+            if meta.get("evaluation") == "portrait_identity"
+            else f"synthetic bench, {result['max_per_task']} items per task."
+        ),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -199,7 +222,7 @@ def render_table(result: dict[str, Any]) -> str:
     for value, s in result["summary"].items():
         cells = [f"`{value}`", str(len(s["seeds"]))] + [fmt(s[k], spec) for k, _, spec in LOSS_METRICS]
         for variant in variants:
-            cells += [fmt(s[variant][k], spec) for k, _, spec in METRICS]
+            cells += [fmt(s[variant][k], spec) for k, _, spec in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -210,7 +233,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [("loss_cv", None)] + [(k, v) for v in result["variants"] for k, _, _ in METRICS]
+    metrics = [tuple(m) for m in result.get("metrics") or METRICS]
+    keys = [("loss_cv", None)] + [(k, v) for v in result["variants"] for k, _, _ in metrics]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2))
     names = list(result["summary"])
     for ax, (key, variant) in zip(axes, keys):
@@ -240,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(REPO / "src"))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # identity_eval
     from rededit.utils.io import atomic_write_text
 
     sweep = args.sweep_dir or latest_sweep(args.study)

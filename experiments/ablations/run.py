@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 CORPUS = REPO / "outputs" / "ablations" / "corpus"
 CACHE = REPO / "outputs" / "ablations" / "text_cache"
+PORTRAITS = REPO / "outputs" / "ablations" / "portraits"
 
 
 def sh(*cmd: str) -> None:
@@ -57,6 +58,17 @@ def prepare(n: int) -> None:
         )
 
 
+def prepare_portraits(n: int) -> None:
+    """The consistency study's corpus: real portraits, colour-cast edits, YuNet landmarks, 48 held out."""
+    if not (PORTRAITS / "manifest.parquet").exists():
+        sys.path.insert(0, str(REPO / "src"))
+        from rededit.data.synth.portraits import make_portrait_corpus
+
+        print(f"+ make_portrait_corpus({PORTRAITS}, rows={n})", flush=True)
+        _, report = make_portrait_corpus(PORTRAITS, rows=n, seed=0, side=128, bench_n=48)
+        print(report, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -72,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     t0 = time.perf_counter()
-    prepare(args.n)
+    if args.study == "consistency":  # the one study that needs faces (conf/ablation/consistency.yaml)
+        prepare_portraits(min(args.n, 600))
+    else:
+        prepare(args.n)
     if not args.skip_train:
         overrides = [f"+ablation={args.study}", "hydra/job_logging=disabled", "~callbacks.progress", *extra]
         if args.steps:

@@ -3,10 +3,10 @@
 Question (issue 5): does ``loss/consistency=face`` add at most 30 % to a training step of
 ``experiment=demo_sft`` (tiny MM-DiT, pixel VAE, 64² buckets, token budget 2048, EMA, NaN guard)?
 
-Data: the synthetic corpus (``rededit-data synth``, 128² images) with every target and reference image
-replaced by a real portrait crop (scikit-image's astronaut and cameraman, matplotlib's Grace Hopper;
-random scale/shift/mirror, the reference colour-shifted), then ``rededit-data faces`` writes the
-landmarks, so *every* sample carries a face: the worst case for the loss (a portrait task's share).
+Data: :func:`rededit.data.synth.portraits.make_portrait_corpus`: the synthetic corpus layout (128² images)
+with every image a real portrait crop (scikit-image's astronaut and cameraman, matplotlib's Grace Hopper;
+random scale/shift/mirror; Picture 1 colour-cast, the target clean) and landmarks from ``rededit-data
+faces``, so *every* sample carries a face: the worst case for the loss (a portrait task's share).
 The dataset maps the landmarks through the 128 → 64 bucket resize; φ = SFace at 112×112 per face.
 
 Two measurements, each variant differing only in the consistency loss:
@@ -53,62 +53,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
-from PIL import Image  # noqa: E402
 
+from rededit.data.synth.portraits import make_portrait_corpus  # noqa: E402
 from rededit.train import CONF_DIR, build  # noqa: E402
-from rededit.utils.seeding import numpy_rng  # noqa: E402
-
-
-# ---------------------------------------------------------------------------------------------- data
-def portraits() -> list[np.ndarray]:
-    import matplotlib.cbook as cbook
-    import skimage.data
-
-    hopper = np.asarray(Image.open(cbook.get_sample_data("grace_hopper.jpg")).convert("RGB"))
-    camera = np.repeat(skimage.data.camera()[..., None], 3, axis=2)
-    return [skimage.data.astronaut(), np.ascontiguousarray(hopper), camera]
-
-
-def _portrait_crop(img: np.ndarray, face_box: np.ndarray, side: int, rng: np.random.Generator) -> np.ndarray:
-    """A ``side``² crop around the face: face width ≈ 40–55 % of the crop, random shift and mirror."""
-    x0, y0, x1, y1 = face_box
-    cx, cy = (x0 + x1) / 2 + rng.uniform(-0.1, 0.1) * (x1 - x0), (y0 + y1) / 2
-    half = (x1 - x0) / rng.uniform(0.8, 1.1)
-    h, w = img.shape[:2]
-    box = (max(cx - half, 0), max(cy - half, 0), min(cx + half, w), min(cy + half, h))
-    crop = Image.fromarray(img).crop(tuple(round(v) for v in box)).resize((side, side), Image.BICUBIC)
-    out = np.asarray(crop)
-    return np.ascontiguousarray(out[:, ::-1]) if rng.random() < 0.5 else out
-
-
-def make_portrait_corpus(out_dir: str | Path, rows: int, seed: int = 0, side: int = 128) -> tuple[Path, str]:
-    """Synthetic corpus whose images are portrait crops, with landmarks from ``rededit-data faces``."""
-    import io
-    from contextlib import redirect_stdout
-
-    from rededit.cli.data import main as data_main
-    from rededit.data.manifest import Manifest
-    from rededit.data.synth.writer import synthesize
-    from rededit.models.faces import YuNetDetector
-
-    manifest = synthesize(out_dir, n=rows, seed=seed, bench_n=4, min_side=side, max_side=side)
-    det = YuNetDetector()
-    sources = [(img, det.detect(img).boxes[0]) for img in portraits()]
-    m = Manifest.open(manifest, validate=False)
-    for i, row in enumerate(m.table.select(["id", "target", "references"]).to_pylist()):
-        rng = numpy_rng(seed, "portrait", row["id"])
-        img, box = sources[i % len(sources)]
-        target = _portrait_crop(img, box, side, rng)
-        Image.fromarray(target).save(m.root / row["target"])
-        for uri in row["references"]:
-            shift = rng.uniform(-25, 25, size=3)  # a colour edit: the face itself is unchanged
-            Image.fromarray(np.clip(target + shift, 0, 255).astype(np.uint8)).save(m.root / uri)
-    buf = io.StringIO()
-    with redirect_stdout(buf):
-        code = data_main(["faces", "--manifest", str(manifest)])
-    if code != 0:
-        raise RuntimeError(f"rededit-data faces failed ({code}): {buf.getvalue()}")
-    return manifest, buf.getvalue().strip()
 
 
 # ---------------------------------------------------------------------------------------------- runs
