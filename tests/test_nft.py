@@ -238,3 +238,21 @@ def test_sde_sampler_without_noise_is_the_ode(nft_run) -> None:
     torch.testing.assert_close(sde_sample(model.backbone, noise_level=0.0, **kw), ode)
     noisy = sde_sample(model.backbone, noise_level=0.7, generator=torch.Generator().manual_seed(1), **kw)
     assert torch.isfinite(noisy).all() and not torch.allclose(noisy, ode)
+
+
+def test_text_area_monitor_reads_the_ocr_rewards_boxes() -> None:
+    """With an OCR reward in the mix, the text-area hack monitor is its reading (not NaN); without, NaN."""
+    from types import SimpleNamespace
+
+    from rededit.stages.nft import NFTModule
+
+    images = torch.rand(2, 3, 16, 16)
+    area = torch.tensor([0.25, 0.5])
+    ocr = SimpleNamespace(
+        reward=lambda im, b: {"reward": torch.ones(2), "ocr_text_area": area}, monitors=True
+    )
+    _, monitors = NFTModule.score(ocr, images, {})
+    assert torch.equal(monitors["text_area_fraction"], area)
+    plain = SimpleNamespace(reward=lambda im, b: {"reward": torch.ones(2)}, monitors=True)
+    _, monitors = NFTModule.score(plain, images, {})
+    assert torch.isnan(monitors["text_area_fraction"]).all()
