@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-dir", type=Path, default=None, help="default: the study's latest sweep")
     p.add_argument("--max-per-task", type=int, default=4)
     p.add_argument("--no-eval", action="store_true", help="loss statistics only")
+    p.add_argument("--out", type=Path, default=None, help="default: experiments/ablations/<study>/")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(REPO / "src"))
@@ -269,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sweep = args.sweep_dir or latest_sweep(args.study)
     result = collect(args.study, sweep, args.max_per_task, not args.no_eval)
-    out = REPO / "experiments" / "ablations" / args.study
+    out = args.out or REPO / "experiments" / "ablations" / args.study
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(result, indent=1, default=str))
     table = render_table(result)
