@@ -106,3 +106,33 @@ def test_identity_eval_scores_portrait_edits(tmp_path) -> None:
     assert result["id_gain"] == pytest.approx(result["id_sim"] - result["id_sim_input"])
     assert (tmp_path / "job" / "eval_identity_ema.json").exists()
     assert evaluate_identity(tmp_path / "job", manifest, steps=2) == result
+
+
+def test_collector_finds_nested_job_folders_and_reads_the_factor(tmp_path) -> None:
+    """A group override (``loss/consistency=face``) nests a job folder one level deeper; the collector finds
+    every job, labels it by its command-line choice and computes the loss statistics of the second half."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location(
+        "ablation_collect", REPO / "experiments/ablations/collect.py"
+    )
+    col = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(col)
+    meta = {"name": "consistency", "section": "§3.7", "claim": "c", "factor": "loss/consistency"}
+    for arm in ("none", "face"):
+        for seed in (0, 1):
+            job = tmp_path / "loss" / f"consistency-{arm}__seed-{seed}"
+            (job / ".hydra").mkdir(parents=True)
+            (job / ".hydra" / "overrides.yaml").write_text(f"- loss/consistency={arm}\n- seed={seed}\n")
+            (job / "config.yaml").write_text(OmegaConf.to_yaml({"seed": seed, "ablation": meta}))
+            (job / "logs").mkdir()
+            rows = "".join(f"{s},{1.0 + (s % 2) * (seed + 1)}\n" for s in range(10))
+            (job / "logs" / "metrics.csv").write_text("step,train/loss_step\n" + rows)
+    result = col.collect("consistency", tmp_path, 4, do_eval=False)
+    assert sorted(result["summary"]) == ["face", "none"]
+    assert all(s["seeds"] == [0, 1] for s in result["summary"].values())
+    # second half = steps 5..9: losses alternate 1 and 1 + (seed + 1)
+    job0 = next(j for j in result["jobs"] if j["factor"] == "none" and j["seed"] == 0)
+    assert job0["loss_mean"] == pytest.approx((3 * 2.0 + 2 * 1.0) / 5)

@@ -151,7 +151,9 @@ def fmt(stat: dict[str, Any], spec: str) -> str:
 def collect(study: str, sweep: Path, max_per_task: int, do_eval: bool) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
-    jobs = sorted(p.parent for p in sweep.glob("*/config.yaml"))
+    # Job folders are named by their overrides; a group override (loss/consistency=face) nests them one
+    # level deeper. Every job has Hydra's .hydra/ folder beside the config.yaml rededit-train saves.
+    jobs = sorted(p.parent for p in sweep.rglob(".hydra") if (p.parent / "config.yaml").is_file())
     if not jobs:
         raise SystemExit(f"{sweep}: no job folders with config.yaml")
     meta = OmegaConf.to_container(OmegaConf.load(jobs[0] / "config.yaml").ablation, resolve=True)
