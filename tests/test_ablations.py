@@ -85,7 +85,7 @@ def test_consistency_study_trains_sft_on_portraits(tmp_path) -> None:
 
 def test_identity_eval_scores_portrait_edits(tmp_path) -> None:
     """The consistency study's held-out figure on an untrained editor: every bench portrait scored, the
-    colour-cast input keeps its identity (cosine ≈ 1), results cached per weights."""
+    degraded input (blur + colour cast) scores below 1, results cached per weights."""
     import sys
 
     from conftest import REPO, untrained_tiny_export
@@ -101,7 +101,7 @@ def test_identity_eval_scores_portrait_edits(tmp_path) -> None:
     untrained_tiny_export(tmp_path / "job")
     result = evaluate_identity(tmp_path / "job", manifest, steps=2)
     assert result["n"] == 3 and result["weights"] == "ema"
-    assert result["id_sim_input"] > 0.9  # a colour cast does not change who it is
+    assert 0.3 < result["id_sim_input"] < 0.97  # blur + colour cast: the same person, degraded
     assert -1.0 <= result["id_sim"] <= 1.0
     assert result["id_gain"] == pytest.approx(result["id_sim"] - result["id_sim_input"])
     assert (tmp_path / "job" / "eval_identity_ema.json").exists()

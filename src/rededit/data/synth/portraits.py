@@ -4,9 +4,10 @@ The synthetic corpus has no faces, so the identity-consistency loss (eq. 6–8) 
 This builds the same manifest layout (``rededit-data synth`` rows, splits, bench split) with every image
 replaced by a real portrait crop: scikit-image's astronaut (Eileen Collins) and cameraman, matplotlib's
 Grace Hopper: three identities, offline, no downloads. Each row gets a random crop (face width ≈ 40–55 %
-of the frame, random horizontal shift and mirror); the edit is a colour-cast correction: Picture 1 is the
-target with a random per-channel shift, the target is the untouched crop, so the person's identity must
-survive the edit exactly. Every text column carries the one instruction. Landmarks are then written by
+of the frame, random horizontal shift and mirror); the edit is a restoration: Picture 1 is the target with a
+random per-channel colour cast and a Gaussian blur (σ 1.5–2.5 px at 128²), the target is the untouched crop,
+so the editor must recover the person's identity from a degraded input (a colour cast alone leaves SFace's
+identity embedding almost unchanged, cosine ≈ 0.99, and gives the loss nothing to correct). Every text column carries the one instruction. Landmarks are then written by
 ``rededit-data faces`` (YuNet), as a user would for real data.
 
 Used by ``experiments/benchmarks/consistency_loss`` (cost, every sample a portrait) and the consistency
@@ -22,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from rededit.utils.io import atomic_path
 from rededit.utils.seeding import numpy_rng
 
-INSTRUCTION = "Remove the colour cast from Picture 1 and keep the person exactly as they are."
+INSTRUCTION = "Restore Picture 1: remove the blur and the colour cast, and keep the person exactly as they are."
 TEXT_COLUMNS = ("instruction", "caption", "caption_original", "instruction_concise", "instruction_user")
 ZH_COLUMNS = (
     "caption_zh",
@@ -93,8 +94,10 @@ def make_portrait_corpus(
         target = portrait_crop(img, box, side, rng)
         Image.fromarray(target).save(m.root / row["target"])
         for uri in row["references"]:
-            shift = rng.uniform(-25, 25, size=3)  # a colour cast: the face itself is unchanged
-            Image.fromarray(np.clip(target + shift, 0, 255).astype(np.uint8)).save(m.root / uri)
+            shift = rng.uniform(-25, 25, size=3)  # a colour cast ...
+            cast = Image.fromarray(np.clip(target + shift, 0, 255).astype(np.uint8))
+            # ... and a blur that puts the identity at risk (SFace cosine to the target ≈ 0.9, see the study)
+            cast.filter(ImageFilter.GaussianBlur(rng.uniform(1.5, 2.5) * side / 128)).save(m.root / uri)
     table = m.table
     n = table.num_rows
     for name in TEXT_COLUMNS + ZH_COLUMNS:
