@@ -5,7 +5,7 @@ Question (issue 5): does ``loss/consistency=face`` add at most 30 % to a trainin
 
 Data: :func:`rededit.data.synth.portraits.make_portrait_corpus`: the synthetic corpus layout (128² images)
 with every image a real portrait crop (scikit-image's astronaut and cameraman, matplotlib's Grace Hopper;
-random scale/shift/mirror; Picture 1 colour-cast, the target clean) and landmarks from ``rededit-data
+random scale/shift/mirror; Picture 1 blurred and colour-cast, the target clean) and landmarks from ``rededit-data
 faces``, so *every* sample carries a face: the worst case for the loss (a portrait task's share).
 The dataset maps the landmarks through the 128 → 64 bucket resize; φ = SFace at 112×112 per face.
 
