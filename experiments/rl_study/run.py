@@ -14,7 +14,7 @@ Steps (every artefact under --out; each step is skipped when its output exists, 
 3. per seed, ``experiment=demo_nft`` from the base with ``reward=ocr_plain`` and ``reward=ocr_layout``;
    collected: training reward, ``reward/ocr_text_area`` (text-area hack monitor) at the first and last
    step, and on the bench text rows the plain OCR text score, the layout-aware reward and the text area.
-4. ``results.json`` and ``results.md`` (mean ± std over seeds).
+4. ``results.json``, ``results.md`` (mean ± std over seeds) and ``plot.png`` (``plot.py``).
 """
 
 from __future__ import annotations
@@ -182,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
                 held_out(run / "export", a.corpus, text_only=True, steps=a.sample_steps, limit=a.eval_rows)
             )
     (a.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from plot import plot  # plot.py beside this script (it also redraws alone from a results.json)
+
+    plot(json.loads((a.out / "results.json").read_text()), a.out / "plot.png")
     lines = ["| variant | metric | mean ± std over seeds |", "|---|---|---|"]
     for name in DPO_VARIANTS:
         r = results[name]

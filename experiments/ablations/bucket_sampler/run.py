@@ -179,11 +179,62 @@ def run_seed(seed: int, steps: int) -> dict:
     }
 
 
+def plot(result: dict, path: Path) -> None:
+    """Padding waste and useful tokens/s per arm, one bar pair per seed (plus the mean ± std)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["seeds"]
+    labels = [f"seed {r['seed']}" for r in rows] + ["mean"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    xs = range(len(labels))
+    waste = [100 * r["padded_waste_trained"] for r in rows] + [
+        100 * result["summary"]["padded_waste_trained"]["mean"]
+    ]
+    ax1.bar([x + 0.2 for x in xs], waste, width=0.4, color="tab:red", label="naive padded")
+    ax1.bar([x - 0.2 for x in xs], [0] * len(labels), width=0.4, color="tab:blue", label="bucket sampler")
+    ax1.set_xticks(list(xs), labels, fontsize=8)
+    ax1.set_ylabel("padding, % of tokens")
+    ax1.legend(fontsize=7)
+    for key, off, colour, name in (
+        ("bucket_tokens_per_s", -0.2, "tab:blue", "bucket sampler"),
+        ("padded_tokens_per_s", 0.2, "tab:red", "naive padded"),
+    ):
+        summ = result["summary"][key]
+        ax2.bar(
+            [x + off for x in xs],
+            [r[key] for r in rows] + [summ["mean"]],
+            yerr=[0] * len(rows) + [summ["std"] or 0],
+            width=0.4,
+            color=colour,
+            capsize=3,
+            label=name,
+        )
+    ax2.set_xticks(list(xs), labels, fontsize=8)
+    ax2.set_ylabel("useful (non-padding) tokens / s")
+    ax2.legend(fontsize=7)
+    fig.suptitle(f"bucket sampler vs naive padding ({result['steps']} timed steps per arm)", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--plot-only", action="store_true", help="redraw plot.png from the recorded results.json")
     args = p.parse_args(argv)
+    if args.plot_only:
+        plot(
+            json.loads(Path(__file__).with_name("results.json").read_text()),
+            Path(__file__).with_name("plot.png"),
+        )
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     if not CORPUS.exists():
@@ -204,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, out)
+    plot(result, out.with_name("plot.png"))
     for k, s in summary.items():
         print(f"{k:28s} {s['mean']:.4g}" + (f" ± {s['std']:.2g}" if s["std"] is not None else ""))
     return 0
