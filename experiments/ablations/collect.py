@@ -250,11 +250,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_xticks(range(len(names)), [n[:18] for n in names], rotation=30, ha="right", fontsize=7)
         ax.set_title(key if variant is None else f"{key}\n{variant}", fontsize=8)
     fig.suptitle(f"{result['study']}: mean ± std over seeds", fontsize=9)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from rededit.utils.io import save_figure
+
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

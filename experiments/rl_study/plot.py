@@ -9,7 +9,6 @@ step; NFT reward and text-area monitor first/last) and draws mean ± std over se
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -62,11 +61,9 @@ def plot(results: dict, path: Path) -> None:
     ax.set_title("NFT: train reward and text-area monitor", fontsize=9)
     ax.legend(fontsize=7)
     fig.suptitle("RL study: mean ± std over seeds", fontsize=10)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from rededit.utils.io import save_figure
+
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -216,11 +216,9 @@ def plot(result: dict, path: Path) -> None:
     ax2.set_ylabel("useful (non-padding) tokens / s")
     ax2.legend(fontsize=7)
     fig.suptitle(f"bucket sampler vs naive padding ({result['steps']} timed steps per arm)", fontsize=9)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from rededit.utils.io import save_figure
+
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,9 @@ from PIL import Image, ImageFilter
 from rededit.utils.io import atomic_path
 from rededit.utils.seeding import numpy_rng
 
-INSTRUCTION = "Restore Picture 1: remove the blur and the colour cast, and keep the person exactly as they are."
+INSTRUCTION = (
+    "Restore Picture 1: remove the blur and the colour cast, and keep the person exactly as they are."
+)
 TEXT_COLUMNS = ("instruction", "caption", "caption_original", "instruction_concise", "instruction_user")
 ZH_COLUMNS = (
     "caption_zh",
