@@ -8,7 +8,7 @@ MobileFaceNet) of both images aligned by the *target's* landmarks to the ArcFace
 
 * ``id_sim``: mean cosine(φ(edit), φ(target)) over the held-out faces (1 = same identity embedding);
 * ``id_sim_input``: the same for Picture 1 itself (what an editor that copies its input would score: the
-  colour cast alone costs this much);
+  degradation of Picture 1 alone costs this much);
 * ``id_gain``: ``id_sim − id_sim_input`` (> 0: the edit is closer to the target's identity than the input);
 * ``psnr``: PSNR of the edit against the target (dB, whole image).
 

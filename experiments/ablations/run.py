@@ -59,7 +59,8 @@ def prepare(n: int) -> None:
 
 
 def prepare_portraits(n: int) -> None:
-    """The consistency study's corpus: real portraits, colour-cast edits, YuNet landmarks, 48 held out."""
+    """The consistency study's corpus: real portraits, restoration edits (blur + colour cast), YuNet
+    landmarks, 48 rows held out."""
     if not (PORTRAITS / "manifest.parquet").exists():
         sys.path.insert(0, str(REPO / "src"))
         from rededit.data.synth.portraits import make_portrait_corpus
