@@ -10,7 +10,7 @@ MobileFaceNet) of both images aligned by the *target's* landmarks to the ArcFace
 * ``id_sim_input``: the same for Picture 1 itself (what an editor that copies its input would score: the
   degradation of Picture 1 alone costs this much);
 * ``id_gain``: ``id_sim − id_sim_input`` (> 0: the edit is closer to the target's identity than the input);
-* ``psnr``: PSNR of the edit against the target (dB, whole image).
+* ``psnr``: PSNR of the edit against the target (dB, whole image; :func:`rededit.eval.edit_metrics.psnr`).
 
 Items are edited in batches of ``batch_size`` per output size (one seed per batch, as ``rededit-eval``).
 Cached as ``<job>/eval_identity_<ema|raw>.json``.
@@ -19,7 +19,6 @@ Cached as ``<job>/eval_identity_<ema|raw>.json``.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +30,6 @@ METRICS = (
     ("id_gain", "id sim − input's ↑", ".4f"),
     ("psnr", "PSNR vs target dB ↑", ".2f"),
 )
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR of ``[N, 3, H, W]`` tensors in [-1, 1] (peak-to-peak 2)."""
-    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1).clamp_min(1e-12)
-    return 10 * torch.log10(4.0 / mse)
 
 
 def bench_items(manifest: str | Path) -> list[dict[str, Any]]:
@@ -78,6 +71,7 @@ def evaluate_identity(
         load_editor,
         size_multiple,
     )
+    from rededit.eval.edit_metrics import psnr
     from rededit.losses.consistency import FaceIdentityLoss
     from rededit.models.faces import SFaceIdentity
     from rededit.utils.io import atomic_write_text
@@ -120,7 +114,7 @@ def evaluate_identity(
         "id_sim": float(np.mean(sims)),
         "id_sim_input": float(np.mean(sims_in)),
         "id_gain": float(np.mean(sims) - np.mean(sims_in)),
-        "psnr": float(np.mean([p for p in psnrs if math.isfinite(p)])),
+        "psnr": float(np.mean(psnrs)),
         "n": len(sims),
         "steps": steps,
         "seed": seed,

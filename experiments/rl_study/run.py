@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from plot import plot  # plot.py beside this script (it also redraws alone from a results.json)
 
-    plot(json.loads((a.out / "results.json").read_text()), a.out / "plot.png")
+    plot(results, a.out / "plot.png")
     lines = ["| variant | metric | mean ± std over seeds |", "|---|---|---|"]
     for name in DPO_VARIANTS:
         r = results[name]

@@ -333,7 +333,7 @@ class ConsistencyLoss(nn.Module):
         sel = active.nonzero().flatten()
         weight = lam[sel]
         if self.max_samples is not None and sel.numel() > self.max_samples:
-            sel, weight = self._draw(sel, lam[sel], batch, stage)
+            sel, weight = self._draw(sel, weight, batch, stage)
         # x̂_0 by the backbone's own conversion (x_t − σ_c·v̂; exact in both prediction modes).
         x0_hat = stage.backbone.predicted_x0(x_t[sel], v_hat[sel], sigma[sel])
         pred = stage.vae.decode(x0_hat.to(_vae_dtype(stage.vae, x0_hat))).float()

@@ -242,9 +242,8 @@ class NFTModule(BaseStage):
             if "edit_mask" in batch and bool(torch.as_tensor(batch.get("has_edit_mask", False)).all()):
                 masks = batch["edit_mask"].to(images01.device)
             monitors = hack_monitors(images01, source_from_batch(batch, images01), masks)
-            if (
-                "ocr_text_area" in out
-            ):  # the OCR reward already read these images: its text area is the monitor
+            # The OCR reward already read these images: its text area (same text_area_fraction) is the monitor.
+            if "ocr_text_area" in out:
                 monitors["text_area_fraction"] = out["ocr_text_area"].float().to(images01.device)
         return out, monitors
 

@@ -7,8 +7,9 @@ Grace Hopper: three identities, offline, no downloads. Each row gets a random cr
 of the frame, random horizontal shift and mirror); the edit is a restoration: Picture 1 is the target with a
 random per-channel colour cast and a Gaussian blur (σ 1.5–2.5 px at 128²), the target is the untouched crop,
 so the editor must recover the person's identity from a degraded input (a colour cast alone leaves SFace's
-identity embedding almost unchanged, cosine ≈ 0.99, and gives the loss nothing to correct). Every text column carries the one instruction. Landmarks are then written by
-``rededit-data faces`` (YuNet), as a user would for real data.
+identity embedding almost unchanged, cosine ≈ 0.99, and gives the loss nothing to correct). Every text
+column carries the one instruction. Landmarks are then written by ``rededit-data faces`` (YuNet), as a user
+would for real data.
 
 Used by ``experiments/benchmarks/consistency_loss`` (cost, every sample a portrait) and the consistency
 ablation (``conf/ablation/consistency.yaml``, identity similarity on held-out portraits).
@@ -69,7 +70,7 @@ def make_portrait_corpus(
 ) -> tuple[Path, str]:
     """Write the portrait corpus at ``out_dir``; returns (manifest path, the ``rededit-data faces`` report).
 
-    Row ``i`` uses portrait ``i mod 3``; crops, mirrors and colour shifts derive from (seed, row id).
+    Row ``i`` uses portrait ``i mod 3``; crops, mirrors, colour casts and blurs derive from (seed, row id).
     """
     from rededit.cli.data import main as data_main
     from rededit.data.manifest import Manifest
@@ -98,7 +99,7 @@ def make_portrait_corpus(
         for uri in row["references"]:
             shift = rng.uniform(-25, 25, size=3)  # a colour cast ...
             cast = Image.fromarray(np.clip(target + shift, 0, 255).astype(np.uint8))
-            # ... and a blur that puts the identity at risk (SFace cosine to the target ≈ 0.9, see the study)
+            # ... and a blur that puts the identity at risk (SFace cosine to the target ≈ 0.75 at 64², see the study)
             cast.filter(ImageFilter.GaussianBlur(rng.uniform(1.5, 2.5) * side / 128)).save(m.root / uri)
     table = m.table
     n = table.num_rows

@@ -134,10 +134,11 @@ def _inference_graph(net: torch.fx.GraphModule) -> torch.fx.GraphModule:
     backward on 112² crops runs ≈15 % faster on CPU (measured in
     ``experiments/benchmarks/consistency_loss``). Outputs match the unfolded graph to ~2e-6.
     """
+    from onnx2torch.node_converters.activations import OnnxPReLU
     from torch.fx.experimental.optimization import fuse
 
     for node in net.graph.nodes:
-        if node.op == "call_module" and type(net.get_submodule(node.target)).__name__ == "OnnxPReLU":
+        if node.op == "call_module" and isinstance(net.get_submodule(node.target), OnnxPReLU):
             net.add_submodule(node.target, _ChannelPReLU())
     net.recompile()
     return fuse(net).eval().requires_grad_(False)
