@@ -136,3 +136,28 @@ def test_collector_finds_nested_job_folders_and_reads_the_factor(tmp_path) -> No
     # second half = steps 5..9: losses alternate 1 and 1 + (seed + 1)
     job0 = next(j for j in result["jobs"] if j["factor"] == "none" and j["seed"] == 0)
     assert job0["loss_mean"] == pytest.approx((3 * 2.0 + 2 * 1.0) / 5)
+
+
+def test_study_metrics_follow_the_study_file() -> None:
+    """The held-out figures of a table come from ``ablation.metrics`` (FireEdit's L1/L2), default otherwise;
+    an unknown name is an error, not a silently empty column."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location(
+        "ablation_collect", REPO / "experiments/ablations/collect.py"
+    )
+    col = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(col)
+    fireedit = OmegaConf.to_container(compose(["+ablation=fireedit"]).ablation, resolve=True)
+    assert [k for k, _, _ in col.study_metrics(fireedit)] == [
+        "l1",
+        "l2",
+        "psnr_outside",
+        "success",
+        "error_ratio",
+    ]
+    assert col.study_metrics({}) == col.METRICS
+    with pytest.raises(SystemExit, match="clip_i"):
+        col.study_metrics({"metrics": ["l1", "clip_i"]})

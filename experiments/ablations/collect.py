@@ -33,21 +33,32 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 OUT_ROOT = REPO / "outputs" / "ablations"
-METRICS = (
-    ("success", "success ↑", ".3f"),
-    ("error_ratio", "edit err / identity ↓", ".3f"),
-    ("psnr_outside", "PSNR outside dB ↑", ".2f"),
-)
+# rededit-eval's overall figures a study can list in ``ablation.metrics`` (key → table label, format).
+BENCH_METRICS = {
+    "success": ("success ↑", ".3f"),
+    "error_ratio": ("edit err / identity ↓", ".3f"),
+    "psnr_outside": ("PSNR outside dB ↑", ".2f"),
+    "l1": ("L1 ↓", ".4f"),
+    "l2": ("L2 ↓", ".4f"),
+}
+METRICS = tuple((k, *BENCH_METRICS[k]) for k in ("success", "error_ratio", "psnr_outside"))  # the default
 LOSS_METRICS = (("loss_cv", "loss CV ↓", ".3f"), ("loss_mean", "loss (2nd half)", ".4f"))
 
 
 def study_metrics(meta: dict[str, Any]) -> tuple[tuple[str, str, str], ...]:
-    """Held-out figures of a study: the synthetic bench's, or identity similarity on portraits (§3.7)."""
+    """Held-out figures of a study: identity similarity on portraits (§3.7), the synthetic bench's figures
+    the study file lists (``ablation.metrics``, e.g. FireEdit's L1/L2), or the default :data:`METRICS`."""
     if meta.get("evaluation") == "portrait_identity":
         from identity_eval import METRICS as IDENTITY_METRICS
 
         return IDENTITY_METRICS
-    return METRICS
+    names = meta.get("metrics")
+    if not names:
+        return METRICS
+    unknown = [k for k in names if k not in BENCH_METRICS]
+    if unknown:
+        raise SystemExit(f"ablation.metrics: unknown {unknown}; known: {sorted(BENCH_METRICS)}")
+    return tuple((k, *BENCH_METRICS[k]) for k in names)
 
 
 def latest_sweep(study: str) -> Path:
@@ -110,7 +121,7 @@ def evaluate_job(
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("eval", overrides=overrides)
     overall = evaluate(cfg)["systems"]["model"]["overall"]
-    return {k: (overall.get(k) or {}).get("mean") for k, _, _ in METRICS}
+    return {k: (overall.get(k) or {}).get("mean") for k in BENCH_METRICS}
 
 
 def factor_value(job: Path, cfg: Any, factor: str) -> str:
@@ -157,6 +168,13 @@ def collect(study: str, sweep: Path, max_per_task: int, do_eval: bool) -> dict[s
     if not jobs:
         raise SystemExit(f"{sweep}: no job folders with config.yaml")
     meta = OmegaConf.to_container(OmegaConf.load(jobs[0] / "config.yaml").ablation, resolve=True)
+    # Which figures to tabulate is a collection choice: the study file's current list applies to sweeps run
+    # before it was added to the file.
+    study_file = REPO / "conf" / "ablation" / f"{study}.yaml"
+    if "metrics" not in meta and study_file.is_file():
+        listed = OmegaConf.select(OmegaConf.load(study_file), "ablation.metrics")
+        if listed is not None:
+            meta["metrics"] = list(listed)
     weights = [False, True] if meta.get("compare_raw") else [False]
     orders = list(meta.get("reference_orders") or ["as_is"])
     rows = []

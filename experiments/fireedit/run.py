@@ -9,8 +9,8 @@
 3. this study's collector (``collect.py``) → ``experiments/fireedit/table.md`` (+ ``results.json``,
    ``plot.png``).
 
-``python experiments/ablations/run.py fireedit`` runs the same sweep with the generic collector (fewer metrics,
-table under ``experiments/ablations/fireedit/``).
+``python experiments/ablations/run.py fireedit`` runs the same sweep and collector (the metrics come from the
+study file's ``ablation.metrics``), with the table under ``experiments/ablations/fireedit/``.
 """
 
 from __future__ import annotations
