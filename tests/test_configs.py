@@ -47,8 +47,9 @@ def _check_backbone(cfg: DictConfig, option: str) -> None:
     if option == "qwen_image":
         assert OmegaConf.missing_keys(cfg.backbone) == {"backbone.pretrained_path"}
         return
-    backbone = instantiate(cfg.backbone)(latent_channels=LATENT_CHANNELS)
-    x = torch.zeros(1, LATENT_CHANNELS, 4, 4)
+    channels = cfg.backbone.transformer_config.in_channels // cfg.backbone.patch_size**2
+    backbone = instantiate(cfg.backbone)(latent_channels=channels)
+    x = torch.zeros(1, channels, 4, 4)
     text = torch.zeros(1, 3, cfg.backbone.transformer_config.joint_attention_dim)
     out = backbone(x, [x], torch.full((1,), 0.5), text, torch.ones(1, 3, dtype=torch.bool))
     assert out.shape == x.shape

@@ -33,6 +33,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--bench-n", type=int, default=None, help="held-out bench samples (default n // 10)")
     p.add_argument("--min-side", type=int, default=256)
     p.add_argument("--max-side", type=int, default=512)
+    p.add_argument(
+        "--max-objects",
+        type=int,
+        default=4,
+        help="scene complexity: most shapes per scene (default 4, the full mix)",
+    )
+    p.add_argument(
+        "--backgrounds",
+        default=None,
+        help="world: background kinds to draw from, comma list of solid,gradient,radial,stripes,checker,noise (default all)",
+    )
+    p.add_argument(
+        "--object-size",
+        default=None,
+        help="world: LOW,HIGH shape side as a fraction of the short side (default 0.2,0.34)",
+    )
+    p.add_argument(
+        "--sign-prob",
+        type=float,
+        default=1.0,
+        help="world: multiplier of the chance of a sign outside the text task",
+    )
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--inverse-prob", type=float, default=0.3, help="Task Inversion rate for reversible edits")
     p.add_argument("--zh-prob", type=float, default=0.3, help="fraction of rows with Chinese texts")
@@ -62,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         inverse_prob=args.inverse_prob,
         zh_prob=args.zh_prob,
+        max_objects=args.max_objects,
+        backgrounds=args.backgrounds.split(",") if args.backgrounds else None,
+        object_size=tuple(float(v) for v in args.object_size.split(",")) if args.object_size else None,
+        sign_prob=args.sign_prob,
     )
     table = pq.read_table(path, columns=["task", "split"])
     counts: dict[str, int] = {}

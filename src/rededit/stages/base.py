@@ -25,7 +25,7 @@ from torch import nn
 
 from rededit.flow.path import interpolate
 from rededit.flow.sampler import euler_sample
-from rededit.flow.weighting import loss_weight
+from rededit.flow.weighting import loss_weight, region_weights
 from rededit.models.backbone import EditBackbone
 from rededit.models.fireedit import normalize_boxes
 from rededit.utils.logging import get_logger
@@ -52,7 +52,9 @@ class BaseStage(L.LightningModule):
             ``text_emb`` (the datamodule may already have encoded it, from the cache or online).
         timesteps: a :class:`~rededit.flow.timesteps.TimestepSampler` (uniform / logit-normal / stratified).
         curriculum: optional :class:`~rededit.flow.curriculum.ProgressiveTimestepCurriculum` (§3.3).
-        weighting: ``{scheme, mean, std}`` for :func:`~rededit.flow.weighting.loss_weight` (§3.8).
+        weighting: ``{scheme, mean, std}`` for :func:`~rededit.flow.weighting.loss_weight` (§3.8), plus an
+            optional ``region_weight`` α ≥ 0 (default 0, off): per-pixel weights ``1 + α·edit_mask``, renormalised
+            to mean 1 per sample (:func:`~rededit.flow.weighting.region_weights`), for samples with a mask.
         optimizer: factory ``(param_groups) -> Optimizer`` (``_partial_`` AdamW of Table 1).
         weight_decay: decay of weight matrices (norms, biases and embeddings get none).
         warmup_steps: linear LR warm-up (Table 1: 0 for Pretrain/CT, 500 for SFT/DPO).
@@ -94,6 +96,9 @@ class BaseStage(L.LightningModule):
         self.timesteps = timesteps
         self.curriculum = curriculum
         self.weighting = dict(weighting or {"scheme": "uniform"})
+        self.region_weight = float(self.weighting.pop("region_weight", 0.0) or 0.0)
+        if self.region_weight < 0:
+            raise ValueError(f"stage.weighting.region_weight must be >= 0, got {self.region_weight}")
         self.optimizer_factory = optimizer
         self.weight_decay = float(weight_decay)
         self.warmup_steps = int(warmup_steps)
@@ -265,7 +270,10 @@ class BaseStage(L.LightningModule):
         )
         # The backbone's own target: ε − x0, damped below σ_min in x0-prediction mode (see EditBackbone).
         v = self.backbone.velocity_target(x0, eps, sigma)
-        mse = (v_hat.float() - v).pow(2).flatten(1).mean(1)
+        err = (v_hat.float() - v).pow(2)
+        if self.region_weight > 0:
+            err = err * region_weights(batch, self.region_weight, err.shape[-2:]).to(err.device)
+        mse = err.flatten(1).mean(1)
         w = loss_weight(sigma, **self.weighting).to(mse.device)
         parts = {"sigma": sigma, "mse": mse.detach(), "x0": x0, "x_t": x_t, "v_hat": v_hat, "refs": refs}
         return w * mse, parts

@@ -101,6 +101,7 @@ SHAPE_ZH: dict[str, str] = {
 }
 
 BACKGROUND_KINDS: tuple[str, ...] = ("solid", "gradient", "radial", "stripes", "checker", "noise")
+OBJECT_SIZE: tuple[float, float] = (0.2, 0.34)  # a shape's side as a fraction of the picture's short side
 DIRECTIONS: tuple[str, ...] = ("vertical", "horizontal", "diagonal")
 
 # Aspect ratios of the CT bucket table (report §3.4) as (width, height).
@@ -289,11 +290,15 @@ def contrasting(
 
 
 def random_background(
-    rng: np.random.Generator, width: int, height: int, avoid: Sequence[Colour] = ()
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    avoid: Sequence[Colour] = (),
+    kinds: Sequence[str] = BACKGROUND_KINDS,
 ) -> Background:
-    """A background whose colours contrast with ``avoid`` (the shapes that will sit on it)."""
+    """A background of one of ``kinds`` whose colours contrast with ``avoid`` (the shapes that will sit on it)."""
     pool = contrasting(BACKGROUND_COLOURS, avoid) or list(BACKGROUND_COLOURS)
-    kind = BACKGROUND_KINDS[int(rng.integers(len(BACKGROUND_KINDS)))]
+    kind = kinds[int(rng.integers(len(kinds)))]
     i1 = int(rng.integers(len(pool)))
     others = [c for j, c in enumerate(pool) if j != i1] or pool
     c1, c2 = pool[i1], others[int(rng.integers(len(others)))]
@@ -314,7 +319,7 @@ def place_box(
     width: int,
     height: int,
     taken: Sequence[Box],
-    size_range: tuple[float, float] = (0.2, 0.34),
+    size_range: tuple[float, float] = OBJECT_SIZE,
     tries: int = 60,
 ) -> Box | None:
     """A square box of side ``size_range`` × short side that overlaps none of ``taken``, or None."""
@@ -340,6 +345,7 @@ def random_objects(
     background: Background,
     taken: Sequence[Box] = (),
     avoid_pairs: Sequence[tuple[str, str]] = (),
+    size_range: tuple[float, float] = OBJECT_SIZE,
 ) -> tuple[Obj, ...]:
     """Up to ``count`` non-overlapping shapes with distinct (shape, colour) pairs, contrasting with the
     background. Fewer come back when the canvas is full."""
@@ -348,7 +354,7 @@ def random_objects(
     objs: list[Obj] = []
     boxes = list(taken)
     for _ in range(count):
-        box = place_box(rng, width, height, boxes)
+        box = place_box(rng, width, height, boxes, size_range)
         if box is None:
             break
         for _ in range(20):
@@ -622,13 +628,15 @@ class SceneSpec:
     max_objects: int = 4
     text: Sequence[str] | None = None  # strings the plate must fit (first is rendered); None: no plate
     avoid_colours: Sequence[Colour] = field(default_factory=tuple)
+    backgrounds: Sequence[str] = BACKGROUND_KINDS  # background kinds to draw from
+    object_size: tuple[float, float] = OBJECT_SIZE
 
 
 def random_scene(rng: np.random.Generator, width: int, height: int, spec: SceneSpec = SceneSpec()) -> Scene:
     """A random scene: background, optional plate (placed first so shapes avoid it), shapes."""
-    bg = random_background(rng, width, height, spec.avoid_colours)
+    bg = random_background(rng, width, height, spec.avoid_colours, spec.backgrounds)
     plate = random_plate(rng, width, height, spec.text, bg) if spec.text else None
     count = int(rng.integers(spec.min_objects, spec.max_objects + 1))
     taken = [plate.box] if plate is not None else []
-    objs = random_objects(rng, width, height, count, bg, taken)
+    objs = random_objects(rng, width, height, count, bg, taken, size_range=spec.object_size)
     return Scene(width, height, bg, objs, plate)

@@ -30,7 +30,9 @@ from rededit.data.synth import text as T
 from rededit.data.synth.filters import DEGRADATIONS, STYLES, apply_style, degrade
 from rededit.data.synth.scene import (
     BACKGROUND_COLOURS,
+    BACKGROUND_KINDS,
     OBJECT_COLOURS,
+    OBJECT_SIZE,
     SHAPES,
     Background,
     Obj,
@@ -59,10 +61,47 @@ VIEW_OPS: tuple[str, ...] = ("flip_h", "flip_v", "rot_cw", "rot_ccw", "rot_180",
 
 @dataclass(frozen=True)
 class SynthConfig:
-    """Size range shared by all builders (sides are multiples of 32)."""
+    """Knobs shared by all builders: the size range (sides are multiples of 32) and the world's complexity.
+
+    The defaults are the full corpus. A simpler world (the CPU demo's, whose README says so) can cap the shapes
+    per scene (``max_objects``: fewer distractors for the named object to be told from), draw backgrounds
+    from fewer ``backgrounds`` kinds (e.g. solid and gradient only: a removed object's pixels are then
+    predictable from its surroundings), scale the shapes (``object_size``, fraction of the short side) and
+    the chance of a sign in non-text tasks (``sign_prob``, a multiplier). With the defaults every draw is the
+    one the corpus always made, so existing corpora are byte-identical.
+    """
 
     min_side: int = 256
     max_side: int = 512
+    max_objects: int = 4
+    backgrounds: tuple[str, ...] = BACKGROUND_KINDS
+    object_size: tuple[float, float] = OBJECT_SIZE
+    sign_prob: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_objects < 1:
+            raise ValueError(f"max_objects must be >= 1, got {self.max_objects}")
+        unknown = sorted(set(self.backgrounds) - set(BACKGROUND_KINDS))
+        if not self.backgrounds or unknown:
+            raise ValueError(
+                f"backgrounds must be a non-empty subset of {BACKGROUND_KINDS}, got {self.backgrounds}"
+            )
+        lo, hi = self.object_size
+        if not 0 < lo <= hi < 1:
+            raise ValueError(
+                f"object_size must be 0 < low <= high < 1 (of the short side), got {self.object_size}"
+            )
+        if not 0 <= self.sign_prob <= 1:
+            raise ValueError(f"sign_prob must be in [0, 1], got {self.sign_prob}")
+
+    def objects(self, hi: int, reserved: int = 0) -> int:
+        """A builder's upper object count, capped by :attr:`max_objects` less ``reserved`` shapes it adds later."""
+        return max(0, min(hi, self.max_objects - reserved))
+
+    def spec(self, lo: int, hi: int, text: list[str] | None, reserved: int = 0) -> SceneSpec:
+        """A :class:`SceneSpec` with ``lo..hi`` shapes (capped) in this world."""
+        hi = self.objects(hi, reserved)
+        return SceneSpec(min(lo, hi), hi, text, backgrounds=self.backgrounds, object_size=self.object_size)
 
 
 @dataclass
@@ -107,17 +146,19 @@ def _size(rng: np.random.Generator, cfg: SynthConfig) -> tuple[int, int, tuple[i
     return w, h, ratio
 
 
-def _sign(rng: np.random.Generator, p: float) -> list[str] | None:
-    return [" ".join(T.sign_text(rng))] if rng.random() < p else None
+def _sign(rng: np.random.Generator, p: float, cfg: SynthConfig) -> list[str] | None:
+    return [" ".join(T.sign_text(rng))] if rng.random() < p * cfg.sign_prob else None
 
 
-def _scene_with_objects(rng: np.random.Generator, w: int, h: int, lo: int, hi: int, sign_p: float) -> Scene:
+def _scene_with_objects(
+    rng: np.random.Generator, cfg: SynthConfig, w: int, h: int, lo: int, hi: int, sign_p: float
+) -> Scene:
     """A scene with at least ``lo`` objects (retries with smaller shapes when the canvas is crowded)."""
     for _ in range(6):
-        scene = random_scene(rng, w, h, SceneSpec(lo, hi, _sign(rng, sign_p)))
+        scene = random_scene(rng, w, h, cfg.spec(lo, hi, _sign(rng, sign_p, cfg)))
         if len(scene.objects) >= lo:
             return scene
-    scene = random_scene(rng, w, h, SceneSpec(lo, hi, None))
+    scene = random_scene(rng, w, h, cfg.spec(lo, hi, None))
     if len(scene.objects) < lo:
         raise RuntimeError(f"could not place {lo} objects on a {w}x{h} canvas")
     return scene
@@ -143,7 +184,7 @@ def _new_colour(rng: np.random.Generator, scene: Scene, old: Obj):
 
 def build_t2i(rng: np.random.Generator, cfg: SynthConfig) -> Sample:
     w, h, _ = _size(rng, cfg)
-    scene = _scene_with_objects(rng, w, h, 1, 4, 0.3)
+    scene = _scene_with_objects(rng, cfg, w, h, 1, 4, 0.3)
     caption_type = T2I_CAPTION_TYPES[int(rng.choice(len(T2I_CAPTION_TYPES), p=T2I_CAPTION_P))]
     return Sample(
         task="t2i",
@@ -160,7 +201,7 @@ def build_t2i(rng: np.random.Generator, cfg: SynthConfig) -> Sample:
 
 def _add_remove(rng: np.random.Generator, cfg: SynthConfig, task: str) -> Sample:
     w, h, _ = _size(rng, cfg)
-    full = _scene_with_objects(rng, w, h, 1, 4, 0.2)
+    full = _scene_with_objects(rng, cfg, w, h, 1, 4, 0.2)
     j = _pick_index(rng, full)
     obj = full.objects[j]
     empty = full.without(j)
@@ -199,7 +240,7 @@ def build_remove(rng: np.random.Generator, cfg: SynthConfig) -> Sample:
 
 def build_replace(rng: np.random.Generator, cfg: SynthConfig) -> Sample:
     w, h, _ = _size(rng, cfg)
-    scene = _scene_with_objects(rng, w, h, 1, 4, 0.2)
+    scene = _scene_with_objects(rng, cfg, w, h, 1, 4, 0.2)
     j = _pick_index(rng, scene)
     old = scene.objects[j]
     shapes = [s for s in SHAPES if s != old.shape]
@@ -227,7 +268,7 @@ def build_replace(rng: np.random.Generator, cfg: SynthConfig) -> Sample:
 
 def build_color(rng: np.random.Generator, cfg: SynthConfig) -> Sample:
     w, h, _ = _size(rng, cfg)
-    scene = _scene_with_objects(rng, w, h, 1, 4, 0.2)
+    scene = _scene_with_objects(rng, cfg, w, h, 1, 4, 0.2)
     j = _pick_index(rng, scene)
     old = scene.objects[j]
     new = dataclasses.replace(old, colour=_new_colour(rng, scene, old))
@@ -250,13 +291,13 @@ def build_color(rng: np.random.Generator, cfg: SynthConfig) -> Sample:
 
 def build_background(rng: np.random.Generator, cfg: SynthConfig) -> Sample:
     w, h, _ = _size(rng, cfg)
-    scene = _scene_with_objects(rng, w, h, 1, 4, 0.25)
+    scene = _scene_with_objects(rng, cfg, w, h, 1, 4, 0.25)
     keep = [o.colour for o in scene.objects]
     if scene.plate is not None:
         keep.append(scene.plate.plate)
     old_desc = T.describe_background(scene.background)[0]
     for _ in range(10):
-        new_bg = random_background(rng, w, h, keep)
+        new_bg = random_background(rng, w, h, keep, cfg.backgrounds)
         if T.describe_background(new_bg)[0] != old_desc:
             break
     tgt_scene = scene.replace(background=new_bg)
@@ -278,7 +319,7 @@ def build_background(rng: np.random.Generator, cfg: SynthConfig) -> Sample:
 
 def build_stylize(rng: np.random.Generator, cfg: SynthConfig) -> Sample:
     w, h, _ = _size(rng, cfg)
-    scene = _scene_with_objects(rng, w, h, 1, 4, 0.25)
+    scene = _scene_with_objects(rng, cfg, w, h, 1, 4, 0.25)
     style = STYLES[int(rng.integers(len(STYLES)))]
     src = render(scene)
     tgt = apply_style(src, style, rng)
@@ -300,7 +341,7 @@ def build_stylize(rng: np.random.Generator, cfg: SynthConfig) -> Sample:
 
 def build_restore(rng: np.random.Generator, cfg: SynthConfig) -> Sample:
     w, h, _ = _size(rng, cfg)
-    scene = _scene_with_objects(rng, w, h, 1, 4, 0.25)
+    scene = _scene_with_objects(rng, cfg, w, h, 1, 4, 0.25)
     kind = DEGRADATIONS[int(rng.integers(len(DEGRADATIONS)))]
     clean = render(scene)
     texts = T.restore_texts(rng, T.random_pics(rng, 1), kind)
@@ -327,7 +368,7 @@ def build_text(rng: np.random.Generator, cfg: SynthConfig) -> Sample:
         new_word = new_word.title()
     new_words = [*words[:k], new_word, *words[k + 1 :]]
     old_text, new_text = " ".join(words), " ".join(new_words)
-    scene = random_scene(rng, w, h, SceneSpec(0, 3, [old_text, new_text]))
+    scene = random_scene(rng, w, h, cfg.spec(0, 3, [old_text, new_text]))
     assert scene.plate is not None
     tgt_scene = scene.replace(plate=dataclasses.replace(scene.plate, text=new_text))
     texts = T.text_texts(rng, T.random_pics(rng, 1), words[k], new_word, old_text, new_text)
@@ -387,7 +428,8 @@ def _map_background(bg: Background, op: str) -> Background:
 
 def build_viewpoint(rng: np.random.Generator, cfg: SynthConfig) -> Sample:
     w, h, _ = _size(rng, cfg)
-    scene = _scene_with_objects(rng, w, h, 1, 4, 0.0)  # no sign: mirrored text has no sensible caption
+    # no sign: mirrored text has no sensible caption
+    scene = _scene_with_objects(rng, cfg, w, h, 1, 4, 0.0)
     src = render(scene)
     op = VIEW_OPS[int(rng.integers(len(VIEW_OPS)))]
     pics = T.random_pics(rng, 1)
@@ -436,13 +478,15 @@ def build_viewpoint(rng: np.random.Generator, cfg: SynthConfig) -> Sample:
 
 def build_compose(rng: np.random.Generator, cfg: SynthConfig) -> Sample:
     w, h, ratio = _size(rng, cfg)
-    n_add = 1 if rng.random() < 0.6 else 2
+    n_add = min(1 if rng.random() < 0.6 else 2, cfg.max_objects)
     base = None
     for attempt in range(6):
-        cand = random_scene(rng, w, h, SceneSpec(0, 2 if attempt < 3 else 0, _sign(rng, 0.2)))
+        cand = random_scene(
+            rng, w, h, cfg.spec(0, 2 if attempt < 3 else 0, _sign(rng, 0.2, cfg), reserved=n_add)
+        )
         taken = cand.boxes + ([cand.plate.box] if cand.plate is not None else [])
         pairs = [(o.shape, o.colour.name) for o in cand.objects]
-        added = random_objects(rng, w, h, n_add, cand.background, taken, pairs)
+        added = random_objects(rng, w, h, n_add, cand.background, taken, pairs, cfg.object_size)
         if len(added) == n_add:
             base = cand
             break

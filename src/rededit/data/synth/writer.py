@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -31,6 +31,7 @@ from PIL import Image
 
 from rededit.data.schema import manifest_schema
 from rededit.data.synth import text as T
+from rededit.data.synth.scene import BACKGROUND_KINDS, OBJECT_SIZE
 from rededit.data.synth.tasks import BUILDERS, TASKS, Sample, SynthConfig
 from rededit.utils.io import atomic_path, atomic_write_bytes
 from rededit.utils.logging import get_logger
@@ -227,6 +228,10 @@ def synthesize(
     inverse_prob: float = 0.3,
     zh_prob: float = 0.3,
     compress_level: int = 1,
+    max_objects: int = 4,
+    backgrounds: Sequence[str] | None = None,
+    object_size: tuple[float, float] | None = None,
+    sign_prob: float = 1.0,
 ) -> Path:
     """Write a synthetic edit corpus and return the manifest path (report §2.3, §2.5).
 
@@ -242,6 +247,8 @@ def synthesize(
         inverse_prob: probability that a reversible train edit also gets its inverse row.
         zh_prob: fraction of rows that also carry Chinese text columns.
         compress_level: PNG zlib level (1 is fast; the bytes are deterministic for any level).
+        max_objects, backgrounds, object_size, sign_prob: the world's complexity (:class:`SynthConfig`; None
+            and the defaults give the full corpus).
 
     Returns:
         Path of the written manifest.
@@ -254,7 +261,14 @@ def synthesize(
     out.mkdir(parents=True, exist_ok=True)
     weights = dict(DEFAULT_TASK_WEIGHTS if task_weights is None else task_weights)
     bench_n = n // 10 if bench_n is None else bench_n
-    cfg = SynthConfig(min_side, max_side)
+    cfg = SynthConfig(
+        min_side,
+        max_side,
+        max_objects,
+        tuple(backgrounds) if backgrounds else BACKGROUND_KINDS,
+        tuple(object_size) if object_size else OBJECT_SIZE,
+        sign_prob,
+    )
     jobs = [
         _Job(str(out), seed, split, i, task, cfg, inverse_prob, zh_prob, compress_level)
         for split, count in (("train", n), ("bench", bench_n))
