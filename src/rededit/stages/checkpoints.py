@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from rededit.utils.io import atomic_path, atomic_write_text
+from rededit.utils.io import atomic_path, atomic_write_text, make_private_temp_public
 
 EMA_STATE_KEY = "EMA"
 EXPORT_CONFIG = "rededit.yaml"
@@ -172,7 +172,10 @@ def export_editor(
     try:
         # save_pretrained writes several files: build the folder aside, then swap it in.
         tmp_dir = Path(tempfile.mkdtemp(prefix=".transformer.", dir=out_dir))
+        make_private_temp_public(tmp_dir)  # mkdtemp is 0700 whatever the umask
         transformer.save_pretrained(tmp_dir)
+        for written in tmp_dir.rglob("*"):  # some writers (safetensors) create 0600 files too
+            make_private_temp_public(written)
         final = out_dir / "transformer"
         if final.exists():
             shutil.rmtree(final)

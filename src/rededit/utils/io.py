@@ -11,11 +11,43 @@ from pathlib import Path
 from typing import Any
 
 
+def current_umask() -> int:
+    """The process umask (Linux: read from ``/proc``; elsewhere set and restored at once)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """Mode a plain ``open(path, "w")`` would give a new file under the current umask."""
+    return 0o666 & ~current_umask()
+
+
+def dir_mode() -> int:
+    """Mode a plain ``mkdir`` would give a new folder under the current umask."""
+    return 0o777 & ~current_umask()
+
+
+def make_private_temp_public(path: str | os.PathLike) -> None:
+    """Give a ``tempfile.mkstemp`` / ``mkdtemp`` result (0600 / 0700 whatever the umask) the mode a plain write
+    would have had, so an artifact renamed into place is readable by whoever the user's umask allows
+    (teammates on shared storage)."""
+    os.chmod(path, dir_mode() if Path(path).is_dir() else file_mode())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it to ``path`` (atomic on POSIX).
 
-    On an exception the temporary file is removed and ``path`` is left untouched.
+    On an exception the temporary file is removed and ``path`` is left untouched. The file gets the mode a
+    plain write would give under the umask (``mkstemp`` alone makes it 0600).
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -24,6 +56,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # After the writer: some (safetensors) replace the file with a 0600 one of their own.
+        make_private_temp_public(tmp_path)
         os.replace(tmp_path, final)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
