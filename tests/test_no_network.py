@@ -98,3 +98,30 @@ def test_tiny_eval_opens_no_connection(no_network, tmp_path, monkeypatch) -> Non
     main()
     assert (out / "metrics.json").is_file()
     assert no_network == []
+
+
+def test_importing_rededit_switches_the_hub_offline_before_it_is_imported(tmp_path) -> None:
+    # Issue 17 §3: HF_HUB_OFFLINE was set in main(), after huggingface_hub had read it (~25 s of DNS tries).
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    code = "import rededit, huggingface_hub.constants as c; print(c.HF_HUB_OFFLINE)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+    env["HF_HUB_OFFLINE"] = "0"  # an explicit user choice wins
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("kind", ["backbone", "vae"])
+def test_a_hub_id_is_a_missing_folder_not_a_download(no_network, kind) -> None:
+    from rededit.models.backbone import EditBackbone
+    from rededit.models.vae import QwenImageVAE
+
+    with pytest.raises(FileNotFoundError, match="no such folder.*never downloads"):
+        if kind == "backbone":
+            EditBackbone(pretrained_path="Qwen/Qwen-Image-Edit")
+        else:
+            QwenImageVAE(path="Qwen/Qwen-Image-Edit", subfolder="vae")
+    assert no_network == []

@@ -55,6 +55,7 @@ from rededit.models.fireedit import (
 from rededit.models.packing import img_shapes_for, pack_latents, unpack_latents
 from rededit.models.vae import as_dtype
 from rededit.utils.logging import get_logger
+from rededit.utils.offline import require_local_folder
 
 log = get_logger(__name__)
 
@@ -146,6 +147,7 @@ class EditBackbone(nn.Module):
             raise ValueError("EditBackbone needs exactly one of `transformer_config` or `pretrained_path`")
         dtype = as_dtype(torch_dtype)
         if pretrained_path is not None:
+            require_local_folder(pretrained_path, "backbone.pretrained_path")
             kwargs: dict[str, Any] = {"torch_dtype": dtype} if dtype is not None else {}
             if subfolder:
                 kwargs["subfolder"] = subfolder

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rededit.utils.logging import get_logger
+from rededit.utils.offline import require_local_folder
 
 log = get_logger(__name__)
 
@@ -155,6 +156,7 @@ class QwenImageVAE(LatentVAE):
             raise ValueError(f"sample_mode must be 'argmax' or 'sample', got {sample_mode!r}")
         torch_dtype = as_dtype(dtype)
         if path is not None:
+            require_local_folder(path, "vae.path")
             kwargs: dict[str, Any] = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
             if subfolder:
                 kwargs["subfolder"] = subfolder
