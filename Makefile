@@ -8,9 +8,12 @@ STAMP := $(VENV)/.installed
 # offline wheels); only Ray and wandb stay optional.
 EXTRAS ?= dev,face,ocr,engine,slurm,deepspeed
 DEMO_DIR ?= outputs/demo
-DEMO_N ?= 2500
-DEMO_BUDGET ?= 2048
-DEMO_DATA = data.manifest=$(DEMO_DIR)/corpus/manifest.parquet data.text_cache=$(DEMO_DIR)/text_cache data.token_budget=$(DEMO_BUDGET)
+DEMO_N ?= 6000
+# The demo's simpler world (experiments/demo/README.md): 64×64 pictures, at most 2 large shapes, solid or gradient
+# backgrounds, signs only in the text task, English texts (the embedded MiniLM encoder is English-only).
+DEMO_WORLD ?= --min-side 64 --max-side 64 --max-objects 2 --backgrounds solid,gradient --object-size 0.3,0.45 \
+	--sign-prob 0 --zh-prob 0
+DEMO_DATA = data.manifest=$(DEMO_DIR)/corpus/manifest.parquet data.text_cache=$(DEMO_DIR)/text_cache
 # Never reach a model hub at run time (see OFFLINE.md); tokenizer threads stay off for the 2-core default.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -30,16 +33,15 @@ $(STAMP): setup.cfg pyproject.toml
 
 venv: $(STAMP) ## create .venv and install rededit with its dev extras
 
-demo: $(STAMP) ## build the synthetic corpus, train the tiny editor (pretrain -> SFT) and write outputs/demo/report.md
-	$(BIN)/rededit-data synth --out $(DEMO_DIR)/corpus --n $(DEMO_N) --seed 0 --min-side 64 --max-side 128
+demo: $(STAMP) ## build the synthetic corpus, train the tiny editor (one stage) and write outputs/demo/report.md
+	$(BIN)/rededit-data synth --out $(DEMO_DIR)/corpus --n $(DEMO_N) --seed 0 $(DEMO_WORLD)
 	$(BIN)/rededit-data validate $(DEMO_DIR)/corpus/manifest.parquet
-	$(BIN)/rededit-data buckets --manifest $(DEMO_DIR)/corpus/manifest.parquet --buckets tiny --token-budget $(DEMO_BUDGET) \
+	$(BIN)/rededit-data buckets --manifest $(DEMO_DIR)/corpus/manifest.parquet --buckets tiny --token-budget 2048 \
 		--world-size 2 --rank-schedule $(DEMO_DIR)/rank_schedule.jsonl --top 12
 	$(BIN)/rededit-data encode-text --manifest $(DEMO_DIR)/corpus/manifest.parquet --cache $(DEMO_DIR)/text_cache
-	$(BIN)/rededit-train experiment=demo_pretrain $(DEMO_DATA) hydra.run.dir=$(DEMO_DIR)/pretrain
-	$(BIN)/rededit-train experiment=demo_sft $(DEMO_DATA) stage.init_from=$(DEMO_DIR)/pretrain hydra.run.dir=$(DEMO_DIR)
+	$(BIN)/rededit-train experiment=demo $(DEMO_DATA) hydra.run.dir=$(DEMO_DIR)
 	$(BIN)/python -m rededit.eval.demo_report --checkpoint $(DEMO_DIR)/export --manifest $(DEMO_DIR)/corpus/manifest.parquet \
-		--out $(DEMO_DIR) --runs pretrain=$(DEMO_DIR)/pretrain sft=$(DEMO_DIR)
+		--out $(DEMO_DIR) --max-per-task 16 --runs demo=$(DEMO_DIR)
 	$(BIN)/rededit-eval checkpoint=$(DEMO_DIR)/export benchmark.manifest_path=$(DEMO_DIR)/corpus/manifest.parquet \
 		benchmark.max_per_task=8 out_dir=$(DEMO_DIR)/eval
 	@echo "demo: see $(DEMO_DIR)/report.md, $(DEMO_DIR)/grid.png, $(DEMO_DIR)/loss_curves.png, $(DEMO_DIR)/eval/table.md"

@@ -191,3 +191,32 @@ def test_learnability_benchmark_smoke(tmp_path) -> None:
     table = (out / "table.md").read_text()
     assert "| demo | 3 |" in table
     assert np.isfinite(arm["train_wall_s"])
+
+
+# ------------------------------------------------------------------------------------ learning-rate schedule
+def test_lr_factor_warmup_then_cosine_to_the_floor() -> None:
+    from rededit.stages.base import lr_factor
+
+    kw = {"warmup": 10, "total": 110, "min_ratio": 0.1}
+    assert lr_factor(0, decay="cosine", **kw) == pytest.approx(0.1)
+    assert lr_factor(9, decay="cosine", **kw) == pytest.approx(1.0)
+    assert lr_factor(10, decay="cosine", **kw) == pytest.approx(1.0)
+    assert lr_factor(60, decay="cosine", **kw) == pytest.approx(0.55)
+    assert lr_factor(110, decay="cosine", **kw) == pytest.approx(0.1)
+    assert lr_factor(500, decay="cosine", **kw) == pytest.approx(0.1)  # past the end: the floor
+    assert lr_factor(60, decay="none", **kw) == 1.0
+    factors = [lr_factor(s, decay="cosine", **kw) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(factors, factors[1:]))
+
+
+def test_stage_rejects_an_unknown_decay() -> None:
+    from rededit.stages.base import BaseStage
+
+    with pytest.raises(ValueError, match="lr_decay"):
+        BaseStage(
+            backbone=lambda **_: None,
+            vae=torch.nn.Identity(),
+            timesteps=None,
+            optimizer=torch.optim.AdamW,
+            lr_decay="linear",
+        )

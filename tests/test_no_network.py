@@ -119,7 +119,7 @@ def test_a_hub_id_is_a_missing_folder_not_a_download(no_network, kind) -> None:
     from rededit.models.backbone import EditBackbone
     from rededit.models.vae import QwenImageVAE
 
-    with pytest.raises(FileNotFoundError, match="no such folder.*never downloads"):
+    with pytest.raises(FileNotFoundError, match=r"no such folder.*never downloads"):
         if kind == "backbone":
             EditBackbone(pretrained_path="Qwen/Qwen-Image-Edit")
         else:

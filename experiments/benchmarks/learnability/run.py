@@ -15,7 +15,8 @@ Arms run one after another (``--jobs 2`` runs two at once, each on ``--threads``
 ``jobs × threads`` ≤ the cores, and the machine's load is written beside the figures). Outputs:
 ``<out>/<arm>/`` (the run and its ``report/``), ``<out>/results.json`` and ``<out>/table.md``.
 
-``--smoke`` shrinks everything (a few steps, 2 samples per task) for the default test tier.
+``--collect DIR`` only redraws ``DIR/table.md`` from the ``*.json`` arm files in ``DIR`` (the recorded lever
+table in ``results/`` is regenerated this way). ``--smoke`` shrinks everything (a few steps, 2 samples per task) for the default test tier.
 """
 
 from __future__ import annotations
@@ -142,31 +143,50 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def render_table(rows: list[dict[str, Any]]) -> str:
-    """One line per arm: steps, per-task ratio (success), goal count, text-following and T2I success."""
+    """One line per arm: steps, per-task error ratio (programmatic success), mean PSNR outside the edit over
+    the local-edit tasks, T2I success, colour text-following and the per-task goal count."""
     head = (
         "| arm | steps | "
         + " | ".join(TASKS)
-        + " | t2i success | colour follows text | ratio ≤ 0.5 & PSNR ≥ 25 |"
+        + " | PSNR outside, local edits (dB) | t2i success | colour follows text | ratio ≤ 0.5 & PSNR ≥ 25 |"
     )
-    lines = [head, "|" + "---|" * (len(TASKS) + 5)]
+    lines = [head, "|" + "---|" * (len(TASKS) + 6)]
     for r in rows:
         cells = []
         for t in TASKS:
             st = r["tasks"].get(t, {})
             cells.append(f"{_fmt(st.get('error_ratio'), '.2f')} ({_fmt(st.get('success'), '.2f')})")
+        outside = [st.get("psnr_outside") for st in r["tasks"].values() if st.get("psnr_outside") is not None]
+        outside_mean = sum(outside) / len(outside) if outside else None
         t2i = r["tasks"].get("t2i", {}).get("success")
         tf = (r.get("text_following") or {}).get("success")
         g = r["goal"]
         lines.append(
-            f"| {r['arm']} | {r['optimizer_steps']} | " + " | ".join(cells) + f" | {_fmt(t2i, '.2f')} | "
+            f"| {r['arm']} | {r['optimizer_steps']} | "
+            + " | ".join(cells)
+            + f" | {_fmt(outside_mean, '.1f')} | {_fmt(t2i, '.2f')} | "
             f"{_fmt(tf, '.2f')} | {g['passed']}/{g['checked']} |"
         )
     return "\n".join(lines) + "\n"
 
 
+def collect(folder: Path) -> int:
+    """Write ``folder/table.md`` from every arm file (``*.json`` with an ``"arm"`` key) in ``folder``, by name."""
+    rows = []
+    for path in sorted(folder.glob("*.json")):
+        data = json.loads(path.read_text())
+        if "arm" in data:
+            rows.append({**data, "arm": path.stem})
+    if not rows:
+        raise SystemExit(f"--collect {folder}: no arm JSON files")
+    (folder / "table.md").write_text(render_table(rows))
+    sys.stdout.write(render_table(rows))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--manifest", required=True)
+    p.add_argument("--manifest", default=None, help="corpus manifest (required unless --collect)")
     p.add_argument("--text-cache", default=None)
     p.add_argument("--out", default=str(HERE / "runs"))
     p.add_argument("--experiment", default="demo")
@@ -180,7 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-per-task", type=int, default=16)
     p.add_argument("--smoke", action="store_true", help="a few steps and 2 samples per task (test tier)")
+    p.add_argument(
+        "--collect", default=None, help="redraw DIR/table.md from the arm JSON files in DIR, then exit"
+    )
     args = p.parse_args(argv)
+    if args.collect:
+        return collect(Path(args.collect))
+    if not args.manifest:
+        p.error("--manifest is required")
     if args.smoke:
         args.max_steps, args.max_per_task = 3, 2
     arms = []

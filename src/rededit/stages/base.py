@@ -15,6 +15,9 @@ what the uninterrupted run would have drawn.
 
 from __future__ import annotations
 
+import functools
+import math
+
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,17 @@ log = get_logger(__name__)
 
 # Distinct streams per (epoch, data step): the sampler's step restarts each epoch.
 _STEPS_PER_EPOCH_STRIDE = 10_000_000
+
+
+def lr_factor(step: int, *, warmup: int, total: int, decay: str, min_ratio: float) -> float:
+    """Learning-rate multiplier at optimizer step ``step``: linear warm-up over ``warmup`` steps, then constant
+    (``decay="none"``) or a cosine from 1 to ``min_ratio`` at step ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if decay == "cosine" and total > warmup:
+        progress = min(1.0, (step - warmup) / (total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
 
 
 def _hidden(module: nn.Module | None) -> list:
@@ -58,6 +72,9 @@ class BaseStage(L.LightningModule):
         optimizer: factory ``(param_groups) -> Optimizer`` (``_partial_`` AdamW of Table 1).
         weight_decay: decay of weight matrices (norms, biases and embeddings get none).
         warmup_steps: linear LR warm-up (Table 1: 0 for Pretrain/CT, 500 for SFT/DPO).
+        lr_decay: ``"none"`` (constant after warm-up; Table 1) or ``"cosine"``: from the peak to
+            ``min_lr_ratio`` × peak at ``trainer.max_steps`` (short CPU runs end far better annealed).
+        min_lr_ratio: floor of the cosine decay.
         init_from: previous stage's checkpoint (file or run folder): backbone weights only (§3, Fig. 8).
         init_from_ema: take the EMA weights of ``init_from`` when it has them.
         seed: base of every random draw.
@@ -79,6 +96,8 @@ class BaseStage(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         weight_decay: float = 0.01,
         warmup_steps: int = 0,
+        lr_decay: str = "none",
+        min_lr_ratio: float = 0.1,
         init_from: str | None = None,
         init_from_ema: bool = True,
         seed: int = 0,
@@ -102,6 +121,10 @@ class BaseStage(L.LightningModule):
         self.optimizer_factory = optimizer
         self.weight_decay = float(weight_decay)
         self.warmup_steps = int(warmup_steps)
+        if lr_decay not in ("none", "cosine"):
+            raise ValueError(f"stage.lr_decay must be 'none' or 'cosine', got {lr_decay!r}")
+        self.lr_decay = lr_decay
+        self.min_lr_ratio = float(min_lr_ratio)
         self.init_from = init_from
         self.init_from_ema = init_from_ema
         self.seed = int(seed)
@@ -328,10 +351,15 @@ class BaseStage(L.LightningModule):
         self._load_deferred_init_from()  # runs after materialisation, before a resumed checkpoint loads
         groups = self.backbone.trainable_parameter_groups(self.weight_decay)
         optimizer = self.optimizer_factory(groups)
-        if self.warmup_steps <= 0:
+        if self.warmup_steps <= 0 and self.lr_decay == "none":
             return optimizer
-        warmup = self.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        total = int(self.trainer.max_steps) if self._trainer is not None else -1
+        if self.lr_decay != "none" and total <= 0:
+            raise ValueError(f"stage.lr_decay={self.lr_decay!r} needs trainer.max_steps > 0 (the decay's length)")
+        factor = functools.partial(
+            lr_factor, warmup=self.warmup_steps, total=total, decay=self.lr_decay, min_ratio=self.min_lr_ratio
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
