@@ -38,7 +38,7 @@ def test_nonfinite_gradient_skips_the_optimizer_step(tiny_module, tmp_path) -> N
     assert all(torch.isfinite(v).all() for v in module.weights().values())
     assert int(opt[3][0]["step"]) == 3  # AdamW counted the three real updates only
     assert (guard.total, guard.consecutive) == (1, 0)
-    assert guard.state_dict() == {"total": 1}
+    assert guard.state_dict() == {"total": 1, "consecutive": 0}
 
 
 def test_a_finite_step_resets_the_count(tiny_module, tmp_path) -> None:
@@ -67,4 +67,21 @@ def test_max_consecutive_stops_training_naming_the_batch(tiny_module, tmp_path) 
 def test_guard_state_round_trip() -> None:
     guard = NaNGuard()
     guard.load_state_dict({"total": 5})
-    assert guard.state_dict() == {"total": 5}
+    assert guard.state_dict() == {"total": 5, "consecutive": 0}
+    guard.load_state_dict({"total": 5, "consecutive": 2})
+    assert guard.state_dict() == {"total": 5, "consecutive": 2}
+
+
+def test_a_run_that_ends_on_skipped_updates_fails(tiny_module, tmp_path) -> None:
+    # Issue 17 §2: with a large max_consecutive the run finished (exit 0, editor exported) although its
+    # last updates were all skipped.
+    module = tiny_module(nan_batches={2, 3})
+    guard = NaNGuard(max_consecutive=100)
+    trainer = tiny_trainer(tmp_path, [guard], max_steps=4)
+    with pytest.raises(FloatingPointError, match=r"ended on 2 skipped non-finite update"):
+        trainer.fit(module, train_dataloaders=tiny_loader())
+    # A bad step followed by good ones still finishes.
+    module = tiny_module(nan_batches={1})
+    tiny_trainer(tmp_path / "ok", [NaNGuard(max_consecutive=100)], max_steps=4).fit(
+        module, train_dataloaders=tiny_loader()
+    )

@@ -3,7 +3,9 @@
 A non-finite loss or gradient skips the optimizer step: gradients are set to ``None`` so AdamW leaves
 every parameter and its moments untouched (zero gradients would still move weights through momentum).
 Under DDP the gradients are already all-reduced, so every rank skips the same step. The batch's ids are
-logged so the data can be checked; ``max_consecutive`` bad steps in a row stop training with an error.
+logged so the data can be checked; ``max_consecutive`` bad steps in a row stop training with an error, and
+so does a run that *ends* on skipped steps (however large ``max_consecutive`` is): its last updates never
+happened, so it must not exit 0 and export an editor as if it had finished.
 """
 
 from __future__ import annotations
@@ -85,13 +87,22 @@ class NaNGuard(L.Callback):
         for p in params:
             p.grad = None
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.consecutive:
+            raise FloatingPointError(
+                f"training ended on {self.consecutive} skipped non-finite update(s) (last batch ids "
+                f"{self._last_ids[:8]}): the run did not finish cleanly, nothing is exported. Lower the learning "
+                "rate or check the data, then resume from the last checkpoint."
+            )
+
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._last_ids = list(batch.get("ids", [])) if isinstance(batch, dict) else []
 
     def state_dict(self) -> dict[str, Any]:
-        return {"total": self.total}
+        return {"total": self.total, "consecutive": self.consecutive}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.total = int(state.get("total", 0))
+        self.consecutive = int(state.get("consecutive", 0))
