@@ -12,6 +12,7 @@ editor exported as a diffusers folder (``export/``).
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from rededit.callbacks.preemption import PreemptionCheckpoint
 from rededit.utils.io import atomic_write_text
 from rededit.utils.logging import get_logger
 from rededit.utils.run_id import register_resolvers, resolve_ckpt_path
@@ -121,6 +123,15 @@ def set_torch_threads(requested: int | None) -> int:
     return requested
 
 
+def preemption_exit_code(trainer: L.Trainer) -> int | None:
+    """``128 + signal number`` (the shell's convention for "killed by") if a :class:`PreemptionCheckpoint`
+    stopped this fit, else None. Ranks that did not see the signal themselves report SIGTERM's code."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, PreemptionCheckpoint) and cb.saved_path is not None:
+            return 128 + int(cb.received or signal.SIGTERM)
+    return None
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one stage; returns the final logged metrics and the run's paths."""
     L.seed_everything(cfg.seed, workers=True)
@@ -135,6 +146,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    preempted = preemption_exit_code(trainer)
+    if preempted is not None:
+        # Checkpoint saved by PreemptionCheckpoint; the run did not finish: no export, non-zero exit.
+        log.warning(
+            "preempted at step %d: checkpoint saved, nothing exported; resume with ckpt_path=auto "
+            "(hydra.run.dir=%s). Exit code %d.",
+            trainer.global_step,
+            out_dir,
+            preempted,
+        )
+        raise SystemExit(preempted)
     exported = None if trainer.fast_dev_run else export(model, trainer, cfg)
     return {"metrics": metrics, "output_dir": str(out_dir), "export_dir": str(exported) if exported else None}
 
