@@ -3,6 +3,7 @@ text-following check, and the learnability benchmark's smoke run."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -38,24 +39,23 @@ def test_region_weights_move_weight_into_the_edit_and_keep_each_sample_at_mean_o
     assert torch.allclose(w[1], torch.ones_like(w[1])) and torch.allclose(w[2], torch.ones_like(w[2]))
 
 
-def test_region_weight_changes_the_stage_loss_only_where_there_is_a_mask() -> None:
+def _stage(**kwargs):
+    """A bare stage (no backbone built) with ``kwargs``: enough to check its option handling."""
     from rededit.stages.base import BaseStage
 
-    with pytest.raises(ValueError, match="region_weight"):
-        BaseStage(
-            backbone=lambda **_: None,
-            vae=torch.nn.Identity(),
-            timesteps=None,
-            optimizer=torch.optim.AdamW,
-            weighting={"scheme": "uniform", "region_weight": -1},
-        )
-    stage = BaseStage(
+    return BaseStage(
         backbone=lambda **_: None,
         vae=torch.nn.Identity(),
         timesteps=None,
         optimizer=torch.optim.AdamW,
-        weighting={"scheme": "x0_mse", "region_weight": 3},
+        **kwargs,
     )
+
+
+def test_region_weight_is_taken_out_of_the_sigma_weighting() -> None:
+    with pytest.raises(ValueError, match="region_weight"):
+        _stage(weighting={"scheme": "uniform", "region_weight": -1})
+    stage = _stage(weighting={"scheme": "x0_mse", "region_weight": 3})
     assert stage.region_weight == 3.0 and stage.weighting == {"scheme": "x0_mse"}
 
 
@@ -206,17 +206,9 @@ def test_lr_factor_warmup_then_cosine_to_the_floor() -> None:
     assert lr_factor(500, decay="cosine", **kw) == pytest.approx(0.1)  # past the end: the floor
     assert lr_factor(60, decay="none", **kw) == 1.0
     factors = [lr_factor(s, decay="cosine", **kw) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(factors, factors[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(factors))
 
 
 def test_stage_rejects_an_unknown_decay() -> None:
-    from rededit.stages.base import BaseStage
-
     with pytest.raises(ValueError, match="lr_decay"):
-        BaseStage(
-            backbone=lambda **_: None,
-            vae=torch.nn.Identity(),
-            timesteps=None,
-            optimizer=torch.optim.AdamW,
-            lr_decay="linear",
-        )
+        _stage(lr_decay="linear")

@@ -44,4 +44,6 @@ def test_exported_transformer_folder_follows_the_umask(tmp_path, umask) -> None:
     assert stat.S_IMODE(folder.stat().st_mode) == 0o775 == dir_mode()
     for f in [*folder.iterdir(), *export.iterdir()]:
         if f.is_file():
-            assert stat.S_IMODE(f.stat().st_mode) & 0o044 == 0o044, f  # group/other may read, as the umask says
+            assert stat.S_IMODE(f.stat().st_mode) & 0o044 == 0o044, (
+                f
+            )  # group/other may read, as the umask says

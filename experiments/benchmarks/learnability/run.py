@@ -68,7 +68,7 @@ def train_and_score(name: str, overrides: list[str], args: argparse.Namespace) -
         f"data.text_cache={args.text_cache or 'null'}",
         f"torch_threads={args.threads}",
         f"seed={args.seed}",
-        f"+trainer.max_time=00:{hh:02d}:{mm:02d}:{ss:02d}",
+        f"++trainer.max_time=00:{hh:02d}:{mm:02d}:{ss:02d}",
         f"trainer.max_steps={args.max_steps}",
         f"hydra.run.dir={out}",
         *overrides,

@@ -13,9 +13,13 @@ writes into ``out_dir`` (each file atomically):
 * ``grid.png``: rows = samples (``grid_per_task`` of every task), columns source (Picture 1; blank for
   text-to-image) | instruction | edit | ground truth;
 * ``metrics.json``: per task and overall ``n``, edit-region error, identity baseline, their ratio, PSNR
-  outside the edit region (and the full-image metrics), the goal check, and the settings (checkpoint,
-  weights, steps, cfg, seed, split);
-* ``report.md``: the per-task table with the goal check (ratio ≤ 0.5 and PSNR outside ≥ 25 dB);
+  outside the edit region (and the full-image metrics), programmatic success (the synthetic bench's judges,
+  :mod:`rededit.eval.judges.programmatic`; text without OCR), the colour text-following check
+  (:mod:`rededit.eval.text_following`), the goal summary, and the settings (checkpoint, weights, steps, cfg,
+  seed, split);
+* ``report.md``: the per-task table with the goal check (ratio ≤ 0.5 and PSNR outside ≥ 25 dB) and the demo
+  issue's goals (:func:`goal_summary`: ≥ 7 tasks incl. ≥ 4 object-level at the per-task goal, every ratio
+  < 0.9, text-following ≥ 0.7, object-level success ≥ 0.5, T2I success ≥ 0.3);
 * ``loss_curves.png`` (when Lightning CSV logs are given): ``train/loss_step`` against ``step``.
 
 Goal check per edit task: ``ratio ≤ 0.5`` and, where the task has pixels outside its edit region, mean PSNR

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import math
-
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -355,7 +354,9 @@ class BaseStage(L.LightningModule):
             return optimizer
         total = int(self.trainer.max_steps) if self._trainer is not None else -1
         if self.lr_decay != "none" and total <= 0:
-            raise ValueError(f"stage.lr_decay={self.lr_decay!r} needs trainer.max_steps > 0 (the decay's length)")
+            raise ValueError(
+                f"stage.lr_decay={self.lr_decay!r} needs trainer.max_steps > 0 (the decay's length)"
+            )
         factor = functools.partial(
             lr_factor, warmup=self.warmup_steps, total=total, decay=self.lr_decay, min_ratio=self.min_lr_ratio
         )
