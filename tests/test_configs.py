@@ -243,7 +243,14 @@ def test_several_callbacks_are_one_override(tmp_path) -> None:
     from rededit.callbacks.nan_guard import NaNGuard
 
     cfg = compose(["callbacks=[default,ema,nan_guard]"], tmp_path)
-    assert set(cfg.callbacks) == {"model_checkpoint", "lr_monitor", "progress", "ema", "nan_guard"}
+    assert set(cfg.callbacks) == {
+        "model_checkpoint",
+        "lr_monitor",
+        "progress",
+        "preemption",
+        "ema",
+        "nan_guard",
+    }
     kinds = {type(c) for c in _instantiate_group(cfg.callbacks)}
     assert {EMA, NaNGuard} <= kinds
     # The selection is independent of the strategy group (issue 3: composable with any strategy=).

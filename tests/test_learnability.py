@@ -212,3 +212,18 @@ def test_lr_factor_warmup_then_cosine_to_the_floor() -> None:
 def test_stage_rejects_an_unknown_decay() -> None:
     with pytest.raises(ValueError, match="lr_decay"):
         _stage(lr_decay="linear")
+
+
+def test_region_weight_anneals_to_its_final_value() -> None:
+    from types import SimpleNamespace
+
+    stage = _stage(weighting={"scheme": "x0_mse", "region_weight": 5, "region_weight_final": 1})
+    assert stage.region_weight_now() == 5.0  # no trainer yet: the start value
+    alphas = []
+    for step in (0, 50, 100, 200):
+        stage._trainer = SimpleNamespace(max_steps=100, global_step=step)
+        alphas.append(stage.region_weight_now())
+    assert alphas == pytest.approx([5.0, 3.0, 1.0, 1.0])
+    constant = _stage(weighting={"scheme": "x0_mse", "region_weight": 5})
+    constant._trainer = SimpleNamespace(max_steps=100, global_step=50)
+    assert constant.region_weight_now() == 5.0

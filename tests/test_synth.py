@@ -294,3 +294,32 @@ def test_cli_runs(tmp_path, monkeypatch, capsys):
 def test_workers_give_identical_output(corpus, tmp_path):
     par = synthesize(tmp_path / "par", N, SEED, bench_n=BENCH_N, workers=2, **SIDES)
     assert par.read_bytes() == corpus.read_bytes()
+
+
+def test_synth_refuses_an_existing_corpus_without_overwrite(tmp_path, capsys) -> None:
+    # Issue 17 §2: a synth killed over an existing corpus left the old manifest pointing at new images.
+    from rededit.cli.data import main as data_main
+
+    out = tmp_path / "corpus"
+    args = ["synth", "--out", str(out), "--n", "6", "--bench-n", "0", "--min-side", "64", "--max-side", "64"]
+    assert data_main(args) == 0
+    before = (out / "manifest.parquet").read_bytes()
+    assert data_main([*args, "--seed", "1"]) == 2
+    assert "already holds a corpus" in capsys.readouterr().err
+    assert (out / "manifest.parquet").read_bytes() == before  # untouched
+
+    def killed(*_a, **_k):
+        raise KeyboardInterrupt  # the kill arrives while the new images are written
+
+    import rededit.data.synth.writer as writer
+
+    real = writer._run_job
+    writer._run_job = killed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            synthesize(out, n=6, seed=1, bench_n=0, min_side=64, max_side=64, overwrite=True)
+    finally:
+        writer._run_job = real
+    assert not (out / "manifest.parquet").exists()  # no stale manifest over half-new images
+    assert data_main([*args, "--seed", "1", "--overwrite"]) == 0
+    assert (out / "manifest.parquet").read_bytes() != before

@@ -126,7 +126,7 @@ def set_torch_threads(requested: int | None) -> int:
 def preemption_exit_code(trainer: L.Trainer) -> int | None:
     """``128 + signal number`` (the shell's convention for "killed by") if a :class:`PreemptionCheckpoint`
     stopped this fit, else None. Ranks that did not see the signal themselves report SIGTERM's code."""
-    for cb in trainer.callbacks:
+    for cb in getattr(trainer, "callbacks", ()):
         if isinstance(cb, PreemptionCheckpoint) and cb.saved_path is not None:
             return 128 + int(cb.received or signal.SIGTERM)
     return None

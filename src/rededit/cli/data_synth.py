@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 
@@ -55,6 +56,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=1.0,
         help="world: multiplier of the chance of a sign outside the text task",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a corpus already in --out (refused without this flag)",
+    )
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--inverse-prob", type=float, default=0.3, help="Task Inversion rate for reversible edits")
     p.add_argument("--zh-prob", type=float, default=0.3, help="fraction of rows with Chinese texts")
@@ -73,22 +79,27 @@ def run(args: argparse.Namespace) -> int:
     from rededit.data.synth import synthesize
 
     t0 = time.perf_counter()
-    path = synthesize(
-        args.out,
-        args.n,
-        args.seed,
-        bench_n=args.bench_n,
-        task_weights=args.task_weights,
-        min_side=args.min_side,
-        max_side=args.max_side,
-        workers=args.workers,
-        inverse_prob=args.inverse_prob,
-        zh_prob=args.zh_prob,
-        max_objects=args.max_objects,
-        backgrounds=args.backgrounds.split(",") if args.backgrounds else None,
-        object_size=tuple(float(v) for v in args.object_size.split(",")) if args.object_size else None,
-        sign_prob=args.sign_prob,
-    )
+    try:
+        path = synthesize(
+            args.out,
+            args.n,
+            args.seed,
+            bench_n=args.bench_n,
+            task_weights=args.task_weights,
+            min_side=args.min_side,
+            max_side=args.max_side,
+            workers=args.workers,
+            inverse_prob=args.inverse_prob,
+            zh_prob=args.zh_prob,
+            max_objects=args.max_objects,
+            backgrounds=args.backgrounds.split(",") if args.backgrounds else None,
+            object_size=tuple(float(v) for v in args.object_size.split(",")) if args.object_size else None,
+            sign_prob=args.sign_prob,
+            overwrite=args.overwrite,
+        )
+    except FileExistsError as err:
+        sys.stderr.write(f"rededit-data synth: {err}\n")
+        return 2
     table = pq.read_table(path, columns=["task", "split"])
     counts: dict[str, int] = {}
     for task, split in zip(table.column("task").to_pylist(), table.column("split").to_pylist()):

@@ -67,7 +67,9 @@ class BaseStage(L.LightningModule):
         curriculum: optional :class:`~rededit.flow.curriculum.ProgressiveTimestepCurriculum` (§3.3).
         weighting: ``{scheme, mean, std}`` for :func:`~rededit.flow.weighting.loss_weight` (§3.8), plus an
             optional ``region_weight`` α ≥ 0 (default 0, off): per-pixel weights ``1 + α·edit_mask``, renormalised
-            to mean 1 per sample (:func:`~rededit.flow.weighting.region_weights`), for samples with a mask.
+            to mean 1 per sample (:func:`~rededit.flow.weighting.region_weights`), for samples with a mask;
+            ``region_weight_final`` (default: the same α) anneals α along a cosine to that value at
+            ``trainer.max_steps`` (learn *what* to edit early, preservation late).
         optimizer: factory ``(param_groups) -> Optimizer`` (``_partial_`` AdamW of Table 1).
         weight_decay: decay of weight matrices (norms, biases and embeddings get none).
         warmup_steps: linear LR warm-up (Table 1: 0 for Pretrain/CT, 500 for SFT/DPO).
@@ -115,8 +117,12 @@ class BaseStage(L.LightningModule):
         self.curriculum = curriculum
         self.weighting = dict(weighting or {"scheme": "uniform"})
         self.region_weight = float(self.weighting.pop("region_weight", 0.0) or 0.0)
-        if self.region_weight < 0:
-            raise ValueError(f"stage.weighting.region_weight must be >= 0, got {self.region_weight}")
+        final = self.weighting.pop("region_weight_final", None)
+        self.region_weight_final = self.region_weight if final is None else float(final)
+        if self.region_weight < 0 or self.region_weight_final < 0:
+            raise ValueError(
+                f"stage.weighting.region_weight(_final) must be >= 0, got {self.region_weight}, {self.region_weight_final}"
+            )
         self.optimizer_factory = optimizer
         self.weight_decay = float(weight_decay)
         self.warmup_steps = int(warmup_steps)
@@ -293,12 +299,21 @@ class BaseStage(L.LightningModule):
         # The backbone's own target: ε − x0, damped below σ_min in x0-prediction mode (see EditBackbone).
         v = self.backbone.velocity_target(x0, eps, sigma)
         err = (v_hat.float() - v).pow(2)
-        if self.region_weight > 0:
-            err = err * region_weights(batch, self.region_weight, err.shape[-2:]).to(err.device)
+        alpha = self.region_weight_now()
+        if alpha > 0:
+            err = err * region_weights(batch, alpha, err.shape[-2:]).to(err.device)
         mse = err.flatten(1).mean(1)
         w = loss_weight(sigma, **self.weighting).to(mse.device)
         parts = {"sigma": sigma, "mse": mse.detach(), "x0": x0, "x_t": x_t, "v_hat": v_hat, "refs": refs}
         return w * mse, parts
+
+    def region_weight_now(self) -> float:
+        """α at this optimizer step: ``region_weight``, annealed (cosine) to ``region_weight_final`` at max_steps."""
+        a0, a1 = self.region_weight, self.region_weight_final
+        if a0 == a1 or self._trainer is None or int(self.trainer.max_steps) <= 0:
+            return a0
+        progress = min(1.0, self.global_step / int(self.trainer.max_steps))
+        return a1 + (a0 - a1) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def compute_loss(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Scalar loss of a batch; stages override this (DPO, NFT, consistency loss)."""

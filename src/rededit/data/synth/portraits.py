@@ -87,6 +87,7 @@ def make_portrait_corpus(
         max_side=side,
         inverse_prob=0.0,
         zh_prob=0.0,
+        overwrite=True,  # the portrait corpus is regenerated whole (deterministic)
     )
     det = YuNetDetector()
     sources = [(img, det.detect(img).boxes[0]) for img in portrait_images()]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import math
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -232,6 +233,7 @@ def synthesize(
     backgrounds: Sequence[str] | None = None,
     object_size: tuple[float, float] | None = None,
     sign_prob: float = 1.0,
+    overwrite: bool = False,
 ) -> Path:
     """Write a synthetic edit corpus and return the manifest path (report §2.3, §2.5).
 
@@ -247,6 +249,9 @@ def synthesize(
         inverse_prob: probability that a reversible train edit also gets its inverse row.
         zh_prob: fraction of rows that also carry Chinese text columns.
         compress_level: PNG zlib level (1 is fast; the bytes are deterministic for any level).
+        overwrite: replace a corpus already in ``out_dir``. Its manifest goes first, so a synth killed midway
+            leaves no manifest at all — never the old one pointing at new images. Without it a folder that
+            holds a corpus (``manifest.parquet`` or ``images/``) is refused.
         max_objects, backgrounds, object_size, sign_prob: the world's complexity (:class:`SynthConfig`; None
             and the defaults give the full corpus).
 
@@ -258,6 +263,15 @@ def synthesize(
     if min_side > max_side:
         raise ValueError(f"min_side={min_side} > max_side={max_side}")
     out = Path(out_dir)
+    old = [p for p in (out / MANIFEST_NAME, out / "images") if p.exists()]
+    if old and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds a corpus ({', '.join(p.name for p in old)}); pass overwrite=True "
+            "(rededit-data synth --overwrite) to replace it, or choose another folder"
+        )
+    if old:
+        (out / MANIFEST_NAME).unlink(missing_ok=True)  # first: no manifest may outlive its images
+        shutil.rmtree(out / "images", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     weights = dict(DEFAULT_TASK_WEIGHTS if task_weights is None else task_weights)
     bench_n = n // 10 if bench_n is None else bench_n
