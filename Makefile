@@ -36,7 +36,7 @@ venv: $(STAMP) ## create .venv and install rededit with its dev extras
 demo: $(STAMP) ## build the synthetic corpus, train the tiny editor (one stage) and write outputs/demo/report.md
 	$(BIN)/rededit-data synth --out $(DEMO_DIR)/corpus --n $(DEMO_N) --seed 0 $(DEMO_WORLD) --overwrite
 	$(BIN)/rededit-data validate $(DEMO_DIR)/corpus/manifest.parquet
-	$(BIN)/rededit-data buckets --manifest $(DEMO_DIR)/corpus/manifest.parquet --buckets tiny --token-budget 2048 \
+	$(BIN)/rededit-data buckets --manifest $(DEMO_DIR)/corpus/manifest.parquet --buckets tiny --token-budget 1024 \
 		--world-size 2 --rank-schedule $(DEMO_DIR)/rank_schedule.jsonl --top 12
 	$(BIN)/rededit-data encode-text --manifest $(DEMO_DIR)/corpus/manifest.parquet --cache $(DEMO_DIR)/text_cache
 	$(BIN)/rededit-train experiment=demo $(DEMO_DATA) hydra.run.dir=$(DEMO_DIR)
