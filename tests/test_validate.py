@@ -338,3 +338,11 @@ def test_cli_unreadable_manifest_exits_2(tmp_path, capsys):
     assert "Traceback" not in err
     assert data_main(["validate", str(tmp_path / "absent.parquet")]) == 2
     assert "manifest not found" in capsys.readouterr().err
+
+
+def test_an_empty_manifest_fails_validation(tmp_path, capsys):
+    # Issue 17 §4: an empty manifest passed `validate` as "OK: 0 rows".
+    path = tmp_path / "manifest.parquet"
+    pq.write_table(manifest_schema().empty_table(), path)
+    assert data_main(["validate", str(path)]) == 1
+    assert "has no rows" in capsys.readouterr().out

@@ -46,6 +46,10 @@ def run(args: argparse.Namespace) -> int:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"error: cannot read manifest {args.manifest} as Parquet: {reason}", file=sys.stderr)
         return 2
+    if len(manifest) == 0:
+        # Nothing to train on is a failed validation, not "OK: 0 rows" (issue 17 §4).
+        print(f"FAILED: {args.manifest} has no rows")
+        return 1
     report = validate_manifest_report(
         manifest, check_files=not args.no_files, sample=args.sample, seed=args.seed
     )
