@@ -232,7 +232,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit status (2 on bad inputs, with a message and no traceback)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = _parser()
     args = parser.parse_args(argv)
     from rededit.data.images import ImageDecodeError, load_image

@@ -1003,7 +1003,6 @@ def evaluate(cfg: DictConfig, *, editor: Any = None, bench: Any = None) -> dict[
 
 def main() -> None:
     """Console entry point (``rededit-eval``; Hydra parses the command line)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import hydra
 
     @hydra.main(config_path=CONF_DIR, config_name="eval", version_base="1.3")

@@ -163,7 +163,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     result = run(cfg)
     log.info("done: %s", result["metrics"])
 

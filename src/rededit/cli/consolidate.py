@@ -13,7 +13,6 @@ after fit: ``transformer/`` (EMA weights when the run had EMA), ``backbone_raw.s
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from rededit.utils.logging import get_logger
@@ -56,7 +55,6 @@ def consolidate_to_editor(checkpoint: str | Path, out: str | Path, config: str |
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(prog="rededit-consolidate", description=__doc__.split("\n")[0])
     parser.add_argument(
         "checkpoint", help="a .ckpt file, a sharded/DeepSpeed checkpoint folder, or a run folder"

