@@ -45,6 +45,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from rededit.eval.edit_metrics import METRIC_KEYS, aggregate, aggregate_by_task, edit_metrics
+from rededit.eval.judges.programmatic import bench_sample, judge
 from rededit.eval.text_following import colour_text_following
 from rededit.utils.io import atomic_path, atomic_write_text
 from rededit.utils.logging import get_logger
@@ -186,9 +187,10 @@ def run_edits(
                 cfg_scale=cfg,
                 negative_prompt=negative_prompt,
             ).cpu()
+            for j, s in enumerate(batch):
+                s["pred"] = pred[j]
+            log.info("edited %d %s samples at %dx%d", len(batch), task, h, w)
             if not score:
-                for j, s in enumerate(batch):
-                    s["pred"] = pred[j]
                 continue
             gt = torch.stack([s["target"] for s in batch])
             masks = [s["mask"] if s["mask"] is not None else torch.ones(1, h, w) for s in batch]
@@ -196,10 +198,8 @@ def run_edits(
             source = refs[0] if refs and refs[0].shape == gt.shape else None
             m = edit_metrics(pred, gt, torch.stack(masks), source=source)
             for j, s in enumerate(batch):
-                s["pred"] = pred[j]
                 s["metrics"] = {k: float(m[k][j]) for k in METRIC_KEYS}
                 s["metrics"]["success"] = _judged(pred[j], s, (h, w))
-            log.info("edited %d %s samples at %dx%d", len(batch), task, h, w)
 
 
 def _rate(values: Sequence[float]) -> tuple[float | None, int]:
@@ -215,8 +215,6 @@ def _judged(pred: torch.Tensor, sample: Mapping[str, Any], hw: tuple[int, int]) 
     """
     if sample.get("row") is None:
         return math.nan
-    from rededit.eval.judges.programmatic import bench_sample, judge
-
     result = judge(pred, bench_sample(sample["row"], sample["root"], hw), None)
     return float(result.passed) if result.defined else math.nan
 
@@ -642,7 +640,6 @@ def _parse_runs(items: Sequence[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     p = argparse.ArgumentParser(prog="python -m rededit.eval.demo_report", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="export folder, run folder or .ckpt")
     p.add_argument("--manifest", required=True)

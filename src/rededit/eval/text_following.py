@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from rededit.data.synth.scene import OBJECT_COLOURS, Colour, colour_distance
+from rededit.eval.edit_metrics import to_unit
 
 MIN_DISTANCE = 110.0  # RGB distance between the asked colour and both the source's and the ground truth's
 
@@ -45,8 +46,7 @@ def mean_rgb(image: torch.Tensor, mask: torch.Tensor) -> np.ndarray | None:
     m = mask[0] > 0.5
     if not bool(m.any()):
         return None
-    unit = ((image.detach().double() + 1) / 2).clamp(0, 1)
-    return (unit[:, m].mean(dim=1) * 255).numpy()
+    return (to_unit(image)[:, m].mean(dim=1) * 255).numpy()
 
 
 def erode(mask: torch.Tensor, r: int = 1) -> torch.Tensor:
