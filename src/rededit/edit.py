@@ -38,6 +38,8 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from rededit.utils.logging import get_logger
+from rededit.utils.safe_load import UnsafeCheckpointError
+from rededit.utils.trusted_config import UntrustedConfigError, load_trusted_config
 
 log = get_logger(__name__)
 
@@ -119,7 +121,10 @@ def load_editor(
         raise EditorLoadError(f"checkpoint not found: {path}")
     export = path.is_dir() and is_export_folder(path)
     cfg_path = path / EXPORT_CONFIG if export else _find_config(path)
-    cfg = OmegaConf.load(cfg_path)
+    try:
+        cfg = load_trusted_config(cfg_path)  # a handed folder: no `_target_` outside rededit's own
+    except UntrustedConfigError as err:
+        raise EditorLoadError(str(err)) from err
     if export and not raw:
         # The EMA (or only) weights are the diffusers folder itself: build the backbone from it directly
         # instead of a random init that load_backbone_state would overwrite (matters for 20B models).
@@ -140,7 +145,10 @@ def load_editor(
             except FileNotFoundError as err:
                 raise EditorLoadError(str(err)) from err
         stage = build_editor_from_config(cfg)
-        state, weights = load_backbone_state(path, use_ema=not raw)
+        try:
+            state, weights = load_backbone_state(path, use_ema=not raw)
+        except UnsafeCheckpointError as err:
+            raise EditorLoadError(str(err)) from err
         stage.backbone.load_state_dict(state, strict=True)
     stage.to(device)
     stage.inference_config = cfg

@@ -152,11 +152,11 @@ class EMA(L.Callback):
 
     def _load_shards(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Fill a freshly placed shadow from the resumed DCP directory (every rank reads its shards)."""
-        import torch.distributed.checkpoint as dcp
+        from rededit.parallel.safe_dcp import safe_dcp_load
 
         self._init_shadow(pl_module)  # template with the parameters' mesh and placements
         target = {"state_dict": {DCP_PREFIX + n: v for n, v in self.shadow.items()}}
-        dcp.load(target, checkpoint_id=str(trainer.ckpt_path))
+        safe_dcp_load(target, trainer.ckpt_path)  # a resumed folder may come from anyone: no pickle code
         self.shadow = {n.removeprefix(DCP_PREFIX): v for n, v in target["state_dict"].items()}
         self._load_from_dcp = False
         log.info("EMA: loaded %d sharded tensors from %s", len(self.shadow), trainer.ckpt_path)

@@ -13,6 +13,7 @@ after fit: ``transformer/`` (EMA weights when the run had EMA), ``backbone_raw.s
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from rededit.utils.logging import get_logger
@@ -36,10 +37,11 @@ def consolidate_to_editor(checkpoint: str | Path, out: str | Path, config: str |
     from omegaconf import OmegaConf
 
     from rededit.stages.checkpoints import backbone_from_state, consolidate, export_editor, resolve_checkpoint
+    from rededit.utils.trusted_config import load_trusted_config
 
     ckpt = resolve_checkpoint(checkpoint)
     config = Path(config) if config else find_config(ckpt)
-    cfg = OmegaConf.load(config)
+    cfg = load_trusted_config(config)  # found in (or handed with) a run folder: rededit's targets only
     raw, shadow = consolidate(ckpt)
     backbone = backbone_from_state(cfg, raw)
     ema_state = None
@@ -65,11 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     from rededit.stages.checkpoints import resolve_checkpoint
+    from rededit.utils.safe_load import UnsafeCheckpointError
+    from rededit.utils.trusted_config import UntrustedConfigError
 
-    ckpt = resolve_checkpoint(args.checkpoint)
-    config = Path(args.config) if args.config else find_config(ckpt)
-    out = Path(args.out) if args.out else config.parent / "export_consolidated"
-    consolidate_to_editor(ckpt, out, config)
+    try:
+        ckpt = resolve_checkpoint(args.checkpoint)
+        config = Path(args.config) if args.config else find_config(ckpt)
+        out = Path(args.out) if args.out else config.parent / "export_consolidated"
+        consolidate_to_editor(ckpt, out, config)
+    except (UnsafeCheckpointError, UntrustedConfigError, FileNotFoundError) as err:
+        print(f"rededit-consolidate: {err}", file=sys.stderr)
+        return 2
     print(out)
     return 0
 

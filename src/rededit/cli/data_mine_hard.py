@@ -46,11 +46,12 @@ def load_reward(spec: str):
     """A reward from a YAML file (a ``_target_`` node) or a ``conf/reward`` option composed by Hydra (so an
     option's own defaults list, e.g. ``mix``'s parts, is honoured)."""
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
+
+    from rededit.utils.trusted_config import load_trusted_config
 
     path = Path(spec)
-    if path.is_file():
-        return instantiate(OmegaConf.load(path))
+    if path.is_file():  # a file may have been handed over: rededit's reward classes only
+        return instantiate(load_trusted_config(path))
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 

@@ -10,6 +10,8 @@ Checkpoints (``save_distributed_checkpoint=True``): a DCP directory — every ra
 weights and optimizer state (and the EMA shadow, see ``callbacks/ema.py``) and rank 0 writes the rest
 (loop, sampler and curriculum state, callback states) to ``meta.pt``. The directory is written under
 ``.<name>.tmp`` and swapped in after a barrier, so a kill mid-write keeps the previous checkpoint.
+Resuming (``ckpt_path=``) checks a DCP folder's ``.metadata`` against DCP's own classes first and loads with
+every ``torch.load`` weights-only (:mod:`rededit.parallel.safe_dcp`): the folder may have been handed over.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from rededit.parallel.checkpoint_io import swap_in_dir, tmp_dir_for
 from rededit.parallel.parallelize import ParallelPlan, build_mesh
+from rededit.parallel.safe_dcp import METADATA_FILE, verify_dcp_metadata
 from rededit.utils.logging import get_logger
+from rededit.utils.safe_load import forced_weights_only
 
 log = get_logger(__name__)
 
@@ -68,6 +72,13 @@ class FSDP2Strategy(ModelParallelStrategy):
         log.info(
             "FSDP2Strategy: mesh %s %s", self._device_mesh.mesh_dim_names, tuple(self._device_mesh.shape)
         )
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(self.broadcast(checkpoint_path))
+        if (path / METADATA_FILE).is_file():
+            verify_dcp_metadata(path)  # Lightning reads it with torch's plain-pickle reader next
+        with forced_weights_only():  # DCP's byte entries and Lightning's meta.pt: weights and containers only
+            return super().load_checkpoint(path, weights_only=True)
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rededit.utils.io import atomic_path, atomic_write_text, make_private_temp_public
+from rededit.utils.safe_load import UnsafeCheckpointError, forced_weights_only
 
 EMA_STATE_KEY = "EMA"
 EXPORT_CONFIG = "rededit.yaml"
@@ -94,27 +96,47 @@ def load_backbone_state(path: str | Path, *, use_ema: bool = True) -> tuple[dict
     return state, "raw"
 
 
+def _deepspeed_safe_globals() -> list[Any]:
+    """The non-tensor classes a DeepSpeed ZeRO state file really holds (found in a ZeRO-2 checkpoint's
+    ``*_optim_states.pt`` with ``torch.serialization.get_unsafe_globals_in_checkpoint``)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
 def _load_full_checkpoint(path: Path) -> dict[str, Any]:
-    """The checkpoint as one in-memory dict (``state_dict``, ``callbacks``, ...), whatever wrote it."""
-    with tempfile.TemporaryDirectory(prefix="rededit-consolidate-") as tmp:
-        if is_dcp_dir(path):
-            from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    """The checkpoint as one in-memory dict (``state_dict``, ``callbacks``, ...), whatever wrote it.
 
-            out = Path(tmp) / "full.pt"
-            dcp_to_torch_save(path, out)  # single process: reads every rank's shards
-            # weights_only everywhere: a checkpoint handed to rededit-eval/init_from may come from anyone.
-            ckpt = torch.load(out, map_location="cpu", weights_only=True)
-            meta = path / "meta.pt"
-            if meta.is_file():
-                ckpt = {**torch.load(meta, map_location="cpu", weights_only=True), **ckpt}
-            return ckpt
-        if is_deepspeed_dir(path):
-            from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+    Nothing is unpickled beyond weights and plain containers (a checkpoint handed to rededit-eval or
+    ``init_from`` may come from anyone): ``.ckpt`` files load with ``weights_only=True``, DCP folders through
+    :mod:`rededit.parallel.safe_dcp`, DeepSpeed folders with every ``torch.load`` of its converter forced to
+    weights-only (its three state classes allowed).
+    """
+    if is_dcp_dir(path):
+        from rededit.parallel.safe_dcp import load_dcp_full
 
+        ckpt = load_dcp_full(path)  # single process: reads every rank's shards
+        meta = path / "meta.pt"
+        if meta.is_file():
+            ckpt = {**torch.load(meta, map_location="cpu", weights_only=True), **ckpt}
+        return ckpt
+    if is_deepspeed_dir(path):
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+        with tempfile.TemporaryDirectory(prefix="rededit-consolidate-") as tmp:
             out = Path(tmp) / "fp32.ckpt"
-            convert_zero_checkpoint_to_fp32_state_dict(str(path), str(out))
+            try:
+                with forced_weights_only(), torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                    convert_zero_checkpoint_to_fp32_state_dict(str(path), str(out))
+            except pickle.UnpicklingError as err:
+                raise UnsafeCheckpointError(
+                    f"{path}: refused to load this DeepSpeed checkpoint: one of its files holds an object that "
+                    f"is not a weight or a DeepSpeed state class (a crafted file may run code): {err}"
+                ) from err
             return torch.load(out, map_location="cpu", weights_only=True)
-        return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def consolidate(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:

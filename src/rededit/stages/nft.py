@@ -363,13 +363,13 @@ class NFTModule(BaseStage):
 
     def _load_old_shards(self) -> None:
         """Every rank reads its old-policy shards from the resumed DCP directory (``__nft_old__.*``)."""
-        import torch.distributed.checkpoint as dcp
+        from rededit.parallel.safe_dcp import safe_dcp_load
 
         path = self.trainer.ckpt_path
         target = {
             "state_dict": {DCP_OLD_PREFIX + n: p.detach() for n, p in self.old_policy.named_parameters()}
         }
-        dcp.load(target, checkpoint_id=str(path))  # in place into the local shards
+        safe_dcp_load(target, path)  # in place into the local shards
         log.info("NFT: loaded the sharded old policy from %s", path)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
