@@ -125,12 +125,16 @@ def test_semi_hard_rule() -> None:
     )
 
 
-def test_mine_hard_end_to_end(tiny_corpus, editor_export, tmp_path, monkeypatch) -> None:
+def test_mine_hard_end_to_end(tiny_corpus, editor_export, tmp_path, monkeypatch, capsys) -> None:
     reward_yaml = tmp_path / "reward.yaml"
     reward_yaml.write_text("_target_: test_nft.BrightnessReward\n")
     out = tmp_path / "mined"
     base = ["mine-hard", str(tiny_corpus), "--out", str(out), "--editor", str(editor_export)]
     base += ["--reward", str(reward_yaml), "--samples", "2", "--steps", "2", "--limit", "4"]
+    # A reward file naming a class outside rededit is refused unless the user trusts its module by name.
+    assert data_main([*base, "--min-mean", "0", "--max-mean", "1", "--min-spread", "0"]) == 2
+    assert "refused" in capsys.readouterr().err and not out.exists()
+    base += ["--trust-target", "test_nft."]
     assert data_main([*base, "--min-mean", "0", "--max-mean", "1", "--min-spread", "0"]) == 0
     scores = [json.loads(x) for x in (out / "scores.jsonl").read_text().splitlines()]
     assert len(scores) == 4 and all(len(s["rewards"]) == 2 for s in scores)

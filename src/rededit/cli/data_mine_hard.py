@@ -28,6 +28,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--out", required=True, help="output folder (manifest.parquet, scores.jsonl)")
     p.add_argument("--editor", required=True, help="export/run folder of the previous (DPO) checkpoint")
     p.add_argument("--reward", required=True, help="conf/reward option name, or a YAML file with a _target_")
+    p.add_argument(
+        "--trust-target",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="also instantiate `_target_`s starting with PREFIX from the --reward file (your own reward "
+        "module, e.g. my_lab.rewards.); by default only rededit's classes are",
+    )
     p.add_argument("--samples", type=int_at_least(2), default=8, help="K edits per row")
     p.add_argument("--quantile", type=float, default=0.25, help="lower-tail quantile")
     p.add_argument("--min-mean", type=float, default=0.5)
@@ -42,16 +50,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def load_reward(spec: str):
+def load_reward(spec: str, trust_prefixes: tuple[str, ...] = ()):
     """A reward from a YAML file (a ``_target_`` node) or a ``conf/reward`` option composed by Hydra (so an
-    option's own defaults list, e.g. ``mix``'s parts, is honoured)."""
+    option's own defaults list, e.g. ``mix``'s parts, is honoured). A file's ``_target_`` must be a rededit
+    class or start with one of ``trust_prefixes`` (named by the user on the command line)."""
     from hydra.utils import instantiate
 
     from rededit.utils.trusted_config import load_trusted_config
 
     path = Path(spec)
     if path.is_file():  # a file may have been handed over: rededit's reward classes only
-        return instantiate(load_trusted_config(path))
+        return instantiate(load_trusted_config(path, trust_prefixes))
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -68,11 +77,12 @@ def load_reward(spec: str):
 def run(args: argparse.Namespace) -> int:
     from rededit.data.mining import mine_hard
     from rededit.edit import EditorLoadError, load_editor
+    from rededit.utils.trusted_config import UntrustedConfigError
 
     try:
         editor = load_editor(args.editor, args.device)
-        reward = load_reward(args.reward).to(args.device)
-    except (EditorLoadError, FileNotFoundError) as e:
+        reward = load_reward(args.reward, tuple(args.trust_target)).to(args.device)
+    except (EditorLoadError, FileNotFoundError, UntrustedConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:

@@ -68,10 +68,12 @@ def _targets(node: Any, path: str) -> Iterator[tuple[str, Any]]:
             yield from _targets(node._get_node(i), f"{path}[{i}]")
 
 
-def _is_trusted(target: Any) -> bool:
+def _is_trusted(target: Any, extra_prefixes: tuple[str, ...] = ()) -> bool:
     if not isinstance(target, str):
         return False
     if target in TRUSTED_TARGETS or target in TRUSTED_REDEDIT_FUNCTIONS:
+        return True
+    if any(target.startswith(prefix) for prefix in extra_prefixes):
         return True
     if not target.startswith("rededit."):
         return False
@@ -83,15 +85,19 @@ def _is_trusted(target: Any) -> bool:
     return inspect.isclass(obj)
 
 
-def check_trusted_targets(cfg: DictConfig | ListConfig, source: str | os.PathLike) -> None:
+def check_trusted_targets(
+    cfg: DictConfig | ListConfig, source: str | os.PathLike, extra_prefixes: tuple[str, ...] = ()
+) -> None:
     """Raise :class:`UntrustedConfigError` naming the first ``_target_`` of ``cfg`` that is not trusted.
 
     Args:
         cfg: the config as loaded from ``source``.
         source: the file it came from (for the message).
+        extra_prefixes: ``_target_`` prefixes the user trusts on their own command line (e.g. their lab's
+            ``my_lab.rewards.``); never read from a file.
     """
     for key, target in _targets_safely(cfg, source):
-        if not _is_trusted(target):
+        if not _is_trusted(target, tuple(extra_prefixes)):
             raise UntrustedConfigError(
                 f"{source}: refused `{key}: {target!r}` — a config read from a folder may only instantiate "
                 "classes under rededit. and the trainer/optimiser/logger classes of rededit's presets "
@@ -107,10 +113,11 @@ def _targets_safely(cfg: Any, source: str | os.PathLike) -> list[tuple[str, Any]
         raise UntrustedConfigError(f"{source}: a `_target_` could not be read: {err}") from err
 
 
-def load_trusted_config(path: str | os.PathLike) -> DictConfig:
-    """``OmegaConf.load(path)`` after checking every ``_target_`` (see the module docstring)."""
+def load_trusted_config(path: str | os.PathLike, extra_prefixes: tuple[str, ...] = ()) -> DictConfig:
+    """``OmegaConf.load(path)`` after checking every ``_target_`` (see the module docstring and
+    :func:`check_trusted_targets` for ``extra_prefixes``)."""
     cfg = OmegaConf.load(path)
     if not isinstance(cfg, DictConfig):
         raise UntrustedConfigError(f"{path}: expected a mapping at the top level, got {type(cfg).__name__}")
-    check_trusted_targets(cfg, path)
+    check_trusted_targets(cfg, path, extra_prefixes)
     return cfg
