@@ -68,28 +68,6 @@ def test_meta_init_then_load_gives_identical_weights_and_outputs() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- atomic writes
-def test_lightning_single_file_checkpoint_write_is_already_atomic(tmp_path, monkeypatch) -> None:
-    """Why single-file checkpoints are not wrapped: a kill while Lightning writes one keeps the old one."""
-    from fsspec.implementations.local import LocalFileOpener
-    from lightning.pytorch.plugins.io import TorchCheckpointIO
-
-    io = TorchCheckpointIO()
-    path = tmp_path / "last.ckpt"
-    io.save_checkpoint({"global_step": 1, "w": torch.ones(1000)}, path)
-    write = LocalFileOpener.write
-
-    def die_midway(self, data):  # a few bytes reach the disk, then the process "dies"
-        write(self, data[:100])
-        raise KeyboardInterrupt("killed while writing the checkpoint")
-
-    monkeypatch.setattr(LocalFileOpener, "write", die_midway)
-    with pytest.raises(KeyboardInterrupt):
-        io.save_checkpoint({"global_step": 2, "w": torch.zeros(1000)}, path)
-    monkeypatch.undo()
-    assert io.load_checkpoint(path)["global_step"] == 1
-    assert torch.equal(io.load_checkpoint(path)["w"], torch.ones(1000))
-
-
 def test_atomic_dir_keeps_the_previous_sharded_checkpoint(tmp_path) -> None:
     final = tmp_path / "last.ckpt"
     with atomic_dir(final) as tmp:

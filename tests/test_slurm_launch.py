@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from conftest import REPO, compose
@@ -74,10 +75,10 @@ def test_ckpt_path_auto(tmp_path) -> None:
     assert resolve_ckpt_path("auto", tmp_path) is None  # first start: nothing to resume
     last = tmp_path / "checkpoints" / "last.ckpt"
     last.parent.mkdir()
-    last.write_bytes(b"x")
+    torch.save({"global_step": 1}, last)
     assert resolve_ckpt_path("auto", tmp_path) == str(last)
     hpc = tmp_path / "hpc_ckpt_1.ckpt"  # Lightning's SIGUSR1 checkpoint, newer than last.ckpt
-    hpc.write_bytes(b"y")
+    torch.save({"global_step": 2}, hpc)
     os.utime(last, ns=(1, 1))
     assert resolve_ckpt_path("auto", tmp_path) == str(hpc)
     assert resolve_ckpt_path(None, tmp_path) is None
@@ -98,7 +99,7 @@ def test_train_run_hands_auto_resolved_checkpoint_to_fit(tmp_path, monkeypatch) 
     cfg = compose(["ckpt_path=auto"], tmp_path)
     train.run(cfg)
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    torch.save({"global_step": 1}, tmp_path / "checkpoints" / "last.ckpt")
     train.run(cfg)
     assert seen == [(None, True), (str(tmp_path / "checkpoints" / "last.ckpt"), True)]
 

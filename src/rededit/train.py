@@ -11,6 +11,7 @@ editor exported as a diffusers folder (``export/``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -20,12 +21,15 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from rededit.callbacks.preemption import PreemptionCheckpoint
+from rededit.parallel.file_checkpoint_io import AtomicCheckpointIO
 from rededit.utils.io import atomic_write_text
 from rededit.utils.logging import get_logger
 from rededit.utils.run_id import register_resolvers, resolve_ckpt_path
+from rededit.utils.run_lock import RunFolderLock, is_launching_rank
 
 log = get_logger(__name__)
 register_resolvers()  # ${rededit.wandb_id:...} in conf/logger/wandb.yaml
@@ -59,6 +63,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
         strategy=build_strategy(cfg.strategy),
         plugins=cluster_plugins(callbacks),
     )
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # one-file saves: write beside, then rename
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     return model, datamodule, trainer
 
 
@@ -133,11 +139,21 @@ def preemption_exit_code(trainer: L.Trainer) -> int | None:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train one stage; returns the final logged metrics and the run's paths."""
+    """Train one stage; returns the final logged metrics and the run's paths.
+
+    The launching process holds the run folder's lock (:class:`~rededit.utils.run_lock.RunFolderLock`) for
+    the whole run, so a second run into the same folder is refused instead of mixing its files in.
+    """
+    out_dir = Path(cfg.paths.output_dir)
+    lock = RunFolderLock(out_dir) if is_launching_rank() else contextlib.nullcontext()
+    with lock:
+        return _run(cfg, out_dir)
+
+
+def _run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     threads = set_torch_threads(cfg.get("torch_threads"))
     log.info("torch threads: %d", threads)
-    out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     model, datamodule, trainer = build(cfg)

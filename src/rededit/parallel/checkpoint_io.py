@@ -1,8 +1,9 @@
 """Atomic sharded checkpoints: a run killed while it writes a checkpoint leaves the previous one loadable.
 
-One-file checkpoints (single device, DDP) are already safe: Lightning's ``TorchCheckpointIO`` serialises to
-memory and writes through an fsspec transaction (a temporary file moved into place on success; checked in
-tests/test_parallel.py), so nothing is wrapped there. Sharded (DCP) checkpoints are directories written by
+One-file checkpoints (single device, DDP) are written by
+:class:`~rededit.parallel.file_checkpoint_io.AtomicCheckpointIO` (a temporary file beside the checkpoint,
+renamed into place; Lightning's own writer commits through ``$TMPDIR``, a copy when that is another
+filesystem). Sharded (DCP) checkpoints are directories written by
 every rank straight into the final path; :func:`atomic_dir` / :func:`swap_in_dir` build the new directory
 under a temporary name and swap it in (``FSDP2Strategy`` does this on rank 0 after a barrier).
 """

@@ -9,8 +9,8 @@ The run id (config key ``run_id``, conf/train.yaml) is, in this order of precede
 3. the start time ``%Y-%m-%d_%H-%M-%S`` (a local run: a fresh folder each time, as before).
 
 The run folder is ``outputs/runs/<run_name>/<run_id>`` (conf/hydra/default.yaml). ``ckpt_path=auto``
-resumes from ``<run folder>/checkpoints/last.ckpt`` (or a newer Lightning ``hpc_ckpt_<n>.ckpt``) when it
-exists and starts fresh otherwise, so the
+resumes from the newest intact checkpoint of the run folder (``checkpoints/last.ckpt``, the other
+``checkpoints/*.ckpt``, or a newer Lightning ``hpc_ckpt_<n>.ckpt``) and starts fresh when there is none, so the
 same command line is right for the first start and every requeue. The wandb run id is a hash of the
 run folder (:func:`wandb_id`), stable across requeues and distinct for every job of a sweep.
 """
@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 from rededit.utils.logging import get_logger
 
-__all__ = ["AUTO", "register_resolvers", "resolve_ckpt_path", "wandb_id"]
+__all__ = ["AUTO", "intact_checkpoint", "register_resolvers", "resolve_ckpt_path", "wandb_id"]
 
 log = get_logger(__name__)
 AUTO = "auto"
@@ -49,22 +50,57 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("rededit.wandb_id", wandb_id)
 
 
+def intact_checkpoint(path: str | Path) -> bool:
+    """Whether a checkpoint looks complete (cheap: no tensor is read).
+
+    A one-file checkpoint is torch's zip archive, whose central directory is written last, so any truncation
+    (kill -9 or a full disk during a save) makes it unreadable as a zip; a sharded folder has its
+    ``.metadata`` (written last, after every rank's shards).
+    """
+    path = Path(path)
+    if path.is_dir():
+        meta = path / ".metadata"
+        return meta.is_file() and meta.stat().st_size > 0
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("data.pkl") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | None:
     """What ``trainer.fit(ckpt_path=...)`` gets for the config's ``ckpt_path``.
 
-    ``"auto"``: the newest of ``<output_dir>/checkpoints/last.ckpt`` (a file, or a folder for sharded
-    checkpoints) and Lightning's SLURM pre-emption checkpoints ``<output_dir>/hpc_ckpt_<n>.ckpt``
-    (written on SIGUSR1 by its ``SLURMEnvironment`` auto-requeue; ``trainer.default_root_dir`` is the run
-    folder), else ``None`` (a fresh start). Anything else is passed through unchanged (``None``, a path,
-    or Lightning's own ``"last"`` / ``"hpc"``).
+    ``"auto"``: the newest *intact* (:func:`intact_checkpoint`) of ``<output_dir>/checkpoints/last.ckpt`` (a
+    file, or a folder for sharded checkpoints), the other checkpoints in ``<output_dir>/checkpoints/`` and
+    Lightning's SLURM pre-emption checkpoints ``<output_dir>/hpc_ckpt_<n>.ckpt`` (written on SIGUSR1 by its
+    ``SLURMEnvironment`` auto-requeue; ``trainer.default_root_dir`` is the run folder), else ``None`` (a fresh
+    start). A broken candidate newer than the one chosen is named in a warning and left in place. Anything else
+    is passed through unchanged (``None``, a path, or Lightning's own ``"last"`` / ``"hpc"``).
     """
     if ckpt_path is None or str(ckpt_path) != AUTO:
         return ckpt_path
     out = Path(output_dir)
-    candidates = [p for p in (out / LAST, *out.glob("hpc_ckpt_*.ckpt")) if p.exists()]
-    if candidates:
-        newest = max(candidates, key=lambda p: p.stat().st_mtime_ns)
-        log.info("ckpt_path=auto: resuming from %s", newest)
-        return str(newest)
+    found = {out / LAST, *out.glob("hpc_ckpt_*.ckpt"), *(out / LAST).parent.glob("*.ckpt")}
+    candidates = sorted((p for p in found if p.exists()), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    broken = []
+    for candidate in candidates:
+        if intact_checkpoint(candidate):
+            if broken:
+                log.warning(
+                    "ckpt_path=auto: skipped incomplete checkpoint(s) %s (killed or disk full during a save); "
+                    "resuming from the newest intact one, %s",
+                    ", ".join(map(str, broken)),
+                    candidate,
+                )
+            else:
+                log.info("ckpt_path=auto: resuming from %s", candidate)
+            return str(candidate)
+        broken.append(candidate)
+    if broken:
+        raise RuntimeError(
+            f"ckpt_path=auto: every checkpoint in {out} is incomplete ({', '.join(map(str, broken))}); "
+            "refusing to start over silently. Remove them to start fresh, or pass ckpt_path=<file>."
+        )
     log.info("ckpt_path=auto: no %s yet, starting fresh", out / LAST)
     return None
