@@ -71,7 +71,7 @@ def compose(overrides: Iterable[str] = (), output_dir: str | Path | None = None,
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     """Manifest of a 40-train / 8-bench synthetic corpus at 64–96 px (every task of the template engine)."""
-    from rededit.data.synth.writer import synthesize
+    from rededit.datagen.synth.writer import synthesize
 
     root = tmp_path_factory.mktemp("tiny_corpus")
     synthesize(root, n=40, seed=0, bench_n=8, min_side=64, max_side=96)

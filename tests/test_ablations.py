@@ -89,7 +89,7 @@ def test_identity_eval_scores_portrait_edits(tmp_path) -> None:
     import sys
 
     from conftest import REPO, untrained_tiny_export
-    from rededit.data.synth.portraits import make_portrait_corpus
+    from rededit.datagen.synth.portraits import make_portrait_corpus
 
     sys.path.insert(0, str(REPO / "experiments" / "ablations"))
     from identity_eval import bench_items, evaluate_identity

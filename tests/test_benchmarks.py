@@ -35,7 +35,7 @@ def _put(path: Path, data: bytes) -> None:
 # ----------------------------------------------------------------------------------------- synthetic
 @pytest.fixture(scope="module")
 def synth_manifest(tmp_path_factory) -> Path:
-    from rededit.data.synth.writer import synthesize
+    from rededit.datagen.synth.writer import synthesize
 
     return synthesize(
         tmp_path_factory.mktemp("bench_synth"), n=0, seed=0, bench_n=10, min_side=64, max_side=96

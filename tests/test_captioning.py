@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from conftest import fake_endpoint
-from rededit.data.engine.captioning import CaptionStage, CaptionTemplate, default_templates, load_templates
-from rededit.data.engine.stage import StageContext
 from rededit.data.schema import manifest_schema
-from rededit.eval.judges.vlm import OpenAICompatibleJudge
+from rededit.datagen.engine.captioning import CaptionStage, CaptionTemplate, default_templates, load_templates
+from rededit.datagen.engine.stage import StageContext
+from rededit.scoring.judges.vlm import OpenAICompatibleJudge
 
 STRUCTURED = {"subject": "a red square", "background": "plain white", "lighting": "even studio light",
               "style": "flat vector graphic", "camera": "front view, centred", "text": ""}  # fmt: skip
@@ -306,7 +306,7 @@ def test_caption_stage_tiny_local_model(tiny_qwen_dir, tmp_path):
     text or recorded as a failure with a reason — never an empty caption — and the cache answers a rerun."""
     import functools
 
-    from rededit.eval.judges.vlm import TransformersVLMJudge
+    from rededit.scoring.judges.vlm import TransformersVLMJudge
 
     table = _manifest(tmp_path, n_edit=1, n_t2i=0)
     factory = functools.partial(TransformersVLMJudge, str(tiny_qwen_dir), dtype="float32", max_new_tokens=6,
@@ -330,10 +330,10 @@ def test_caption_stage_from_hydra_config_pickles_and_runs(server, tmp_path):
     from omegaconf import OmegaConf
 
     srv, url = server
-    judge = {"_target_": "rededit.eval.judges.vlm.OpenAICompatibleJudge", "_partial_": True, "base_url": url,
+    judge = {"_target_": "rededit.scoring.judges.vlm.OpenAICompatibleJudge", "_partial_": True, "base_url": url,
              "api_key_env": None}  # fmt: skip
     cfg = OmegaConf.create({
-        "_target_": "rededit.data.engine.captioning.CaptionStage",
+        "_target_": "rededit.datagen.engine.captioning.CaptionStage",
         "backend": {**judge, "model": "fake-vl"},
         "rewriters": [{**judge, "model": "fake-a"}, {**judge, "model": "fake-b"}],
         "fields": ["instruction", "instruction_concise"],

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from rededit.data.synth.tasks import TASKS
-from rededit.eval.categories import (
+from rededit.datagen.synth.tasks import TASKS
+from rededit.scoring.categories import (
     DEFAULT_CONFIG,
     DEFAULT_TASK_MAP,
     OTHER,

@@ -24,7 +24,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
 
 from conftest import untrained_tiny_stage
-from rededit.data.synth.writer import synthesize
+from rededit.datagen.synth.writer import synthesize
 from rededit.edit import EditorLoadError, load_editor
 from rededit.edit import main as edit_main
 from rededit.stages.checkpoints import EXPORT_CONFIG, consolidate, export_editor, load_backbone_state

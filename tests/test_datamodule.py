@@ -24,7 +24,7 @@ PATCH = 8  # tiny buckets: pixel autoencoder ×4, 2×2 packing
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    from rededit.data.synth.writer import synthesize
+    from rededit.datagen.synth.writer import synthesize
 
     return synthesize(
         tmp_path_factory.mktemp("dm") / "corpus", n=160, seed=3, bench_n=8, min_side=64, max_side=128

@@ -12,7 +12,7 @@ pytest.importorskip("diffusers")
 
 from conftest import untrained_tiny_export
 from rededit.data.manifest import Manifest
-from rededit.data.synth.writer import synthesize
+from rededit.datagen.synth.writer import synthesize
 from rededit.eval.demo_report import goal_check, main, plot_loss_curves, read_loss_csv
 
 

@@ -1,4 +1,4 @@
-"""Closed forms of the edit metrics (rededit.eval.edit_metrics)."""
+"""Closed forms of the edit metrics (rededit.scoring.edit_metrics)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rededit.eval.edit_metrics import (
+from rededit.scoring.edit_metrics import (
     METRIC_KEYS,
     PSNR_CAP,
     aggregate,

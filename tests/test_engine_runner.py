@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine_data import normal_corpus, photo, reasons_by_id, write_manifest
-from rededit.data.engine.runner import PipelineRunner, read_hash
-from rededit.data.engine.stage import (
+from rededit.data.schema import manifest_schema
+from rededit.datagen.engine.runner import PipelineRunner, read_hash
+from rededit.datagen.engine.stage import (
     BaseEngineStage,
     EngineStage,
     GlobalEngineStage,
@@ -20,7 +21,6 @@ from rededit.data.engine.stage import (
     kept_mask,
     set_column,
 )
-from rededit.data.schema import manifest_schema
 
 
 def text_manifest(path: Path, n: int) -> Path:
@@ -230,7 +230,7 @@ def test_cli_pipeline_runs_the_filter_config(tmp_path, capsys) -> None:
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_process_pool_matches_in_process(tmp_path) -> None:
-    from rededit.data.engine.filters import ExactDedup, PhotometricFilter
+    from rededit.datagen.engine.filters import ExactDedup, PhotometricFilter
 
     targets = {f"n{i}": a for i, a in enumerate(normal_corpus(8, 96))}
     targets["dup"] = targets["n1"].copy()
@@ -269,7 +269,7 @@ def test_benchmark_smoke(tmp_path, capsys) -> None:
 
 
 def test_split_streams_exact_partitions_and_hashes_ignore_chunking(tmp_path) -> None:
-    from rededit.data.engine.runner import table_hash
+    from rededit.datagen.engine.runner import table_hash
 
     manifest = text_manifest(tmp_path / "m" / "manifest.parquet", 23)
     pq.write_table(

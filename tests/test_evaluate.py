@@ -18,7 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from conftest import untrained_tiny_export
-from rededit.data.synth.writer import synthesize
+from rededit.datagen.synth.writer import synthesize
 from rededit.eval.benchmarks import SyntheticBench
 from rededit.evaluate import CONF_DIR, combine_seeds, evaluate, main
 
@@ -60,7 +60,7 @@ def _cfg(setup, out_dir: Path, *extra: str, bench: tuple[str, ...] | None = None
 
 def _programmatic_available() -> bool:
     try:
-        import rededit.eval.judges.programmatic  # noqa: F401
+        import rededit.scoring.judges.programmatic  # noqa: F401
     except ImportError:
         return False
     return True
@@ -170,7 +170,7 @@ def test_resume_generates_only_missing_items_and_same_pixels(setup, editor, tmp_
 
 
 def test_missing_metric_module_is_skipped(setup, editor, tmp_path, monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, "rededit.eval.judges.programmatic", None)  # import raises ImportError
+    monkeypatch.setitem(sys.modules, "rededit.scoring.judges.programmatic", None)  # import raises ImportError
     result = evaluate(
         _cfg(setup, tmp_path / "e", "max_items=3", "metrics.reference_rows=false"), editor=editor
     )
@@ -209,8 +209,8 @@ class FakeOCR:
 
 
 def test_vlm_judge_and_ocr_are_recorded(setup, editor, tmp_path, monkeypatch) -> None:
-    import rededit.eval.ocr as ocr_module
-    from rededit.eval.judges.prompts import builtin_prompt_set
+    import rededit.scoring.ocr as ocr_module
+    from rededit.scoring.judges.prompts import builtin_prompt_set
 
     monkeypatch.setattr(ocr_module, "build_ocr_backend", lambda name, **kw: FakeOCR())
     judge = f"judge={{backend:{{_target_:{__name__}.FakeVLM}},prompts:rededit_generic,max_attempts:1}}"
@@ -245,7 +245,7 @@ _REDEDIT_PROMPT = (
 
 def test_redbench_folder_with_its_own_judge_prompts(setup, editor, tmp_path) -> None:
     """A REDEdit-Bench-format folder (no ground truth): edits at Picture 1's bucket, its prompts.json judge."""
-    from rededit.eval.judges.prompts import load_rededit_prompts
+    from rededit.scoring.judges.prompts import load_rededit_prompts
 
     root = tmp_path / "rb"
     rows = []

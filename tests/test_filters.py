@@ -20,7 +20,7 @@ from engine_data import (
     under_exposed,
     write_manifest,
 )
-from rededit.data.engine.filters import (
+from rededit.datagen.engine.filters import (
     CodeFilter,
     EmbeddingDedup,
     ExactDedup,
@@ -31,7 +31,7 @@ from rededit.data.engine.filters import (
     PixelEmbedder,
     photometric_descriptors,
 )
-from rededit.data.engine.runner import PipelineRunner
+from rededit.datagen.engine.runner import PipelineRunner
 
 
 def run(stages, manifest, out, **kw):
@@ -154,7 +154,7 @@ def test_embedding_dedup_with_a_torch_checkpoint(tmp_path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from rededit.data.engine.filters import TorchEmbedder
+    from rededit.datagen.engine.filters import TorchEmbedder
 
     class Tiny(torch.nn.Module):
         def __init__(self):
@@ -301,7 +301,7 @@ def _has_font() -> bool:
 def test_text_overlay_filter_with_offline_ocr(tmp_path) -> None:
     pytest.importorskip("rapidocr")
     pytest.importorskip("onnxruntime")
-    from rededit.data.engine.filters import TextOverlayFilter
+    from rededit.datagen.engine.filters import TextOverlayFilter
 
     targets = {"text": _text_photo(), "clean": photo("astronaut", 256), "cat": photo("chelsea", 256)}
     manifest = write_manifest(tmp_path / "d", targets, tasks={"cat": "text"})
@@ -335,7 +335,7 @@ def test_learned_score_filter_loads_a_safetensors_checkpoint(tmp_path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from rededit.data.engine.filters import LearnedScoreFilter
+    from rededit.datagen.engine.filters import LearnedScoreFilter
 
     model = _brightness_scorer()
     with torch.no_grad():
@@ -370,7 +370,7 @@ def test_learned_score_filter_rejects_a_mismatched_checkpoint(tmp_path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from rededit.data.engine.filters import LearnedScoreFilter
+    from rededit.datagen.engine.filters import LearnedScoreFilter
 
     ckpt = tmp_path / "wrong.safetensors"
     save_file({"other.weight": torch.zeros(2)}, str(ckpt))
@@ -384,7 +384,7 @@ def test_learned_score_filter_rejects_a_mismatched_checkpoint(tmp_path) -> None:
 def test_clip_embedder_loads_a_local_folder(tmp_path) -> None:
     from transformers import CLIPConfig, CLIPModel
 
-    from rededit.data.engine.filters import CLIPEmbedder
+    from rededit.datagen.engine.filters import CLIPEmbedder
 
     cfg = CLIPConfig(
         text_config={

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from rededit.eval.judges.parsing import normalize_key, parse_scores
-from rededit.eval.judges.prompts import (
+from rededit.scoring.judges.parsing import normalize_key, parse_scores
+from rededit.scoring.judges.prompts import (
     BUILTIN_PROMPT_SETS,
     CANONICAL_DIMENSIONS,
     JudgeTemplate,

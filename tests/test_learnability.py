@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from rededit.data.manifest import Manifest
-from rededit.data.synth.scene import OBJECT_COLOURS, colour_distance
-from rededit.data.synth.tasks import SynthConfig
-from rededit.data.synth.writer import synthesize
+from rededit.datagen.synth.scene import OBJECT_COLOURS, colour_distance
+from rededit.datagen.synth.tasks import SynthConfig
+from rededit.datagen.synth.writer import synthesize
 from rededit.eval.text_following import colour_text_following, counterfactual, follows, nearest_colour
 from rededit.flow.weighting import region_weights
 

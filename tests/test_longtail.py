@@ -11,7 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from rededit.data.engine.longtail import (
+from rededit.data.manifest import Manifest
+from rededit.data.schema import manifest_schema
+from rededit.datagen.engine.longtail import (
     ColourLayoutEmbedder,
     HashingTextEncoder,
     InstructionIndex,
@@ -23,8 +25,6 @@ from rededit.data.engine.longtail import (
     fill_gap,
     query_images,
 )
-from rededit.data.manifest import Manifest
-from rededit.data.schema import manifest_schema
 
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "yellow": (230, 220, 20)}
 
@@ -246,7 +246,7 @@ def test_longtail_cli(tiny_corpus, tmp_path, capsys, monkeypatch):
 def test_minilm_index_finds_paraphrases(tmp_path):
     """The embedded MiniLM encoder measures density by meaning: a paraphrase with no shared content word
     still lands in the radius, where the lexical hashing encoder sees nothing."""
-    from rededit.data.engine.longtail import MiniLMSentenceEncoder
+    from rededit.datagen.engine.longtail import MiniLMSentenceEncoder
 
     table = _rows([("remove", "erase the dog from the photo"), ("remove", "delete the dog"),
                    ("color", "make the car red"), ("stylize", "turn it into a watercolour painting")])  # fmt: skip
@@ -283,8 +283,8 @@ def _tiny_clip(folder):
 
 @pytest.mark.slow
 def test_clip_joint_embedder_tiny_random_checkpoint(tmp_path):
-    from rededit.data.engine.filters.embedders import PixelEmbedder
-    from rededit.data.engine.longtail import CLIPJointEmbedder, EngineImageEmbedder
+    from rededit.datagen.engine.filters.embedders import PixelEmbedder
+    from rededit.datagen.engine.longtail import CLIPJointEmbedder, EngineImageEmbedder
 
     _tiny_clip(tmp_path / "clip")
     emb = CLIPJointEmbedder(tmp_path / "clip", input_size=32)

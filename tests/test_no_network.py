@@ -66,7 +66,7 @@ def test_the_guard_blocks_and_records(no_network) -> None:
 
 
 def test_fast_dev_run_training_on_shards_opens_no_connection(no_network, tiny_corpus, tmp_path) -> None:
-    from rededit.data.shards import write_shards
+    from rededit.datagen.shard_writer import write_shards
     from rededit.train import run
 
     sharded = write_shards(tiny_corpus, tmp_path / "sharded", shard_size="64KB", buckets="tiny").manifest
@@ -80,7 +80,7 @@ def test_fast_dev_run_training_on_shards_opens_no_connection(no_network, tiny_co
 def test_tiny_eval_opens_no_connection(no_network, tmp_path, monkeypatch) -> None:
     from hydra.core.global_hydra import GlobalHydra
 
-    from rededit.data.synth.writer import synthesize
+    from rededit.datagen.synth.writer import synthesize
     from rededit.evaluate import main
 
     manifest = synthesize(tmp_path / "corpus", n=4, seed=0, bench_n=2, min_side=64, max_side=64)

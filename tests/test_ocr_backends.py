@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from rededit.eval.ocr import (
+from rededit.scoring.ocr import (
     EasyOCRBackend,
     OCRBackend,
     OCRBackendUnavailable,
@@ -30,7 +30,7 @@ from rededit.eval.ocr import (
     reading_order,
     to_pil_rgb,
 )
-from rededit.eval.ocr_metric import ocr_scores
+from rededit.scoring.ocr_metric import ocr_scores
 
 # --- results, reading order, image conversion ---------------------------------------------------------
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from rededit.eval.ocr_metric import (
+from rededit.scoring.ocr_metric import (
     OCRScores,
     OCRWeights,
     aggregate_ocr,

@@ -23,7 +23,7 @@ import torch
 from conftest import compose, train_overrides, untrained_tiny_export
 from rededit.cli.data import main as data_main
 from rededit.data.manifest import Manifest
-from rededit.data.mining import is_semi_hard, row_stats
+from rededit.datagen.mining import is_semi_hard, row_stats
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -74,7 +74,7 @@ def test_make_pairs_resumes_without_generating(pairs, monkeypatch) -> None:
     def boom(*a, **k):
         raise AssertionError("resumed rows must not be generated again")
 
-    monkeypatch.setattr("rededit.data.preference.sample_edits", boom)
+    monkeypatch.setattr("rededit.datagen.preference.sample_edits", boom)
     assert data_main(argv) == 0
     assert pq.read_table(out / "manifest.parquet").to_pylist() == before
 
@@ -150,7 +150,7 @@ def test_mine_hard_end_to_end(tiny_corpus, editor_export, tmp_path, monkeypatch,
     def boom(*a, **k):
         raise AssertionError("scored rows must not be generated again")
 
-    monkeypatch.setattr("rededit.data.mining.sample_edits", boom)
+    monkeypatch.setattr("rededit.datagen.mining.sample_edits", boom)
     cut = sorted(s["mean"] for s in scores)[1]
     assert data_main([*base, "--min-mean", str(cut), "--max-mean", "1", "--min-spread", "0"]) == 0
     kept = pq.read_table(out / "manifest.parquet").to_pylist()

@@ -15,11 +15,11 @@ import torch
 from PIL import Image, ImageFilter
 
 from rededit.data.manifest import Manifest
-from rededit.data.synth.tasks import TASKS
-from rededit.data.synth.writer import synthesize
-from rededit.eval.categories import load_category_map
-from rededit.eval.judges import JUDGES, JudgeResult, bench_sample, judge, preservation_check
-from rededit.eval.judges.programmatic import success_rate_by_category, text_similarity
+from rededit.datagen.synth.tasks import TASKS
+from rededit.datagen.synth.writer import synthesize
+from rededit.scoring.categories import load_category_map
+from rededit.scoring.judges import JUDGES, JudgeResult, bench_sample, judge, preservation_check
+from rededit.scoring.judges.programmatic import success_rate_by_category, text_similarity
 
 REGION_TASKS = ("add", "remove", "replace", "color", "compose", "background")
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from rededit.eval.ocr import OCRResult
 from rededit.rewards import (
     CharBox,
     OCRReward,
@@ -22,6 +21,7 @@ from rededit.rewards import (
     text_area_fraction,
 )
 from rededit.rewards.ocr_layout import char_elements
+from rededit.scoring.ocr import OCRResult
 
 H = 16.0  # reference character height in pixels
 
@@ -188,7 +188,7 @@ def test_ocr_layout_rapidocr_end_to_end():
     pytest.importorskip("rapidocr")
     from PIL import Image, ImageDraw, ImageFont
 
-    from rededit.eval.ocr import build_ocr_backend
+    from rededit.scoring.ocr import build_ocr_backend
 
     def render(size, xy):
         im = Image.new("RGB", (256, 128), (255, 255, 255))

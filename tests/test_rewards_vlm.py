@@ -10,8 +10,6 @@ import pytest
 import torch
 
 from conftest import fake_endpoint
-from rededit.eval.judges.prompts import builtin_prompt_set
-from rededit.eval.judges.vlm import JudgeError
 from rededit.rewards import (
     OpenAICompatibleSoftScorer,
     SoftScorer,
@@ -19,6 +17,8 @@ from rededit.rewards import (
     soft_score_from_top_logprobs,
     vlm_soft_score,
 )
+from rededit.scoring.judges.prompts import builtin_prompt_set
+from rededit.scoring.judges.vlm import JudgeError
 
 IDS = list(range(10, 20))  # token ids of the ratings "0" … "9" in a 32-token vocabulary
 VALUES = list(range(10))

@@ -34,7 +34,7 @@ UNPICKLERS = {
 }
 # ``pickle.loads`` of bytes this process made itself, never of a file. Path → why.
 PICKLE_LOADS_ALLOWED = {
-    "rededit/data/engine/runner.py": "a stage object pickled by the same run and shipped to its own workers",
+    "rededit/datagen/engine/runner.py": "a stage object pickled by the same run and shipped to its own workers",
 }
 
 

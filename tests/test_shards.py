@@ -23,6 +23,7 @@ from rededit.data import shards
 from rededit.data.images import load_image
 from rededit.data.manifest import Manifest
 from rededit.data.uri import resolve_uri, split_shard_uri
+from rededit.datagen import shard_writer
 
 SHARD_SIZE = "16KB"  # the 48-row tiny corpus becomes ~20 shards: boundaries get exercised
 
@@ -30,7 +31,7 @@ SHARD_SIZE = "16KB"  # the 48-row tiny corpus becomes ~20 shards: boundaries get
 @pytest.fixture(scope="module")
 def sharded(tiny_corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sharded") / "corpus"
-    shards.write_shards(tiny_corpus, out, shard_size=SHARD_SIZE, buckets="tiny")
+    shard_writer.write_shards(tiny_corpus, out, shard_size=SHARD_SIZE, buckets="tiny")
     return out / "manifest.parquet"
 
 
@@ -87,7 +88,7 @@ def test_tar_is_standard_and_index_offsets_match_tarfile(sharded) -> None:
     for rec in summary["shards"]:
         tar = sharded.parent / rec["tar"]
         index = shards.ShardIndex.load(tar)
-        assert index.sha256 == rec["sha256"] == shards._sha256(tar)
+        assert index.sha256 == rec["sha256"] == shard_writer._sha256(tar)
         with tarfile.open(tar) as tf:
             members = tf.getmembers()
             assert [m.name for m in members] == list(index.members)
@@ -220,7 +221,7 @@ def test_rerun_skips_finished_shards_and_rewrites_only_what_is_missing(
     (out / "shard-00003.tar").unlink()
     (out / "shard-00005.tar.idx.json").unlink()
     (out / ".shard-00007.tar.junk.tmp").write_bytes(b"left by a killed writer")
-    summary = shards.write_shards(tiny_corpus, out, shard_size=SHARD_SIZE, buckets="tiny")
+    summary = shard_writer.write_shards(tiny_corpus, out, shard_size=SHARD_SIZE, buckets="tiny")
     assert (summary.written, summary.skipped) == (2, len(summary.shards) - 2)
     after = {p.name: p.read_bytes() for p in out.glob("shard-*")}
     assert after == before  # deterministic bytes: the rewritten shards equal the first write
@@ -243,7 +244,7 @@ def test_cli_and_bad_input(tiny_corpus, tmp_path, capsys) -> None:
     assert "input manifest's folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["shard", "--manifest", str(tiny_corpus), "--out", str(out), "--shard-size", "lots"])
-    assert shards.parse_size("1GB") == 2**30 and shards.parse_size("64k") == 65536
+    assert shard_writer.parse_size("1GB") == 2**30 and shard_writer.parse_size("64k") == 65536
 
 
 def test_benchmark_smoke(tmp_path, capsys) -> None:

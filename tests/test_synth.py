@@ -14,9 +14,9 @@ from PIL import Image
 
 from rededit.data.manifest import Manifest
 from rededit.data.schema import REQUIRED_COLUMNS, manifest_schema
-from rededit.data.synth import DEFAULT_TASK_WEIGHTS, TASKS, generate_sample, synthesize, task_schedule
-from rededit.data.synth.scene import ASPECT_RATIOS, candidate_sizes, render
-from rededit.data.synth.tasks import SynthConfig, map_box
+from rededit.datagen.synth import DEFAULT_TASK_WEIGHTS, TASKS, generate_sample, synthesize, task_schedule
+from rededit.datagen.synth.scene import ASPECT_RATIOS, candidate_sizes, render
+from rededit.datagen.synth.tasks import SynthConfig, map_box
 
 N, BENCH_N, SEED = 24, 4, 7
 SIDES = {"min_side": 64, "max_side": 128}
@@ -265,7 +265,7 @@ def test_bench_split_is_disjoint(rows):
 
 @pytest.mark.parametrize("op", ["flip_h", "flip_v", "rot_cw", "rot_ccw", "rot_180"])
 def test_map_box_matches_transpose(op):
-    from rededit.data.synth.tasks import _TRANSPOSE
+    from rededit.datagen.synth.tasks import _TRANSPOSE
 
     w, h = 96, 64
     img = Image.new("L", (w, h), 0)
@@ -311,7 +311,7 @@ def test_synth_refuses_an_existing_corpus_without_overwrite(tmp_path, capsys) ->
     def killed(*_a, **_k):
         raise KeyboardInterrupt  # the kill arrives while the new images are written
 
-    import rededit.data.synth.writer as writer
+    import rededit.datagen.synth.writer as writer
 
     real = writer._run_job
     writer._run_job = killed

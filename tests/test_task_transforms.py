@@ -7,18 +7,18 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from rededit.data.engine.captioning import CaptionStage
-from rededit.data.engine.stage import StageContext
-from rededit.data.engine.transforms import (
+from rededit.data.manifest import Manifest
+from rededit.data.schema import manifest_schema
+from rededit.datagen.engine.captioning import CaptionStage
+from rededit.datagen.engine.stage import StageContext
+from rededit.datagen.engine.transforms import (
     TaskSplitStage,
     invert_instruction,
     invert_tasks,
     split_instruction,
     split_tasks,
 )
-from rededit.data.manifest import Manifest
-from rededit.data.schema import manifest_schema
-from rededit.eval.judges.vlm import VLMJudge
+from rededit.scoring.judges.vlm import VLMJudge
 
 
 class _FixedJudge(VLMJudge):

@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from conftest import fake_endpoint
-from rededit.eval.judges.prompts import builtin_prompt_set, gedit_prompt_set
-from rededit.eval.judges.vlm import (
+from rededit.scoring.judges.prompts import builtin_prompt_set, gedit_prompt_set
+from rededit.scoring.judges.vlm import (
     CachedJudge,
     JudgeError,
     JudgeResponse,
@@ -343,7 +343,7 @@ def tiny_qwen_dir(tmp_path_factory):
 
 
 def test_transformers_judge_tiny_model(tiny_qwen_dir, tmp_path):
-    from rededit.eval.judges.vlm import TransformersVLMJudge
+    from rededit.scoring.judges.vlm import TransformersVLMJudge
 
     judge = TransformersVLMJudge(tiny_qwen_dir, dtype="float32", max_new_tokens=8, max_image_area=56 * 56)
     assert judge.judge_id.startswith("transformers:") and judge.judge_id.endswith(":float32")

@@ -1,6 +1,6 @@
 """Held-out identity similarity of an editor on portrait edits (consistency ablation, report §3.7).
 
-For every bench row of a portrait manifest (:mod:`rededit.data.synth.portraits`): edit Picture 1 with the
+For every bench row of a portrait manifest (:mod:`rededit.datagen.synth.portraits`): edit Picture 1 with the
 row's instruction at the editor's training resolution (the cap of its bucket set, as ``rededit-edit``
 sizes it), then compare the edit's face with the target's: SFace embeddings (φ of the loss, OpenCV Zoo's
 MobileFaceNet) of both images aligned by the *target's* landmarks to the ArcFace 112² template
@@ -10,7 +10,7 @@ MobileFaceNet) of both images aligned by the *target's* landmarks to the ArcFace
 * ``id_sim_input``: the same for Picture 1 itself (what an editor that copies its input would score: the
   degradation of Picture 1 alone costs this much);
 * ``id_gain``: ``id_sim − id_sim_input`` (> 0: the edit is closer to the target's identity than the input);
-* ``psnr``: PSNR of the edit against the target (dB, whole image; :func:`rededit.eval.edit_metrics.psnr`).
+* ``psnr``: PSNR of the edit against the target (dB, whole image; :func:`rededit.scoring.edit_metrics.psnr`).
 
 Items are edited in batches of ``batch_size`` per output size (one seed per batch, as ``rededit-eval``).
 Cached as ``<job>/eval_identity_<ema|raw>.json``.
@@ -71,9 +71,9 @@ def evaluate_identity(
         load_editor,
         size_multiple,
     )
-    from rededit.eval.edit_metrics import psnr
     from rededit.losses.consistency import FaceIdentityLoss
     from rededit.models.faces import SFaceIdentity
+    from rededit.scoring.edit_metrics import psnr
     from rededit.utils.io import atomic_write_text
 
     cache = job / f"eval_identity_{'raw' if raw else 'ema'}.json"

@@ -63,7 +63,7 @@ def prepare_portraits(n: int) -> None:
     landmarks, 48 rows held out."""
     if not (PORTRAITS / "manifest.parquet").exists():
         sys.path.insert(0, str(REPO / "src"))
-        from rededit.data.synth.portraits import make_portrait_corpus
+        from rededit.datagen.synth.portraits import make_portrait_corpus
 
         print(f"+ make_portrait_corpus({PORTRAITS}, rows={n})", flush=True)
         _, report = make_portrait_corpus(PORTRAITS, rows=n, seed=0, side=128, bench_n=48)

@@ -85,10 +85,10 @@ def held_out(export: Path, corpus: Path, *, text_only: bool, steps: int, limit: 
 
     from rededit.data.datamodule import select_split
     from rededit.data.manifest import Manifest
-    from rededit.data.mining import reward_batch
-    from rededit.data.preference import sample_edits
+    from rededit.datagen.mining import reward_batch
+    from rededit.datagen.preference import sample_edits
     from rededit.edit import load_editor
-    from rededit.eval.judges.programmatic import JUDGES, bench_sample, judge
+    from rededit.scoring.judges.programmatic import JUDGES, bench_sample, judge
 
     editor = load_editor(export)
     bench = select_split(Manifest.open(corpus), "bench")

@@ -22,9 +22,9 @@
    truth** (where the benchmark has one):
 
    * reference metrics where a ground truth exists (MagicBrush / Emu Edit L1/L2, PSNR, SSIM via
-     torchmetrics, edit-region error and PSNR outside the edit mask; :mod:`rededit.eval.edit_metrics`);
+     torchmetrics, edit-region error and PSNR outside the edit mask; :mod:`rededit.scoring.edit_metrics`);
    * programmatic judges on the synthetic bench (``success`` = passed, ``judge_score``;
-     :mod:`rededit.eval.judges.programmatic`);
+     :mod:`rededit.scoring.judges.programmatic`);
    * the OCR metric (§4.2) on items with an OCR target when ``ocr`` names a backend;
    * a VLM judge when ``judge`` is configured. A failed judge call is a failure, never a 0.
 
@@ -210,7 +210,7 @@ def prepare(item: Any, sizes: Callable, language: str = "en") -> Prepared:
     The identity baseline's image (``source``) is Picture 1 at the output size: the resized Picture 1 when
     its bucket is the output's; else (quarter turns, low-resolution restores: the source has another shape
     than the target) Picture 1 stretched to the output size, as the programmatic judges' own baseline
-    (:func:`rededit.eval.judges.programmatic.bench_sample`) does.
+    (:func:`rededit.scoring.judges.programmatic.bench_sample`) does.
     """
     from PIL import Image
 
@@ -351,7 +351,7 @@ def score_one(pred: torch.Tensor, p: Prepared, scorers: Scorers, *, use_vlm: boo
     if scorers.reference and p.target is not None:
         from torchmetrics.functional.image import structural_similarity_index_measure
 
-        from rededit.eval.edit_metrics import edit_metrics, to_unit
+        from rededit.scoring.edit_metrics import edit_metrics, to_unit
 
         src = p.source[None] if p.source is not None else None
         m = edit_metrics(pred[None], p.target[None], p.mask[None] if p.mask is not None else None, source=src)
@@ -376,7 +376,7 @@ def score_one(pred: torch.Tensor, p: Prepared, scorers: Scorers, *, use_vlm: boo
             out["judge_undecided"] = 0.0 if defined else 1.0
             out["judge_detail"] = _jsonable(res.detail)
     if scorers.ocr is not None and it.ocr_target:
-        from rededit.eval.ocr_metric import ocr_scores
+        from rededit.scoring.ocr_metric import ocr_scores
 
         try:
             text = scorers.ocr.read_text(tensor_to_pil(pred))
@@ -393,7 +393,7 @@ def score_one(pred: torch.Tensor, p: Prepared, scorers: Scorers, *, use_vlm: boo
 
 @dataclasses.dataclass
 class VLMScorer:
-    """A VLM judge (usually a :class:`~rededit.eval.judges.vlm.CachedJudge`) with its prompt set.
+    """A VLM judge (usually a :class:`~rededit.scoring.judges.vlm.CachedJudge`) with its prompt set.
 
     ``gedit``: the GEdit protocol, two calls per item (templates ``sc`` and ``pq``) and
     ``vlm_score = G_O = sqrt(G_SC · G_PQ)``; otherwise the item's task template and ``vlm_score`` = the
@@ -431,7 +431,7 @@ class VLMScorer:
                 return {"vlm_failed": 1.0, "vlm_error": str(resp.error)}
             out.update({f"vlm_{k}": float(v) for k, v in scores.items()})
         if self.gedit:
-            from rededit.eval.judges.vlm import g_overall
+            from rededit.scoring.judges.vlm import g_overall
 
             out["vlm_score"] = g_overall(out["vlm_G_SC"], out["vlm_G_PQ"])
         else:
@@ -535,7 +535,7 @@ def _metric_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Mean and defined-count of every numeric metric over rows; ``error_ratio`` as a ratio of means."""
-    from rededit.eval.edit_metrics import METRIC_KEYS, aggregate
+    from rededit.scoring.edit_metrics import METRIC_KEYS, aggregate
 
     out: dict[str, Any] = {"n": len(rows)}
     if any(r.get("edit_region_error") is not None for r in rows):
@@ -741,7 +741,7 @@ def _build_scorers(cfg: DictConfig, bench: Any) -> tuple[Scorers, dict[str, Any]
     judge_info: dict[str, Any] = {"judge_id": None, "prompt_template_hash": None, "programmatic": None}
     if cfg.get("ocr"):
         try:
-            from rededit.eval.ocr import build_ocr_backend
+            from rededit.scoring.ocr import build_ocr_backend
 
             node = cfg.ocr
             if isinstance(node, str):
@@ -754,10 +754,10 @@ def _build_scorers(cfg: DictConfig, bench: Any) -> tuple[Scorers, dict[str, Any]
             sc.skipped["ocr"] = str(err)
     if cfg.metrics.get("programmatic", True) and bench.has_ground_truth:
         try:
-            from rededit.eval.judges.programmatic import judge
+            from rededit.scoring.judges.programmatic import judge
 
             sc.programmatic = judge
-            judge_info["programmatic"] = "rededit.eval.judges.programmatic"
+            judge_info["programmatic"] = "rededit.scoring.judges.programmatic"
         except ImportError as err:
             log.warning("programmatic judges skipped: %s", err)
             sc.skipped["programmatic"] = str(err)
@@ -779,7 +779,7 @@ def _build_scorers(cfg: DictConfig, bench: Any) -> tuple[Scorers, dict[str, Any]
 def _prompt_set(spec: str, bench: Any) -> Any:
     """``benchmark`` (the benchmark's own prompts.json, else the built-in set of its protocol), a built-in
     set name (``rededit_generic``, ``rededit_text``, ``imgedit``, ``gedit``) or a ``prompts.json`` path."""
-    from rededit.eval.judges.prompts import BUILTIN_PROMPT_SETS, builtin_prompt_set, load_rededit_prompts
+    from rededit.scoring.judges.prompts import BUILTIN_PROMPT_SETS, builtin_prompt_set, load_rededit_prompts
 
     if spec == "benchmark":
         path = getattr(bench, "prompts_path", None)
@@ -800,12 +800,12 @@ def build_vlm_scorer(node: Mapping[str, Any], bench: Any, out_dir: Path) -> VLMS
     """
     from hydra.utils import instantiate
 
-    from rededit.eval.judges.vlm import CachedJudge
+    from rededit.scoring.judges.vlm import CachedJudge
 
     node = dict(node)
     if node.get("backend") is None:
         raise ValueError(
-            "judge: needs a `backend` node with a _target_ (e.g. rededit.eval.judges.vlm.OpenAICompatibleJudge)"
+            "judge: needs a `backend` node with a _target_ (e.g. rededit.scoring.judges.vlm.OpenAICompatibleJudge)"
         )
     backend = instantiate(node["backend"])
     judge = CachedJudge(
@@ -858,7 +858,7 @@ def evaluate(cfg: DictConfig, *, editor: Any = None, bench: Any = None) -> dict[
     from hydra.utils import instantiate
 
     from rededit.edit import bucket_max_area, load_editor
-    from rededit.eval.demo_report import _editor_buckets, render_grid
+    from rededit.eval.demo_report import editor_buckets, render_grid
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -869,7 +869,7 @@ def evaluate(cfg: DictConfig, *, editor: Any = None, bench: Any = None) -> dict[
 
     cmap = None
     try:
-        from rededit.eval.categories import load_category_map
+        from rededit.scoring.categories import load_category_map
 
         cmap = load_category_map(cfg.get("categories"))
     except ImportError as err:
@@ -885,7 +885,7 @@ def evaluate(cfg: DictConfig, *, editor: Any = None, bench: Any = None) -> dict[
     if editor is None:
         editor = load_editor(cfg.checkpoint, device, raw=bool(cfg.raw))
     buckets = (
-        OmegaConf.to_container(cfg.buckets, resolve=True) if cfg.get("buckets") else _editor_buckets(editor)
+        OmegaConf.to_container(cfg.buckets, resolve=True) if cfg.get("buckets") else editor_buckets(editor)
     )
     max_area = cfg.get("max_area") or bucket_max_area(getattr(editor, "inference_config", None))
     sizes = sizes_fn(editor, buckets, max_area)

@@ -3,7 +3,7 @@
 Question (issue 5): does ``loss/consistency=face`` add at most 30 % to a training step of
 ``experiment=demo_sft`` (tiny MM-DiT, pixel VAE, 64² buckets, token budget 2048, EMA, NaN guard)?
 
-Data: :func:`rededit.data.synth.portraits.make_portrait_corpus`: the synthetic corpus layout (128² images)
+Data: :func:`rededit.datagen.synth.portraits.make_portrait_corpus`: the synthetic corpus layout (128² images)
 with every image a real portrait crop (scikit-image's astronaut and cameraman, matplotlib's Grace Hopper;
 random scale/shift/mirror; Picture 1 blurred and colour-cast, the target clean) and landmarks from ``rededit-data
 faces``, so *every* sample carries a face: the worst case for the loss (a portrait task's share).
@@ -54,7 +54,7 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from rededit.data.synth.portraits import make_portrait_corpus  # noqa: E402
+from rededit.datagen.synth.portraits import make_portrait_corpus  # noqa: E402
 from rededit.train import CONF_DIR, build  # noqa: E402
 
 

@@ -5,7 +5,7 @@ them exact copies and 1/8 re-encoded near copies so dedup has work to do), then 
 
 * ``loop``: the stage called in a plain Python loop over in-memory partitions (``fit`` on all, then
   ``process`` per partition) — the work itself;
-* ``runner``: the same stage through :class:`~rededit.data.engine.runner.PipelineRunner` with one worker
+* ``runner``: the same stage through :class:`~rededit.datagen.engine.runner.PipelineRunner` with one worker
   (Parquet partitions, content hashes, atomic writes, drop-reason checks, reports) — one process, one core;
 * ``resume``: the runner again on the finished output folder (everything skipped by hash).
 
@@ -36,7 +36,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from rededit.data.engine.filters import (
+from rededit.data.schema import manifest_schema
+from rededit.datagen.engine.filters import (
     EmbeddingDedup,
     ExactDedup,
     LayoutArtifactFilter,
@@ -44,9 +45,8 @@ from rededit.data.engine.filters import (
     PhotometricFilter,
     PixelEmbedder,
 )
-from rededit.data.engine.runner import PipelineRunner
-from rededit.data.engine.stage import StageContext, ensure_drop_column
-from rededit.data.schema import manifest_schema
+from rededit.datagen.engine.runner import PipelineRunner
+from rededit.datagen.engine.stage import StageContext, ensure_drop_column
 from rededit.utils.seeding import numpy_rng
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")

@@ -33,6 +33,7 @@ from rededit.data import shards
 from rededit.data.images import load_image
 from rededit.data.manifest import Manifest
 from rededit.data.uri import resolve_path, resolve_uri, split_shard_uri
+from rededit.datagen import shard_writer
 from rededit.utils.seeding import numpy_rng
 
 HERE = Path(__file__).resolve().parent
@@ -72,13 +73,13 @@ def _pass(uris: list[str], root: Path, decode: bool) -> tuple[float, int]:
 def run(
     n: int, reads: int, repeats: int, seed: int, warm: bool, work: Path, shard_size: str
 ) -> dict[str, Any]:
-    from rededit.data.synth.writer import synthesize
+    from rededit.datagen.synth.writer import synthesize
 
     t0 = time.perf_counter()
     manifest_path = synthesize(work / "files", n=n, seed=seed, bench_n=0, min_side=256, max_side=512)
     t_synth = time.perf_counter() - t0
     t0 = time.perf_counter()
-    summary = shards.write_shards(manifest_path, work / "sharded", shard_size=shard_size, buckets="ct")
+    summary = shard_writer.write_shards(manifest_path, work / "sharded", shard_size=shard_size, buckets="ct")
     t_shard = time.perf_counter() - t0
     plain, packed = (
         Manifest.open(manifest_path, validate=False),

@@ -56,7 +56,7 @@ from rededit.callbacks.ema import EMA  # noqa: E402
 from rededit.data.text_cache import TextEmbeddingCache  # noqa: E402
 from rededit.flow.path import interpolate  # noqa: E402
 from rededit.flow.weighting import loss_weight  # noqa: E402
-from rededit.stages.base import _STEPS_PER_EPOCH_STRIDE  # noqa: E402
+from rededit.stages.base import STEPS_PER_EPOCH_STRIDE  # noqa: E402
 from rededit.train import CONF_DIR, build  # noqa: E402
 from rededit.utils.seeding import torch_generator  # noqa: E402
 
@@ -64,7 +64,7 @@ from rededit.utils.seeding import torch_generator  # noqa: E402
 # ---------------------------------------------------------------------------------------------- setup
 def make_corpus(out_dir: str | Path, n: int, seed: int = 0, side: int = 64) -> Path:
     """Synthetic corpus (report §2.3 templates) at ``side`` px; returns the manifest path."""
-    from rededit.data.synth.writer import synthesize
+    from rededit.datagen.synth.writer import synthesize
 
     return synthesize(out_dir, n=n, seed=seed, bench_n=8, min_side=side, max_side=side)
 
@@ -173,7 +173,7 @@ def run_hand(cfg: DictConfig) -> dict[str, Any]:
                 x0 = vae.encode(batch["target"]).float()
                 refs = [vae.encode(r).float() for r in batch["references"]]
             text_emb, text_mask = batch["text_emb"], batch["text_mask"]
-            micro_step = int(batch["epoch"]) * _STEPS_PER_EPOCH_STRIDE + int(batch["step"])
+            micro_step = int(batch["epoch"]) * STEPS_PER_EPOCH_STRIDE + int(batch["step"])
             p = backbone.patch_size
             seq_len = (x0.shape[-2] // p) * (x0.shape[-1] // p)
             sigma = timesteps.sample(

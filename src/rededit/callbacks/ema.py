@@ -1,11 +1,8 @@
-"""Exponential moving average of the backbone weights (report §3.5 "Model Weight Averaging", §3.8).
+"""The EMA of the backbone weights as a Lightning callback (report §3.5 "Model Weight Averaging", §3.8).
 
-    θ_ema ← d_n · θ_ema + (1 − d_n) · θ,     d_n = min(decay, (1 + n) / (10 + n))  (warm-up on)
-
-with ``n`` the number of updates so far (the warm-up keeps early averages from being dominated by the
-random initialisation). The shadow is fp32 and holds *this rank's local* tensors: under DDP a full copy,
-under FSDP2 the rank's shards (DTensor arithmetic stays local), so it works unchanged on both
-(DESIGN.md trap: Lightning's ``WeightAveraging`` does not support sharded models).
+The math (decay schedule, fp32 shadow of this rank's local tensors, swapping) is
+:class:`rededit.models.ema.EMAWeights`; this adapter runs it from the trainer's hooks
+(Lightning's ``WeightAveraging`` does not support sharded models).
 
 The EMA weights are swapped into the model for validation / sampling / export and swapped back before
 anything else runs; a checkpoint is never written while they are swapped in (it would store EMA weights
@@ -21,13 +18,11 @@ DCP reshards). With ``save_distributed_checkpoint=false`` the shadow is gathered
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
-import torch
 
+from rededit.models.ema import EMAWeights, is_dtensor
 from rededit.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -35,13 +30,7 @@ log = get_logger(__name__)
 DCP_PREFIX = "__ema__."
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
-class EMA(L.Callback):
+class EMA(EMAWeights, L.Callback):
     """EMA of ``pl_module.backbone``'s trainable parameters.
 
     Args:
@@ -60,87 +49,14 @@ class EMA(L.Callback):
         start_step: int = 0,
         validate_with_ema: bool = True,
     ):
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        super().__init__(decay=decay, warmup=warmup)
         if update_every < 1:
             raise ValueError("update_every must be >= 1")
-        self.decay = float(decay)
-        self.warmup = warmup
         self.update_every = int(update_every)
         self.start_step = int(start_step)
         self.validate_with_ema = validate_with_ema
-        self.shadow: dict[str, torch.Tensor] = {}
-        self.num_updates = 0
-        # Optimizer step of the last update; 0 = none yet (under gradient accumulation the first
-        # micro-batches end at global_step 0, before any optimizer step: they must not count as an update).
-        self.last_step = 0
-        self._backup: dict[str, torch.Tensor] | None = None
         self._trainer: L.Trainer | None = None
         self._load_from_dcp = False
-
-    # ------------------------------------------------------------------ math
-    def decay_at(self, n: int) -> float:
-        """``d_n`` for the ``n``-th update (0-based)."""
-        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
-
-    @staticmethod
-    def _params(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
-        return ((n, p) for n, p in module.backbone.named_parameters() if p.requires_grad)
-
-    def _init_shadow(self, module: torch.nn.Module) -> None:
-        self.shadow = {n: p.detach().float().clone() for n, p in self._params(module)}
-
-    @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
-        """One EMA step from the module's current weights."""
-        d = self.decay_at(self.num_updates)
-        for name, p in self._params(module):
-            self.shadow[name].lerp_(p.detach().float(), 1.0 - d)
-        self.num_updates += 1
-
-    # ------------------------------------------------------------------ swapping
-    @torch.no_grad()
-    def swap_in(self, module: torch.nn.Module) -> None:
-        if self._backup is not None:
-            return
-        self._backup = {}
-        for name, p in self._params(module):
-            self._backup[name] = p.detach().clone()
-            p.copy_(self.shadow[name].to(p.dtype))
-
-    @torch.no_grad()
-    def swap_out(self, module: torch.nn.Module) -> None:
-        if self._backup is None:
-            return
-        for name, p in self._params(module):
-            p.copy_(self._backup[name])
-        self._backup = None
-
-    @contextlib.contextmanager
-    def averaged(self, module: torch.nn.Module) -> Iterator[None]:
-        """``with ema.averaged(stage): ...`` runs the block with EMA weights, then restores the raw ones."""
-        self.swap_in(module)
-        try:
-            yield
-        finally:
-            self.swap_out(module)
-
-    def ema_state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """Full backbone state dict with the EMA weights in place of the trainable raw ones.
-
-        Under FSDP2 this gathers every shard (a collective: call it on every rank)."""
-        state = {
-            k: (v.full_tensor() if _is_dtensor(v) else v).detach().clone()
-            for k, v in module.backbone.state_dict().items()
-        }
-        for name, value in self.shadow.items():
-            value = value.full_tensor() if _is_dtensor(value) else value
-            state[name] = value.to(state[name].dtype)
-        return state
-
-    @property
-    def sharded(self) -> bool:
-        return any(_is_dtensor(v) for v in self.shadow.values())
 
     def _distributed_save(self) -> bool:
         strategy = self._trainer.strategy if self._trainer is not None else None
@@ -169,7 +85,7 @@ class EMA(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._load_from_dcp:
             self._load_shards(trainer, pl_module)
-        elif self.shadow and any(_is_dtensor(p) for _, p in self._params(pl_module)) and not self.sharded:
+        elif self.shadow and any(is_dtensor(p) for _, p in self._params(pl_module)) and not self.sharded:
             # A full-tensor shadow (DDP checkpoint, or a gathered one) resumed under FSDP2: keep this rank's shards.
             from torch.distributed.tensor import distribute_tensor
 
@@ -218,15 +134,12 @@ class EMA(L.Callback):
             checkpoint["state_dict"].update({DCP_PREFIX + n: v.detach() for n, v in self.shadow.items()})
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"decay": self.decay, "num_updates": self.num_updates, "last_step": self.last_step}
-        if self.sharded and self._distributed_save():
-            return {**state, "sharded": True, "shadow": {}}
         # Gathering is a collective; Lightning asks every rank for callback states when it saves.
-        full = {k: (v.full_tensor() if _is_dtensor(v) else v) for k, v in self.shadow.items()}
-        return {**state, "shadow": {k: v.detach().cpu() for k, v in full.items()}}
+        if self.sharded and self._distributed_save():
+            state = {"decay": self.decay, "num_updates": self.num_updates, "last_step": self.last_step}
+            return {**state, "sharded": True, "shadow": {}}
+        return super().state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.num_updates = int(state["num_updates"])
-        self.last_step = int(state.get("last_step", 0))
+        super().load_state_dict(state)
         self._load_from_dcp = bool(state.get("sharded", False))
-        self.shadow = {k: v.clone().float() for k, v in state["shadow"].items()}

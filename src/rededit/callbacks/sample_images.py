@@ -66,8 +66,8 @@ class SampleImages(L.Callback):
         """Per-category judge success and mean preservation of the samples' current edits."""
         import math
 
-        from rededit.eval.categories import load_category_map
-        from rededit.eval.judges.programmatic import bench_sample, judge
+        from rededit.scoring.categories import load_category_map
+        from rededit.scoring.judges.programmatic import bench_sample, judge
 
         manifest = trainer.datamodule._manifest
         categories = load_category_map(unknown="other")

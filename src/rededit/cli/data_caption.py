@@ -1,6 +1,6 @@
 """``rededit-data caption``: run the captioning engine (report §2.5) over a manifest, resumably.
 
-Runs :class:`~rededit.data.engine.captioning.CaptionStage` through the data-engine runner (Parquet
+Runs :class:`~rededit.datagen.engine.captioning.CaptionStage` through the data-engine runner (Parquet
 partitions, content hashes, ``result.parquet``), so an interrupted run resumes and answers already
 obtained come from the on-disk cache. Backends: ``openai`` (any OpenAI-compatible endpoint, e.g. a local
 vLLM server), ``transformers`` (a local Qwen2.5-VL folder) or ``none`` (rule-based fallback only).
@@ -67,7 +67,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def _backends(args: argparse.Namespace):
     """(backend factory, rewriter factories): ``functools.partial`` objects, built lazily per worker."""
-    from rededit.eval.judges.vlm import OpenAICompatibleJudge, TransformersVLMJudge
+    from rededit.scoring.judges.vlm import OpenAICompatibleJudge, TransformersVLMJudge
 
     if args.backend == "none":
         return None, []
@@ -93,8 +93,8 @@ def _backends(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from rededit.data.engine.captioning import CaptionStage
-    from rededit.data.engine.runner import run_pipeline
+    from rededit.datagen.engine.captioning import CaptionStage
+    from rededit.datagen.engine.runner import run_pipeline
 
     try:
         if not Path(args.manifest).is_file():

@@ -16,22 +16,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from rededit.cli.args import int_at_least
-from rededit.data.images import ImageDecodeError, load_image
 from rededit.data.manifest import Manifest
-from rededit.data.schema import ALL_FIELDS
-from rededit.utils.io import atomic_path
+from rededit.datagen.face_landmarks import write_landmarks
 from rededit.utils.logging import get_logger
 
 log = get_logger(__name__)
-COLUMN = "face_landmarks"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -76,44 +70,6 @@ def _build(args: argparse.Namespace):
     )
 
 
-def detect_manifest(manifest: Manifest, detector, *, min_face: float = 0.0, max_faces: int | None = None):
-    """Run ``detector`` on every target image.
-
-    Returns:
-        (landmarks per row: flat float32 list, ``[]`` for no face, ``None`` when unreadable;
-        unreadable ``[(row id, reason)]``).
-    """
-    targets = manifest.table.column("target").to_pylist()
-    ids = manifest.table.column("id").to_pylist()
-    out: list[list[float] | None] = []
-    bad: list[tuple[str, str]] = []
-    for sid, uri in zip(ids, targets):
-        try:
-            img = np.asarray(load_image(uri, manifest.root, mode="RGB"))
-        except (FileNotFoundError, ImageDecodeError, ValueError, OSError) as err:
-            bad.append((sid, str(err)))
-            out.append(None)
-            continue
-        det = detector.detect(img)
-        lm = det.landmarks
-        if min_face > 0 and len(det):
-            wh = det.boxes[:, 2:] - det.boxes[:, :2]
-            lm = lm[wh.min(1) >= min_face]
-        if max_faces is not None:
-            lm = lm[:max_faces]
-        out.append(np.asarray(lm, np.float32).reshape(-1).tolist())
-    return out, bad
-
-
-def with_landmarks(table: pa.Table, values: list[list[float] | None]) -> pa.Table:
-    """``table`` with its ``face_landmarks`` column replaced (or appended), typed as in the schema."""
-    field = ALL_FIELDS[COLUMN]
-    column = pa.array(values, type=field.type)
-    if COLUMN in table.column_names:
-        return table.set_column(table.column_names.index(COLUMN), field, column)
-    return table.append_column(field, column)
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         manifest = Manifest.open(args.manifest, validate=False)
@@ -132,24 +88,15 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    t0 = time.perf_counter()
-    values, bad = detect_manifest(manifest, detector, min_face=args.min_face, max_faces=args.max_faces)
-    table = with_landmarks(manifest.table, values)
     out = Path(args.out) if args.out else Path(args.manifest)
     if out.resolve().parent != Path(args.manifest).resolve().parent:
         log.warning(
             "writing to another folder than the manifest's: relative image URIs resolve against %s",
             out.parent,
         )
-    with atomic_path(out) as tmp:
-        pq.write_table(table, tmp)
-    faces = [len(v) // 10 for v in values if v is not None]
-    n0, n1 = sum(f == 0 for f in faces), sum(f == 1 for f in faces)
-    nmany = len(faces) - n0 - n1
-    print(
-        f"faces ({detector.name}): {len(values)} rows in {time.perf_counter() - t0:.1f}s: "
-        f"{n0} with 0 faces, {n1} with 1, {nmany} with 2+, {len(bad)} unreadable; {sum(faces)} faces -> {out}"
-    )
+    summary = write_landmarks(manifest, detector, out, min_face=args.min_face, max_faces=args.max_faces)
+    print(summary.line())
+    bad = summary.unreadable
     for sid, reason in bad[: args.max_report]:
         print(f"unreadable: row {sid}: {reason}", file=sys.stderr)
     if len(bad) > args.max_report:

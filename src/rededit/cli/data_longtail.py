@@ -24,7 +24,7 @@ from pathlib import Path
 
 
 def _text_embedder(name: str):
-    from rededit.data.engine.longtail import HashingTextEncoder, MiniLMSentenceEncoder
+    from rededit.datagen.engine.longtail import HashingTextEncoder, MiniLMSentenceEncoder
 
     if name == "minilm":
         return MiniLMSentenceEncoder()
@@ -35,10 +35,10 @@ def _text_embedder(name: str):
 
 
 def _image_embedder(name: str):
-    from rededit.data.engine.longtail import ColourLayoutEmbedder
+    from rededit.datagen.engine.longtail import ColourLayoutEmbedder
 
     if name.startswith("clip="):
-        from rededit.data.engine.longtail import CLIPJointEmbedder
+        from rededit.datagen.engine.longtail import CLIPJointEmbedder
 
         return CLIPJointEmbedder(name.removeprefix("clip="))
     return ColourLayoutEmbedder() if name == "colour" else _load_class(name)
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from rededit.data.engine import longtail as lt
+    from rededit.datagen.engine import longtail as lt
 
     cmd = args.longtail_command
     if cmd == "index":

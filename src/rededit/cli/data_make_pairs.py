@@ -40,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int_at_least(1), default=None, help="process at most N rows")
     p.add_argument(
-        "--ocr", default=None, help="OCR backend for text rows (rededit.eval.ocr name); default none"
+        "--ocr", default=None, help="OCR backend for text rows (rededit.scoring.ocr name); default none"
     )
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)
@@ -48,7 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from rededit.data.preference import make_pairs
+    from rededit.datagen.preference import make_pairs
     from rededit.edit import EditorLoadError, load_editor
 
     try:
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     ocr = None
     if args.ocr:
-        from rededit.eval.ocr import build_ocr_backend
+        from rededit.scoring.ocr import build_ocr_backend
 
         ocr = build_ocr_backend(args.ocr)
     try:

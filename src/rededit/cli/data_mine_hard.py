@@ -75,7 +75,7 @@ def load_reward(spec: str, trust_prefixes: tuple[str, ...] = ()):
 
 
 def run(args: argparse.Namespace) -> int:
-    from rededit.data.mining import mine_hard
+    from rededit.datagen.mining import mine_hard
     from rededit.edit import EditorLoadError, load_editor
     from rededit.utils.trusted_config import UntrustedConfigError
 

@@ -35,10 +35,10 @@ def compose_engine(overrides: list[str], config_dir: str | Path = CONF_DIR):
 
 
 def build_runner(cfg):
-    """A :class:`~rededit.data.engine.runner.PipelineRunner` with the config's stages instantiated."""
+    """A :class:`~rededit.datagen.engine.runner.PipelineRunner` with the config's stages instantiated."""
     from hydra.utils import instantiate
 
-    from rededit.data.engine.runner import PipelineRunner
+    from rededit.datagen.engine.runner import PipelineRunner
 
     stages = [instantiate(s) for s in cfg.pipeline.stages]
     return PipelineRunner(

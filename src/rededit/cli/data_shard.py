@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from rededit.cli.args import int_at_least
-from rededit.data.shards import parse_size, write_shards
+from rededit.datagen.shard_writer import parse_size, write_shards
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

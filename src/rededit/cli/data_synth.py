@@ -76,7 +76,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
-    from rededit.data.synth import synthesize
+    from rededit.datagen.synth import synthesize
 
     t0 = time.perf_counter()
     try:

@@ -42,8 +42,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
-    from rededit.data.engine.stage import StageContext
-    from rededit.data.engine.transforms import TaskSplitStage, invert_tasks, split_tasks
+    from rededit.datagen.engine.stage import StageContext
+    from rededit.datagen.engine.transforms import TaskSplitStage, invert_tasks, split_tasks
     from rededit.utils.io import atomic_path
 
     src = Path(args.manifest)

@@ -26,7 +26,7 @@ Formats (report §4 for REDEdit-Bench; the public ImgEdit and GEdit releases):
   ``{bytes, path}``), or a JSONL with the same keys and ``input_image`` a path relative to the folder.
 
 Categories: a loader maps each task to a REDEdit-Bench category with a category map (an object with
-``category_of(task)``, or a config path for :func:`rededit.eval.categories.load_category_map`); without
+``category_of(task)``, or a config path for :func:`rededit.scoring.categories.load_category_map`); without
 one (``category_map=None``), or for a task the map does not know, the category is the task name itself;
 the default (``"default"``) is ``conf/eval/categories/default.yaml``.
 """
@@ -158,7 +158,7 @@ def _resolve_category_map(category_map: Any) -> Any:
     if category_map is None or hasattr(category_map, "category_of"):
         return category_map
     try:
-        from rededit.eval.categories import load_category_map
+        from rededit.scoring.categories import load_category_map
     except ImportError as err:  # the categories module is optional for the loaders
         log.warning("category map %r not loaded (%s); categories = task names", category_map, err)
         return None
@@ -296,7 +296,7 @@ class SyntheticBench(Benchmark):
     """The held-out ``bench`` split of a synthetic corpus (exact ground truth, masks, OCR targets, boxes).
 
     Args:
-        manifest_path: Parquet manifest written by :func:`rededit.data.synth.writer.synthesize`.
+        manifest_path: Parquet manifest written by :func:`rededit.datagen.synth.writer.synthesize`.
         split: rows to take (``bench``).
         buckets: bucket set (a name in ``conf/data/buckets``, a YAML path or a config mapping) every image is
             cover-resized to, as the editor saw them in training (eq. (1), like

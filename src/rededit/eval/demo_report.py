@@ -7,14 +7,14 @@
 :func:`build_demo_report` edits up to ``max_per_task`` rows of every task of the ``bench`` split with the
 editor (batched per (task, shapes), every image cover-resized to the bucket its sample maps to in the
 editor's training bucket set, ``data.buckets``, eq. (1) of the report via
-:meth:`~rededit.data.buckets.ResolutionSet.assign`), scores them with :mod:`rededit.eval.edit_metrics`, and
+:meth:`~rededit.data.buckets.ResolutionSet.assign`), scores them with :mod:`rededit.scoring.edit_metrics`, and
 writes into ``out_dir`` (each file atomically):
 
 * ``grid.png``: rows = samples (``grid_per_task`` of every task), columns source (Picture 1; blank for
   text-to-image) | instruction | edit | ground truth;
 * ``metrics.json``: per task and overall ``n``, edit-region error, identity baseline, their ratio, PSNR
   outside the edit region (and the full-image metrics), programmatic success (the synthetic bench's judges,
-  :mod:`rededit.eval.judges.programmatic`; text without OCR), the colour text-following check
+  :mod:`rededit.scoring.judges.programmatic`; text without OCR), the colour text-following check
   (:mod:`rededit.eval.text_following`), the goal summary, and the settings (checkpoint, weights, steps, cfg,
   seed, split);
 * ``report.md``: the per-task table with the goal check (ratio ≤ 0.5 and PSNR outside ≥ 25 dB) and the demo
@@ -44,9 +44,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from rededit.eval.edit_metrics import METRIC_KEYS, aggregate, aggregate_by_task, edit_metrics
-from rededit.eval.judges.programmatic import bench_sample, judge
 from rededit.eval.text_following import colour_text_following
+from rededit.scoring.edit_metrics import METRIC_KEYS, aggregate, aggregate_by_task, edit_metrics
+from rededit.scoring.judges.programmatic import bench_sample, judge
 from rededit.utils.io import atomic_path, atomic_write_text
 from rededit.utils.logging import get_logger
 
@@ -82,7 +82,7 @@ def _sizes_fn(editor: Any, buckets: Mapping[str, Any] | None):
     return lambda hw: rs.resolutions[rs.assign(np.asarray(hw, dtype=np.int64).reshape(-1, 2))]
 
 
-def _editor_buckets(editor: Any) -> dict[str, Any] | None:
+def editor_buckets(editor: Any) -> dict[str, Any] | None:
     from omegaconf import OmegaConf
 
     cfg = getattr(editor, "inference_config", None)
@@ -543,7 +543,7 @@ def build_demo_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest.open(manifest_path)
-    buckets = dict(buckets) if buckets is not None else _editor_buckets(editor)
+    buckets = dict(buckets) if buckets is not None else editor_buckets(editor)
     samples = load_samples(manifest, select_rows(manifest, split, max_per_task), _sizes_fn(editor, buckets))
     steps = steps or getattr(editor, "sample_steps", None)
     cfg = getattr(editor, "cfg_scale", 1.0) if cfg is None else cfg

@@ -5,7 +5,7 @@ truth by heart) scores well on edit-region error without reading the instruction
 colour other than the ground truth's and looks where the edited object's colour goes:
 
 1. For a ``color`` row, the source colour ``c_src`` and the ground-truth colour ``c_gt`` are the named object
-   colours (:data:`~rededit.data.synth.scene.OBJECT_COLOURS`) nearest the mean of Picture 1 and of the
+   colours (:data:`~rededit.datagen.synth.scene.OBJECT_COLOURS`) nearest the mean of Picture 1 and of the
    ground truth inside the edit mask (the object's pixels; synthetic shapes are flat, so this is exact).
 2. The instruction must name ``c_gt`` exactly once (as a whole word); that name is replaced by an *asked*
    colour ``c_ask`` drawn (seeded by the row id) from the named colours at least ``min_distance`` (RGB) from
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rededit.data.synth.scene import OBJECT_COLOURS, Colour, colour_distance
-from rededit.eval.edit_metrics import to_unit
+from rededit.datagen.synth.scene import OBJECT_COLOURS, Colour, colour_distance
+from rededit.scoring.edit_metrics import to_unit
 
 MIN_DISTANCE = 110.0  # RGB distance between the asked colour and both the source's and the ground truth's
 

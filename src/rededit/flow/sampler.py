@@ -35,7 +35,7 @@ def cfg_combine(v_cond: torch.Tensor, v_neg: torch.Tensor, scale: float, patch: 
     return unpack_latents(comb, h, w, patch)
 
 
-def _ode_velocity(backbone: torch.nn.Module, v_hat: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def ode_velocity(backbone: torch.nn.Module, v_hat: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     # x0-prediction backbones floor σ in their x0 → v conversion; undo it so the Euler step is exact.
     exact = getattr(backbone, "exact_velocity", None)
     return (exact(v_hat, sigma) if exact is not None else v_hat).float()
@@ -97,11 +97,9 @@ def euler_sample(
     x = noise.float()
     for i in range(sigmas.shape[0] - 1):
         sigma = sigmas[i].expand(b)
-        v = _ode_velocity(backbone, backbone(x, references, sigma, text_emb, text_mask), sigma)
+        v = ode_velocity(backbone, backbone(x, references, sigma, text_emb, text_mask), sigma)
         if do_cfg:
-            v_neg = _ode_velocity(
-                backbone, backbone(x, references, sigma, neg_text_emb, neg_text_mask), sigma
-            )
+            v_neg = ode_velocity(backbone, backbone(x, references, sigma, neg_text_emb, neg_text_mask), sigma)
             v = cfg_combine(v, v_neg, cfg_scale, patch)
         x = x + (sigmas[i + 1] - sigmas[i]) * v
     if vae is not None:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from rededit.flow.path import QWEN_IMAGE_SCHEDULER, calculate_mu, inference_sigmas
-from rededit.flow.sampler import _ode_velocity
+from rededit.flow.sampler import ode_velocity
 
 
 @torch.no_grad()
@@ -59,7 +59,7 @@ def sde_sample(
     for i in range(sigmas.shape[0] - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         sigma = s.expand(b)
-        v = _ode_velocity(backbone, backbone(x, references, sigma, text_emb, text_mask), sigma)
+        v = ode_velocity(backbone, backbone(x, references, sigma, text_emb, text_mask), sigma)
         delta = s_next - s
         if noise_level > 0 and float(s_next) > 0:
             sc = s.clamp(max=1 - 1e-3)

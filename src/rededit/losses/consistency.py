@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rededit.models.faces.alignment import crop_boxes, face_matrices, warp_affine
+from rededit.utils.module_tree import hidden_from_tree
 from rededit.utils.seeding import torch_generator
 
 
@@ -51,14 +52,6 @@ def id_loss_weight(sigma: torch.Tensor, eta: float = 1.0, sigma_cutoff: float = 
     """Eq. 6: ``λ_id(σ) = η·σ²`` for ``σ < σ_cut``, else 0. ``sigma`` ``[B]`` → ``[B]``."""
     sigma = torch.as_tensor(sigma, dtype=torch.float32)
     return torch.where(sigma < sigma_cutoff, eta * sigma.pow(2), torch.zeros_like(sigma))
-
-
-def _hidden(module: nn.Module) -> list[nn.Module]:
-    """Keep a frozen encoder out of the owner's module tree: not in the stage's checkpoint, not wrapped
-    by FSDP, never touched by EMA. It follows the inputs' device lazily (:func:`_on_device`)."""
-    module.requires_grad_(False)
-    module.eval()
-    return [module]
 
 
 def _on_device(module: nn.Module, like: torch.Tensor) -> nn.Module:
@@ -107,7 +100,9 @@ class _RegionCosineLoss(nn.Module):
 
     def __init__(self, encoder: nn.Module):
         super().__init__()
-        self._encoder = _hidden(encoder)
+        self._encoder = hidden_from_tree(
+            encoder.requires_grad_(False).eval()
+        )  # follows inputs lazily (_on_device)
 
     @property
     def encoder(self) -> nn.Module:

@@ -204,7 +204,7 @@ def parallelize_frozen(module: M, mesh: Any, plan: ParallelPlan | None = None) -
     :func:`parallelize_backbone`, on a copy built the same way as the backbone (a ``deepcopy`` of the
     still-unsharded backbone, or the factory on ``meta`` + :func:`load_full_state` later). Run its forwards
     under ``torch.no_grad()``; several forwards per step are fine (each all-gathers and frees per block).
-    Keep it out of the LightningModule's module tree (``rededit.stages.base._hidden``) so it is neither
+    Keep it out of the LightningModule's module tree (``rededit.utils.module_tree.hidden_from_tree``) so it is neither
     checkpointed nor touched by the optimizer; to refresh it (NFT's old policy), copy the trainable
     shards into it shard-by-shard: ``for p, q in zip(frozen.parameters(), backbone.parameters()):
     p.to_local().copy_(q.to_local())`` — both use the same mesh and placements, so no communication.

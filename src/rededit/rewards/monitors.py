@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from rededit.eval.edit_metrics import masked_l1
+from rededit.scoring.edit_metrics import masked_l1
 
 __all__ = ["MONITOR_KEYS", "hack_monitors", "preservation_outside", "text_area_fraction"]
 
@@ -72,7 +72,7 @@ def text_area_fraction(boxes: Sequence[Any] | None, height: int, width: int) -> 
     """Share of an ``height × width`` image covered by the union of text boxes.
 
     Args:
-        boxes: 4-point quads ``[[x, y], ...]`` (as :class:`rededit.eval.ocr.OCRResult.box`), ``(x0, y0, x1,
+        boxes: 4-point quads ``[[x, y], ...]`` (as :class:`rededit.scoring.ocr.OCRResult.box`), ``(x0, y0, x1,
             y1)`` boxes, or OCR results with a ``box``; ``None`` → NaN (not measured), ``[]`` → 0.
     """
     if boxes is None:

@@ -12,7 +12,7 @@ character with the reference layout, in position (``d_i``) and in scale (``Δs_i
 
 Our reading, where the report is not explicit (all choices are arguments):
 
-* ``d`` is the Levenshtein distance between the normalised strings (:func:`rededit.eval.ocr_metric.
+* ``d`` is the Levenshtein distance between the normalised strings (:func:`rededit.scoring.ocr_metric.
   normalise_text`: NFKC, case-folded, punctuation dropped); ``R_text`` is clamped at 0 because eq. (5)
   goes negative once the prediction is much longer than the target.
 * **Matched characters**: predicted and reference characters (each with a box) are aligned by a
@@ -55,10 +55,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rededit.eval.ocr import OCRBackend, OCRResult, build_ocr_backend, reading_order
-from rededit.eval.ocr_metric import levenshtein, normalise_text
 from rededit.rewards.base import Reward, check_images, from_dataset_range
 from rededit.rewards.monitors import text_area_fraction
+from rededit.scoring.ocr import OCRBackend, OCRResult, build_ocr_backend, reading_order
+from rededit.scoring.ocr_metric import levenshtein, normalise_text
 from rededit.utils.logging import get_logger
 
 __all__ = [
@@ -97,7 +97,7 @@ def _norm_char(ch: str) -> str:
 def char_elements(results: Iterable[OCRResult | CharBox | tuple]) -> list[CharBox]:
     """Character-level elements in reading order from OCR results (or ready ``CharBox`` / ``(char, box)``).
 
-    An :class:`~rededit.eval.ocr.OCRResult` with ``chars`` contributes those (a multi-character "char"
+    An :class:`~rededit.scoring.ocr.OCRResult` with ``chars`` contributes those (a multi-character "char"
     item, as rapidocr returns for Latin words, is split evenly across its box); one without is split into
     ``len(text)`` equal-width cells. Characters that normalise to nothing (spaces, punctuation) are dropped.
     """
@@ -136,7 +136,7 @@ def _split(text: str, xyxy: Sequence[float]) -> list[CharBox]:
 def levenshtein_alignment(a: Sequence[Any], b: Sequence[Any]) -> list[tuple[int, int]]:
     """Index pairs ``(i, j)`` with ``a[i] == b[j]`` on one minimum-cost Levenshtein alignment of ``a`` and ``b``.
 
-    :func:`rededit.eval.ocr_metric.levenshtein` gives the distance only (two rows); the alignment needs
+    :func:`rededit.scoring.ocr_metric.levenshtein` gives the distance only (two rows); the alignment needs
     the full table and a backtrace (ties prefer a match/substitution, then deletion, then insertion).
     """
     n, m = len(a), len(b)
@@ -206,7 +206,7 @@ def ocr_layout_reward(
         gate_threshold: ``Gate`` opens when ``R_text / w_text ≥ gate_threshold``.
         distance_scale: ``d_i`` is measured in ``distance_scale`` reference-character heights.
         scale_penalty: ``"over"`` (``max(0, ln ratio)``) or ``"symmetric"`` (``|ln ratio|``).
-        lang: text normalisation language (:func:`rededit.eval.ocr_metric.normalise_text`).
+        lang: text normalisation language (:func:`rededit.scoring.ocr_metric.normalise_text`).
     """
     if w_text < 0 or w_layout < 0 or w_text + w_layout <= 0:
         raise ValueError(f"need w_text, w_layout ≥ 0 and not both 0, got {w_text}, {w_layout}")
@@ -252,7 +252,7 @@ class OCRReward(Reward):
     backend is built lazily on the first call, so composing or instantiating the config loads no model.
 
     Args:
-        backend: an OCR backend name for :func:`rededit.eval.ocr.build_ocr_backend` (``rapidocr``:
+        backend: an OCR backend name for :func:`rededit.scoring.ocr.build_ocr_backend` (``rapidocr``:
             per-character boxes, weights inside its wheel) or any object with ``read(image) -> list[OCRResult]``.
         backend_kwargs: constructor arguments of the named backend.
         w_text, w_layout, gate_threshold, distance_scale, scale_penalty, lang: see :func:`ocr_layout_reward`

@@ -7,7 +7,7 @@ the batch (1 = edited) and the source Picture 1 (``references[0]``):
 * ``metric="l1"``: ``R = 1 − mean_{outside} |image − source|`` on [0, 1] images (1 for identical pixels);
 * ``metric="psnr"``: ``R = min(PSNR_outside, psnr_cap) / psnr_cap`` (PSNR in dB, data range 1).
 
-Both reuse :mod:`rededit.eval.edit_metrics` (``masked_l1`` / ``masked_psnr``). NaN (does not apply) for
+Both reuse :mod:`rededit.scoring.edit_metrics` (``masked_l1`` / ``masked_psnr``). NaN (does not apply) for
 samples without a mask (``has_edit_mask`` false, when ``require_mask``), without a source of the image's
 shape (text-to-image), or whose mask covers the whole image (global edits: nothing is outside).
 """
@@ -21,8 +21,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from rededit.eval.edit_metrics import masked_l1, masked_psnr
 from rededit.rewards.base import Reward, check_images, source_from_batch
+from rededit.scoring.edit_metrics import masked_l1, masked_psnr
 
 __all__ = ["PreservationReward"]
 

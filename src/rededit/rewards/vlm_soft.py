@@ -9,7 +9,7 @@ The judge first writes a chain-of-thought ``c_k`` (sampled, so the K passes diff
 the logits ``z_v`` of the numeric rating tokens ``V`` (e.g. ``"1" … "5"``) are read at the score position
 and turned into an expected score instead of an argmax, which makes the reward continuous.
 
-Two scorers, one per kind of judge (both reuse :mod:`rededit.eval.judges.vlm`):
+Two scorers, one per kind of judge (both reuse :mod:`rededit.scoring.judges.vlm`):
 
 * :class:`TransformersSoftScorer`: a local Qwen2.5-VL. Each pass samples the CoT with ``generate``, cuts
   it where the answer's first score label starts, appends ``"<dimension>: "`` and reads the next-token
@@ -40,9 +40,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from rededit.eval.judges.prompts import JudgeTemplate, PromptSet, builtin_prompt_set
-from rededit.eval.judges.vlm import JudgeError, OpenAICompatibleJudge, TransformersVLMJudge, _rgb
 from rededit.rewards.base import Reward, check_images, from_dataset_range
+from rededit.scoring.judges.prompts import JudgeTemplate, PromptSet, builtin_prompt_set
+from rededit.scoring.judges.vlm import JudgeError, OpenAICompatibleJudge, TransformersVLMJudge, judge_rgb
 from rededit.utils.logging import get_logger
 from rededit.utils.seeding import derive_seed
 
@@ -168,7 +168,7 @@ def _truncate_cot(text: str, labels: Sequence[str]) -> str:
 
 class TransformersSoftScorer(TransformersVLMJudge, SoftScorer):
     """Eq. (4) with a local Qwen2.5-VL-class model (the loading, fingerprint and chat format of
-    :class:`~rededit.eval.judges.vlm.TransformersVLMJudge`).
+    :class:`~rededit.scoring.judges.vlm.TransformersVLMJudge`).
 
     Args:
         path, dtype, device, max_image_area, weights_id: as the judge.
@@ -229,7 +229,7 @@ class TransformersSoftScorer(TransformersVLMJudge, SoftScorer):
     ) -> dict[str, float]:
         values = score_values(template.scale)
         ids = self.value_token_ids(values)
-        imgs = [_rgb(im, self.max_image_area) for im in images]
+        imgs = [judge_rgb(im, self.max_image_area) for im in images]
         chat = self._chat_text(prompt, len(imgs))
         inputs = self._inputs(chat, imgs)
         devices = [self.device] if self.device.type == "cuda" else []
@@ -261,7 +261,7 @@ class OpenAICompatibleSoftScorer(OpenAICompatibleJudge, SoftScorer):
 
     Args:
         base_url, model, api_key_env, timeout, max_tokens, image_format, judge_version, extra_body: as
-            :class:`~rededit.eval.judges.vlm.OpenAICompatibleJudge`.
+            :class:`~rededit.scoring.judges.vlm.OpenAICompatibleJudge`.
         temperature: CoT sampling temperature (> 0: the K passes must differ); each pass sends its own seed.
         top_logprobs: alternatives returned per token (the rating distribution is read from them).
     """
@@ -346,8 +346,8 @@ class VLMSoftReward(Reward):
     Args:
         scorer: a :class:`SoftScorer`, or a zero-argument factory (Hydra ``_partial_: true``) called on
             first use, so instantiating the config loads no model.
-        prompt_set: a built-in prompt-set name (:func:`rededit.eval.judges.prompts.builtin_prompt_set`) or
-            a :class:`~rededit.eval.judges.prompts.PromptSet`; the batch's task picks the template.
+        prompt_set: a built-in prompt-set name (:func:`rededit.scoring.judges.prompts.builtin_prompt_set`) or
+            a :class:`~rededit.scoring.judges.prompts.PromptSet`; the batch's task picks the template.
         k: passes per sample (the ``K`` of eq. 4).
         seed: base seed; pass ``k`` of sample ``id`` at ``(epoch, step)`` samples with
             ``derive_seed(seed, epoch, step, id, k)``.

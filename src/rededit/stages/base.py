@@ -31,12 +31,13 @@ from rededit.flow.weighting import loss_weight, region_weights
 from rededit.models.backbone import EditBackbone
 from rededit.models.fireedit import normalize_boxes
 from rededit.utils.logging import get_logger
+from rededit.utils.module_tree import hidden_from_tree
 from rededit.utils.seeding import torch_generator
 
 log = get_logger(__name__)
 
 # Distinct streams per (epoch, data step): the sampler's step restarts each epoch.
-_STEPS_PER_EPOCH_STRIDE = 10_000_000
+STEPS_PER_EPOCH_STRIDE = 10_000_000
 
 
 def lr_factor(step: int, *, warmup: int, total: int, decay: str, min_ratio: float) -> float:
@@ -48,11 +49,6 @@ def lr_factor(step: int, *, warmup: int, total: int, decay: str, min_ratio: floa
         progress = min(1.0, (step - warmup) / (total - warmup))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return 1.0
-
-
-def _hidden(module: nn.Module | None) -> list:
-    """Keep a frozen module out of ``self``'s module tree (and so out of checkpoints and FSDP wrapping)."""
-    return [module]
 
 
 class BaseStage(L.LightningModule):
@@ -111,8 +107,8 @@ class BaseStage(L.LightningModule):
         super().__init__()
         self.backbone_factory = backbone
         self.backbone: EditBackbone | None = None
-        self._vae = _hidden(vae)
-        self._text_encoder = _hidden(text_encoder)
+        self._vae = hidden_from_tree(vae)
+        self._text_encoder = hidden_from_tree(text_encoder)
         self.timesteps = timesteps
         self.curriculum = curriculum
         self.weighting = dict(weighting or {"scheme": "uniform"})
@@ -271,7 +267,7 @@ class BaseStage(L.LightningModule):
     # ------------------------------------------------------------------ randomness
     def _draw(self, batch: Mapping[str, Any], x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(σ ``[B]``, ε ``[B, C, h, w]``) from (seed, epoch, data step, rank)."""
-        micro_step = int(batch["epoch"]) * _STEPS_PER_EPOCH_STRIDE + int(batch["step"])
+        micro_step = int(batch["epoch"]) * STEPS_PER_EPOCH_STRIDE + int(batch["step"])
         rank, world = self.global_rank, self.trainer.world_size if self._trainer is not None else 1
         seq_len = (x0.shape[-2] // self.backbone.patch_size) * (x0.shape[-1] // self.backbone.patch_size)
         sigma = self.timesteps.sample(

@@ -47,8 +47,9 @@ from rededit.flow.sampler import euler_sample
 from rededit.flow.weighting import loss_weight
 from rededit.losses.dpo import dpo_loss, dpo_stats
 from rededit.parallel.parallelize import is_sharded
-from rededit.stages.base import _STEPS_PER_EPOCH_STRIDE, BaseStage, _hidden
+from rededit.stages.base import STEPS_PER_EPOCH_STRIDE, BaseStage
 from rededit.utils.logging import get_logger
+from rededit.utils.module_tree import hidden_from_tree
 from rededit.utils.seeding import torch_generator
 
 log = get_logger(__name__)
@@ -127,7 +128,7 @@ class DPOModule(BaseStage):
         self.lam = float(lam)
         self.missing_rejected = missing_rejected
         self.negative_steps = int(negative_steps)
-        self._reference = _hidden(None)
+        self._reference = hidden_from_tree(None)
         self._reference_fingerprint: float | None = None
 
     # ------------------------------------------------------------------ reference
@@ -171,7 +172,7 @@ class DPOModule(BaseStage):
         self, batch: Mapping[str, Any], x_w: torch.Tensor, refs: list[torch.Tensor], text_emb, text_mask
     ) -> torch.Tensor:
         """The reference policy's own edits of the batch's conditions, latents ``[B, C, h, w]``."""
-        micro_step = int(batch["epoch"]) * _STEPS_PER_EPOCH_STRIDE + int(batch["step"])
+        micro_step = int(batch["epoch"]) * STEPS_PER_EPOCH_STRIDE + int(batch["step"])
         gen = torch_generator(self.seed, "dpo-negative", micro_step, self.global_rank)
         noise = torch.randn(x_w.shape, generator=gen, dtype=torch.float32).to(x_w.device)
         return euler_sample(

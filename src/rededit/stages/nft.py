@@ -16,7 +16,7 @@ One training step on a batch of B prompts (conditions: references + instruction)
    ``x_t = (1 − σ) x_0 + σ ε``, ``v = ε − x_0``, ``v_θ`` from the policy and ``v_old`` from the old policy
    on the same ``x_t``, loss = eq. (3) (:func:`~rededit.losses.nft.nft_loss`) averaged over valid samples.
 5. **Soft update** of the old policy right after every optimizer step (before that step's checkpoint),
-   reusing the EMA math of :class:`~rededit.callbacks.ema.EMA` with DiffusionNFT's ramped decay
+   reusing the EMA math of :class:`~rededit.models.ema.EMAWeights` with DiffusionNFT's ramped decay
    (:class:`OldPolicyEMA`):
    ``θ_old ← η_n θ_old + (1 − η_n) θ``, ``η_n = min(η_max, η_rate · n)`` — on-policy at first, smoother later.
 
@@ -51,15 +51,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from rededit.callbacks.ema import EMA
 from rededit.flow.path import interpolate
 from rededit.flow.sampler import euler_sample
 from rededit.flow.sde import sde_sample
 from rededit.losses.nft import nft_loss, optimality_probability
+from rededit.models.ema import EMAWeights
 from rededit.parallel.parallelize import is_sharded
-from rededit.stages.base import _STEPS_PER_EPOCH_STRIDE, BaseStage, _hidden
+from rededit.stages.base import STEPS_PER_EPOCH_STRIDE, BaseStage
 from rededit.stages.dpo import sharded_frozen_twin
 from rededit.utils.logging import get_logger
+from rededit.utils.module_tree import hidden_from_tree
 from rededit.utils.seeding import torch_generator
 
 log = get_logger(__name__)
@@ -69,10 +70,10 @@ SAMPLERS = ("ode", "sde")
 DCP_OLD_PREFIX = "__nft_old__."
 
 
-class OldPolicyEMA(EMA):
+class OldPolicyEMA(EMAWeights):
     """EMA with DiffusionNFT's soft-update schedule ``η_n = min(decay, rate · n)`` (n = updates so far).
 
-    Used as a plain object (not a trainer callback): :meth:`EMA.update` lerps ``shadow`` toward the policy,
+    Used as a plain object (not a trainer callback): :meth:`EMAWeights.update` lerps ``shadow`` toward the policy,
     and ``shadow`` aliases the old-policy module's parameters, so the update happens in place.
     """
 
@@ -152,7 +153,7 @@ class NFTModule(BaseStage):
             raise ValueError(f"stage.rollout_sampler must be one of {SAMPLERS}, got {rollout_sampler!r}")
         if nft_beta <= 0:
             raise ValueError(f"stage.nft_beta must be > 0, got {nft_beta}")
-        self._reward = _hidden(reward)
+        self._reward = hidden_from_tree(reward)
         self.group_size = int(group_size)
         self.nft_beta = float(nft_beta)
         self.rollout_sampler = rollout_sampler
@@ -161,7 +162,7 @@ class NFTModule(BaseStage):
         self.adv_clip = float(adv_clip)
         self.adv_scale = adv_scale
         self.old_ema = OldPolicyEMA(old_decay, old_decay_rate)
-        self._old = _hidden(None)
+        self._old = hidden_from_tree(None)
         self.monitors = bool(monitors)
 
     # ------------------------------------------------------------------ frozen parts
@@ -207,7 +208,7 @@ class NFTModule(BaseStage):
 
     # ------------------------------------------------------------------ rollout
     def _micro_step(self, batch: Mapping[str, Any]) -> int:
-        return int(batch["epoch"]) * _STEPS_PER_EPOCH_STRIDE + int(batch["step"])
+        return int(batch["epoch"]) * STEPS_PER_EPOCH_STRIDE + int(batch["step"])
 
     @torch.no_grad()
     def rollout(
