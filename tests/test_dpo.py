@@ -203,3 +203,30 @@ def test_dpo_checkpoint_has_no_reference_but_checks_its_fingerprint(dpo_run) -> 
     ckpt["dpo_reference_fingerprint"] += 1.0
     with pytest.raises(RuntimeError, match="reference"):
         build(cfg)[0].on_load_checkpoint(ckpt)
+
+
+def test_pair_losses_pass_the_region_boxes_to_policy_and_reference(pair_manifest, tmp_path) -> None:
+    """With backbone region tokens, DPO's forwards see the batch's boxes as training does (twice: win, lose)."""
+    cfg = compose(train_overrides(pair_manifest, "stage=dpo", "backbone.region_tokens=true"), tmp_path)
+    model, dm, _ = build(cfg)
+    model.configure_model()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.get("object_boxes") is not None
+    seen: dict[str, list] = {"policy": [], "reference": []}
+    for name, module in (("policy", model.backbone), ("reference", model.reference)):
+        orig = module.forward
+
+        def spy(*a, _orig=orig, _name=name, **k):
+            seen[_name].append(k.get("regions"))
+            return _orig(*a, **k)
+
+        module.forward = spy
+    model.pair_losses(batch)
+    b = len(batch["ids"])
+    want = model.backbone.batch_regions(batch)
+    for name in ("policy", "reference"):
+        (regions,) = seen[name]
+        assert regions is not None and len(regions) == 2 * b, name
+        for got, w in zip(regions, [*want, *want]):
+            assert (got is None) == (w is None) and (w is None or torch.equal(got, w))

@@ -256,3 +256,39 @@ def test_text_area_monitor_reads_the_ocr_rewards_boxes() -> None:
     plain = SimpleNamespace(reward=lambda im, b: {"reward": torch.ones(2)}, monitors=True)
     _, monitors = NFTModule.score(plain, images, {})
     assert torch.isnan(monitors["text_area_fraction"]).all()
+
+
+def test_nft_step_passes_the_region_boxes_to_rollout_policy_and_old_policy(tiny_corpus, tmp_path) -> None:
+    """With backbone region tokens, the rollout and both loss forwards see the batch's boxes, G-repeated."""
+    overrides = (
+        "stage=nft",
+        "stage.reward={_target_: test_nft.BrightnessReward}",
+        "stage.group_size=2",
+        "stage.rollout_steps=1",
+        "backbone.region_tokens=true",
+    )
+    cfg = compose(train_overrides(tiny_corpus, *overrides, budget=256), tmp_path)
+    model, dm, _ = build(cfg)
+    model.configure_model()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.get("object_boxes") is not None
+    want = model.backbone.batch_regions(batch)
+    want_g = [r for r in want for _ in range(2)]
+    seen: dict[str, list] = {"policy": [], "old": []}
+    for name, module in (("policy", model.backbone), ("old", model.old_policy)):
+        orig = module.forward
+
+        def spy(*a, _orig=orig, _module=module, _name=name, **k):
+            regions = k.get("regions")
+            seen[_name].append(_module._context_regions if regions is None else regions)
+            return _orig(*a, **k)
+
+        module.forward = spy
+    model.nft_step(batch)
+    assert seen["policy"] and seen["old"]
+    for name, calls in seen.items():
+        for regions in calls:  # the rollout's sampler forwards (context) and the loss forwards (argument)
+            assert regions is not None and len(regions) == len(want_g), name
+            for got, w in zip(regions, want_g):
+                assert (got is None) == (w is None) and (w is None or torch.equal(got, w))

@@ -175,14 +175,17 @@ class DPOModule(BaseStage):
         micro_step = int(batch["epoch"]) * STEPS_PER_EPOCH_STRIDE + int(batch["step"])
         gen = torch_generator(self.seed, "dpo-negative", micro_step, self.global_rank)
         noise = torch.randn(x_w.shape, generator=gen, dtype=torch.float32).to(x_w.device)
-        return euler_sample(
-            self.reference,
-            noise=noise,
-            references=refs,
-            text_emb=text_emb,
-            text_mask=text_mask,
-            steps=self.negative_steps,
-        )
+        with self.reference.using_regions(
+            self.reference.batch_regions(batch)
+        ):  # region tokens, as in training
+            return euler_sample(
+                self.reference,
+                noise=noise,
+                references=refs,
+                text_emb=text_emb,
+                text_mask=text_mask,
+                steps=self.negative_steps,
+            )
 
     @torch.no_grad()
     def encode_rejected(
@@ -237,10 +240,14 @@ class DPOModule(BaseStage):
         text2, mask2 = torch.cat([text_emb, text_emb]), torch.cat([text_mask, text_mask])
         v = self.backbone.velocity_target(x0, eps2, sigma2)
         w = loss_weight(sigma2, **self.weighting).to(x0.device)
-        v_theta = self.backbone(x_t, refs2, sigma2, text2, mask2)
+        regions = self.backbone.batch_regions(
+            batch
+        )  # backbone region tokens: the same boxes for win and lose
+        regions2 = None if regions is None else [*regions, *regions]
+        v_theta = self.backbone(x_t, refs2, sigma2, text2, mask2, regions=regions2)
         err = w * (v_theta.float() - v).pow(2).flatten(1).mean(1)
         with torch.no_grad():
-            v_ref = self.reference(x_t, refs2, sigma2, text2, mask2)
+            v_ref = self.reference(x_t, refs2, sigma2, text2, mask2, regions=regions2)
             ref_err = w * (v_ref.float() - v).pow(2).flatten(1).mean(1)
         return {
             "loss_w": err[:b],

@@ -212,19 +212,29 @@ class NFTModule(BaseStage):
 
     @torch.no_grad()
     def rollout(
-        self, batch: Mapping[str, Any], refs: list[torch.Tensor], text_emb: torch.Tensor, text_mask, shape
+        self,
+        batch: Mapping[str, Any],
+        refs: list[torch.Tensor],
+        text_emb: torch.Tensor,
+        text_mask,
+        shape,
+        regions: list[torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
-        """Old-policy edits (latents ``[B·G, C, h, w]``) of the G-repeated batch."""
+        """Old-policy edits (latents ``[B·G, C, h, w]``) of the G-repeated batch (``regions``: its backbone
+        region boxes, G-repeated, or None)."""
         micro = self._micro_step(batch)
         gen = torch_generator(self.seed, "rollout", micro, self.global_rank)
         noise = torch.randn(shape, generator=gen, dtype=torch.float32).to(self.device)
         kwargs = dict(
             noise=noise, references=refs, text_emb=text_emb, text_mask=text_mask, steps=self.rollout_steps
         )
-        if self.rollout_sampler == "sde":
-            sde_gen = torch_generator(self.seed, "rollout-sde", micro, self.global_rank)
-            return sde_sample(self.old_policy, noise_level=self.sde_noise_level, generator=sde_gen, **kwargs)
-        return euler_sample(self.old_policy, **kwargs)
+        with self.old_policy.using_regions(regions):
+            if self.rollout_sampler == "sde":
+                sde_gen = torch_generator(self.seed, "rollout-sde", micro, self.global_rank)
+                return sde_sample(
+                    self.old_policy, noise_level=self.sde_noise_level, generator=sde_gen, **kwargs
+                )
+            return euler_sample(self.old_policy, **kwargs)
 
     @torch.no_grad()
     def score(self, images01: torch.Tensor, batch: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -261,7 +271,9 @@ class NFTModule(BaseStage):
         f = self.vae.downsample
         h, w = batch["target"].shape[-2:]
         shape = (b * g, self.vae.latent_channels, h // f, w // f)
-        x0 = self.rollout(batch, refs_g, emb_g, mask_g, shape)
+        regions = self.backbone.batch_regions(batch)  # backbone region tokens (None when off)
+        regions_g = None if regions is None else [r for r in regions for _ in range(g)]
+        x0 = self.rollout(batch, refs_g, emb_g, mask_g, shape, regions_g)
         with torch.no_grad():
             images01 = ((self.vae.decode(x0).float().clamp(-1, 1) + 1) / 2).clamp(0, 1)
         rewards, monitors = self.score(images01, big)
@@ -272,9 +284,9 @@ class NFTModule(BaseStage):
         sigma, eps = self._draw(batch, x0)
         x_t = interpolate(x0, eps, sigma)
         v = self.backbone.velocity_target(x0, eps, sigma)
-        v_theta = self.backbone(x_t, refs_g, sigma, emb_g, mask_g).float()
+        v_theta = self.backbone(x_t, refs_g, sigma, emb_g, mask_g, regions=regions_g).float()
         with torch.no_grad():
-            v_old = self.old_policy(x_t, refs_g, sigma, emb_g, mask_g).float()
+            v_old = self.old_policy(x_t, refs_g, sigma, emb_g, mask_g, regions=regions_g).float()
         per_sample = nft_loss(v_theta, v_old, v, r, self.nft_beta)
         vf = valid.float()
         loss = (per_sample * vf).sum() / vf.sum().clamp_min(1.0)
