@@ -265,7 +265,7 @@ TINY_TRANSFORMER = {
 }
 
 
-def untrained_tiny_stage(run_dir: str | Path):
+def untrained_tiny_stage(run_dir: str | Path, *overrides: str):
     """An untrained stage of ``conf/train.yaml`` with a 2-block backbone (seed 0) and its composed config."""
     import torch
     from hydra import compose as hydra_compose
@@ -277,7 +277,8 @@ def untrained_tiny_stage(run_dir: str | Path):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         # Two blocks are enough to exercise every path and keep the tests fast.
         cfg = hydra_compose(
-            "train", overrides=[f"paths.output_dir={run_dir}", "backbone.transformer_config.num_layers=2"]
+            "train",
+            overrides=[f"paths.output_dir={run_dir}", "backbone.transformer_config.num_layers=2", *overrides],
         )
     torch.manual_seed(0)
     stage = instantiate(cfg.stage, text_encoder=None)

@@ -24,9 +24,9 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
 
 from conftest import untrained_tiny_stage
+from rededit.cli.edit import main as edit_main
 from rededit.datagen.synth.writer import synthesize
-from rededit.edit import EditorLoadError, load_editor
-from rededit.edit import main as edit_main
+from rededit.inference.editor import EditorLoadError, load_editor
 from rededit.stages.checkpoints import EXPORT_CONFIG, consolidate, export_editor, load_backbone_state
 from rededit.utils.safe_load import UnsafeCheckpointError
 from rededit.utils.trusted_config import UntrustedConfigError, check_trusted_targets, load_trusted_config
@@ -236,14 +236,15 @@ def test_saved_config_with_foreign_target_is_refused_by_every_entry_point(tiny, 
 
 
 def test_rededit_eval_refuses_a_foreign_target(tiny, tmp_path) -> None:
-    from rededit.evaluate import CONF_DIR, evaluate
+    from rededit.eval.harness import evaluate
+    from rededit.utils.paths import CONF_DIR
 
     marker = tmp_path / "marker"
     export = _copy(tiny["export"], tmp_path / "export")
     _evil_config(export / EXPORT_CONFIG, marker, key="stage.optimizer")
     manifest = synthesize(tmp_path / "corpus", n=4, seed=0, bench_n=2, min_side=64, max_side=64)
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(
             "eval",
             overrides=[

@@ -15,7 +15,9 @@ pytest.importorskip("diffusers")
 from omegaconf import OmegaConf
 
 from conftest import untrained_tiny_stage
-from rededit.edit import fit_size, load_editor, main
+from rededit.cli.edit import main
+from rededit.inference.editor import load_editor
+from rededit.inference.sizing import fit_size
 from rededit.stages.checkpoints import export_editor
 
 

@@ -18,9 +18,11 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from conftest import untrained_tiny_export
+from rededit.cli.eval import main
 from rededit.datagen.synth.writer import synthesize
 from rededit.eval.benchmarks import SyntheticBench
-from rededit.evaluate import CONF_DIR, combine_seeds, evaluate, main
+from rededit.eval.harness import combine_seeds, evaluate
+from rededit.utils.paths import CONF_DIR
 
 N_BENCH = 14  # the first 14 bench rows of seed 0 cover every task but background
 
@@ -35,7 +37,7 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def editor(setup):
-    from rededit.edit import load_editor
+    from rededit.inference.editor import load_editor
 
     return load_editor(setup["export"])
 
@@ -44,7 +46,7 @@ def _cfg(setup, out_dir: Path, *extra: str, bench: tuple[str, ...] | None = None
     """The composed eval config (synthetic bench of the fixture unless ``bench`` overrides are given)."""
     bench = bench if bench is not None else (f"benchmark.manifest_path={setup['manifest']}",)
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(
             "eval",
             overrides=[
@@ -287,7 +289,7 @@ def test_every_benchmark_option_composes(option) -> None:
     from hydra.utils import get_class
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("eval", overrides=[f"eval/benchmark@benchmark={option}", "checkpoint=x", "out_dir=y"])
     cls = get_class(cfg.benchmark._target_)
     assert cls.name == ("synthetic" if option == "synthetic" else option)

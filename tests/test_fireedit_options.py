@@ -249,7 +249,7 @@ def test_generate_uses_object_boxes(stage_on) -> None:
 
 
 def test_export_keeps_option_weights(stage_on, tmp_path) -> None:
-    from rededit.edit import load_editor
+    from rededit.inference.editor import load_editor
     from rededit.stages.checkpoints import EXPORT_EXTRAS, export_editor, load_backbone_state
 
     stage, cfg = stage_on

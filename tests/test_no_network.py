@@ -80,8 +80,8 @@ def test_fast_dev_run_training_on_shards_opens_no_connection(no_network, tiny_co
 def test_tiny_eval_opens_no_connection(no_network, tmp_path, monkeypatch) -> None:
     from hydra.core.global_hydra import GlobalHydra
 
+    from rededit.cli.eval import main
     from rededit.datagen.synth.writer import synthesize
-    from rededit.evaluate import main
 
     manifest = synthesize(tmp_path / "corpus", n=4, seed=0, bench_n=2, min_side=64, max_side=64)
     export = untrained_tiny_export(tmp_path)

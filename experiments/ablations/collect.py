@@ -105,7 +105,7 @@ def evaluate_job(
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from rededit.evaluate import evaluate
+    from rededit.eval.harness import evaluate
 
     out = job / f"eval_{'raw' if raw else 'ema'}_{order}"
     # Quoted: job folders are named by their overrides (commas, braces) and Hydra parses these values.

@@ -63,14 +63,9 @@ def evaluate_identity(
 ):
     """The figures of the module docstring for the exported editor of ``job`` (cached per weights)."""
     from rededit.data.images import transform_points
-    from rededit.edit import (
-        DEFAULT_MAX_AREA,
-        bucket_max_area,
-        fit_size,
-        image_tensor,
-        load_editor,
-        size_multiple,
-    )
+    from rededit.inference.editor import load_editor
+    from rededit.inference.images import image_tensor
+    from rededit.inference.sizing import DEFAULT_MAX_AREA, bucket_max_area, fit_size, size_multiple
     from rededit.losses.consistency import FaceIdentityLoss
     from rededit.models.faces import SFaceIdentity
     from rededit.scoring.edit_metrics import psnr

@@ -87,7 +87,7 @@ def held_out(export: Path, corpus: Path, *, text_only: bool, steps: int, limit: 
     from rededit.data.manifest import Manifest
     from rededit.datagen.mining import reward_batch
     from rededit.datagen.preference import sample_edits
-    from rededit.edit import load_editor
+    from rededit.inference.editor import load_editor
     from rededit.scoring.judges.programmatic import JUDGES, bench_sample, judge
 
     editor = load_editor(export)

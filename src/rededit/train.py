@@ -28,12 +28,12 @@ from rededit.callbacks.preemption import PreemptionCheckpoint
 from rededit.parallel.file_checkpoint_io import AtomicCheckpointIO
 from rededit.utils.io import atomic_write_text
 from rededit.utils.logging import get_logger
+from rededit.utils.paths import CONF_DIR
 from rededit.utils.run_id import register_resolvers, resolve_ckpt_path
 from rededit.utils.run_lock import RunFolderLock, is_launching_rank
 
 log = get_logger(__name__)
 register_resolvers()  # ${rededit.wandb_id:...} in conf/logger/wandb.yaml
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def _instantiate_group(cfg: DictConfig | None) -> list[Any]:
@@ -177,7 +177,7 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     return {"metrics": metrics, "output_dir": str(out_dir), "export_dir": str(exported) if exported else None}
 
 
-@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     result = run(cfg)
     log.info("done: %s", result["metrics"])

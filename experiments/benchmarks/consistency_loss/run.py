@@ -55,7 +55,8 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from rededit.datagen.synth.portraits import make_portrait_corpus  # noqa: E402
-from rededit.train import CONF_DIR, build  # noqa: E402
+from rededit.train import build  # noqa: E402
+from rededit.utils.paths import CONF_DIR  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -71,7 +72,7 @@ def compose_cfg(
         *([] if logger else ["~logger"]),
         *overrides,
     ]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("train", overrides=args)
 
 

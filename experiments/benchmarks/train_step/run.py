@@ -57,7 +57,8 @@ from rededit.data.text_cache import TextEmbeddingCache  # noqa: E402
 from rededit.flow.path import interpolate  # noqa: E402
 from rededit.flow.weighting import loss_weight  # noqa: E402
 from rededit.stages.base import STEPS_PER_EPOCH_STRIDE  # noqa: E402
-from rededit.train import CONF_DIR, build  # noqa: E402
+from rededit.train import build  # noqa: E402
+from rededit.utils.paths import CONF_DIR  # noqa: E402
 from rededit.utils.seeding import torch_generator  # noqa: E402
 
 
@@ -97,7 +98,7 @@ def compose_cfg(
         args.append("~logger")
     elif logger != "csv":
         args.append(f"logger={logger}")
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=args)
     with open_dict(cfg):
         cfg.callbacks = {k: v for k, v in (cfg.callbacks or {}).items() if k in ("ema", "nan_guard")}

@@ -49,7 +49,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from rededit.datagen.preference import make_pairs
-    from rededit.edit import EditorLoadError, load_editor
+    from rededit.inference.editor import EditorLoadError, load_editor
 
     try:
         negative = load_editor(args.negative_editor, args.device)

@@ -64,7 +64,7 @@ def load_reward(spec: str, trust_prefixes: tuple[str, ...] = ()):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from rededit.train import CONF_DIR
+    from rededit.utils.paths import CONF_DIR
 
     if not (Path(CONF_DIR) / "reward" / f"{spec}.yaml").is_file():
         raise FileNotFoundError(f"reward {spec!r}: neither a YAML file nor a conf/reward option")
@@ -76,7 +76,7 @@ def load_reward(spec: str, trust_prefixes: tuple[str, ...] = ()):
 
 def run(args: argparse.Namespace) -> int:
     from rededit.datagen.mining import mine_hard
-    from rededit.edit import EditorLoadError, load_editor
+    from rededit.inference.editor import EditorLoadError, load_editor
     from rededit.utils.trusted_config import UntrustedConfigError
 
     try:

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
+from rededit.utils.paths import CONF_DIR
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from rededit.data.manifest import ManifestSizes
+from rededit.utils.paths import CONF_DIR
 
 # Aspect ratios of §3.4 (height:width written as the report does, width:height → "2:1" is landscape).
 DEFAULT_RATIOS: tuple[str, ...] = ("2:1", "16:9", "3:2", "4:3", "1:1", "3:4", "2:3", "9:16", "1:2")
@@ -83,10 +84,8 @@ def parse_area(area: str | int | float) -> int:
 
 
 def conf_dir() -> Path:
-    """The repository's ``conf/`` folder (``src/rededit/../../conf``)."""
-    import rededit
-
-    return Path(rededit.__file__).resolve().parents[2] / "conf"
+    """The repository's ``conf/`` folder."""
+    return Path(CONF_DIR)
 
 
 class ResolutionSet:

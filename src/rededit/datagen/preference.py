@@ -4,7 +4,7 @@ For each manifest row (a condition: references + instruction):
 
 * **positive** ``x_w``: from a stronger source than the model being tuned — the row's ground-truth target
   (``positive="ground_truth"``) or an expert / EMA editor's edit (``positive=<export folder>``, loaded with
-  :func:`rededit.edit.load_editor`); an expert edit is kept only if the judge passes it.
+  :func:`rededit.inference.editor.load_editor`); an expert edit is kept only if the judge passes it.
 * **negatives** ``x_l``: ``num_candidates`` edits sampled from the *current* model (an exported editor),
   each judged by the harness's programmatic judge of the row's task
   (:func:`rededit.scoring.judges.programmatic.judge`); a candidate qualifies if the judge says it fails, or
@@ -17,7 +17,8 @@ reason is recorded). Output under ``out``: ``images/<id>_rejected.png`` (and ``<
 positives) at the target's native size, ``decisions.jsonl`` (one line per processed row: the resume
 log) and ``manifest.parquet`` (kept rows, URIs made absolute so the manifest can live anywhere, a
 ``rejected`` column and ``pair_pos_score`` / ``pair_neg_score``), written atomically at the end.
-Candidate noise derives from (seed, row id), so a resumed run makes the same pairs.
+Candidate ``k``'s noise derives from (seed, row id, k) through the shared edit loop
+(:mod:`rededit.inference.edit_loop`), so a resumed run makes the same pairs.
 """
 
 from __future__ import annotations
@@ -28,15 +29,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from rededit.data.images import load_image, transform_boxes
 from rededit.data.manifest import Manifest
 from rededit.data.uri import resolve_path, split_shard_uri
+from rededit.inference.edit_loop import EditRequest, run_edits
+from rededit.inference.images import image_tensor, save_image, tensor_to_pil
+from rededit.inference.sizing import editor_buckets, sizes_fn
 from rededit.utils.io import atomic_path
 from rededit.utils.logging import get_logger
-from rededit.utils.seeding import derive_seed
 
 log = get_logger(__name__)
 
@@ -71,44 +76,34 @@ def row_text(row: Mapping[str, Any]) -> str:
     raise ValueError(f"row {row.get('id')!r} has no instruction or caption to edit with")
 
 
-def editor_size(editor: Any, height: int, width: int) -> tuple[int, int]:
-    """The (h, w) an editor works at for an image of ``height × width`` (multiples, area cap)."""
-    from rededit.edit import DEFAULT_MAX_AREA, bucket_max_area, fit_size, size_multiple
-
-    cap = bucket_max_area(getattr(editor, "inference_config", None)) or DEFAULT_MAX_AREA
-    return fit_size(int(height), int(width), size_multiple(editor), cap)
-
-
 @torch.no_grad()
 def sample_edits(
     editor: Any, row: Mapping[str, Any], root: str | Path, n: int, *, seed: int, steps: int | None = None
 ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """``n`` edits of one row, ``[n, 3, h, w]`` in [-1, 1], at the editor's size for the target (and its
-    (h, w)); noise from (seed, row id)."""
-    from rededit.data.images import load_image
-    from rededit.edit import image_tensor
-
-    h, w = editor_size(editor, row["target_height"], row["target_width"])
-    refs = []
-    for uri in row.get("references") or []:
-        img = load_image(uri, root)
-        rh, rw = editor_size(editor, img.height, img.width)
-        refs.append(image_tensor(img, rh, rw).repeat(n, 1, 1, 1))
-    out = editor.generate(
-        refs,
-        [row_text(row)] * n,
-        height=h,
-        width=w,
-        seed=derive_seed("make-pairs", seed, row["id"]),
-        steps=steps,
-    )
-    return out.float().cpu(), (h, w)
+    """``n`` edits of one row, ``[n, 3, h, w]`` in [-1, 1], and their ``(h, w)``: the row's images at the
+    editor's sizes (its training buckets, as ``rededit-eval`` and the demo report size them), its object
+    boxes passed, edit ``k``'s noise from (seed, row id, k) — edit 0 is the one every other caller makes."""
+    sizes = sizes_fn(editor, editor_buckets(editor))
+    images = [load_image(uri, root) for uri in row.get("references") or []]
+    src_hw = (int(row["target_height"]), int(row["target_width"]))
+    (h, w), *ref_hws = sizes([src_hw] + [(im.height, im.width) for im in images])
+    refs = [image_tensor(im, rh, rw)[0] for im, (rh, rw) in zip(images, ref_hws)]
+    boxes = None
+    if row.get("object_boxes"):
+        boxes = transform_boxes(np.asarray(row["object_boxes"], np.float32).reshape(-1, 4), src_hw, (h, w))
+        boxes = torch.from_numpy(np.ascontiguousarray(boxes, np.float32))
+    requests = [
+        EditRequest(
+            id=row["id"], text=row_text(row), references=refs, hw=(h, w), object_boxes=boxes, sample=k
+        )
+        for k in range(n)
+    ]
+    out = run_edits(editor, requests, seed=seed, batch_size=n, steps=steps)
+    return torch.stack(out).float(), (h, w)
 
 
 def _save(x: torch.Tensor, path: Path, size_wh: tuple[int, int]) -> None:
     from PIL import Image
-
-    from rededit.edit import save_image, tensor_to_pil
 
     img = tensor_to_pil(x)
     if img.size != tuple(size_wh):

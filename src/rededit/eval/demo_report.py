@@ -5,7 +5,7 @@
         --runs pretrain=outputs/demo/pretrain sft=outputs/demo/sft
 
 :func:`build_demo_report` edits up to ``max_per_task`` rows of every task of the ``bench`` split with the
-editor (batched per (task, shapes), every image cover-resized to the bucket its sample maps to in the
+editor (through the edit loop of :mod:`rededit.inference.edit_loop`, every image cover-resized to the bucket its sample maps to in the
 editor's training bucket set, ``data.buckets``, eq. (1) of the report via
 :meth:`~rededit.data.buckets.ResolutionSet.assign`), scores them with :mod:`rededit.scoring.edit_metrics`, and
 writes into ``out_dir`` (each file atomically):
@@ -44,7 +44,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from rededit.data.images import load_image, resize_to_bucket, to_tensor, transform_boxes
+from rededit.data.manifest import Manifest
 from rededit.eval.text_following import colour_text_following
+from rededit.inference.edit_loop import EditRequest
+from rededit.inference.edit_loop import run_edits as run_edit_loop
+from rededit.inference.editor import EditorLoadError, load_editor
+from rededit.inference.images import save_image, tensor_to_pil
+from rededit.inference.sizing import editor_buckets, sizes_fn
 from rededit.scoring.edit_metrics import METRIC_KEYS, aggregate, aggregate_by_task, edit_metrics
 from rededit.scoring.judges.programmatic import bench_sample, judge
 from rededit.utils.io import atomic_path, atomic_write_text
@@ -65,31 +72,6 @@ LOSS_COLUMN = "train/loss_step"
 
 
 # ------------------------------------------------------------------------------------------- samples
-def _sizes_fn(editor: Any, buckets: Mapping[str, Any] | None):
-    """``[K, 2] (h, w) → [K, 2]`` bucket sizes: the training bucket set, else sides rounded to ``m``."""
-    from rededit.edit import fit_size, size_multiple
-
-    m = size_multiple(editor)
-    if buckets is None:
-        return lambda hw: np.array([fit_size(int(h), int(w), m, None) for h, w in hw], dtype=np.int64)
-    from rededit.data.buckets import ResolutionSet
-
-    rs = ResolutionSet.from_config(buckets)
-    if rs.patch % m:
-        raise ValueError(
-            f"bucket patch {rs.patch} is not a multiple of vae.downsample × backbone.patch_size = {m}"
-        )
-    return lambda hw: rs.resolutions[rs.assign(np.asarray(hw, dtype=np.int64).reshape(-1, 2))]
-
-
-def editor_buckets(editor: Any) -> dict[str, Any] | None:
-    from omegaconf import OmegaConf
-
-    cfg = getattr(editor, "inference_config", None)
-    node = OmegaConf.select(cfg, "data.buckets") if cfg is not None else None
-    return OmegaConf.to_container(node, resolve=True) if node is not None else None
-
-
 def select_rows(manifest: Any, split: str, max_per_task: int) -> list[int]:
     """Row indices of ``split``: the first ``max_per_task`` of every task, in manifest order."""
     splits = manifest.column_numpy("split") if manifest.has("split") else None
@@ -116,8 +98,6 @@ def _instruction(row: Mapping[str, Any]) -> str:
 
 def load_samples(manifest: Any, rows: Sequence[int], sizes) -> list[dict[str, Any]]:
     """Bench rows as tensors at their bucket sizes (target, references, mask ``[1, 1, H, W]`` or None)."""
-    from rededit.data.images import load_image, resize_to_bucket, to_tensor
-
     samples = []
     for i in rows:
         row = manifest.row(i)
@@ -130,6 +110,13 @@ def load_samples(manifest: Any, rows: Sequence[int], sizes) -> list[dict[str, An
             to_tensor(resize_to_bucket(load_image(uri, manifest.root), h, w))
             for uri, (h, w) in zip(row["references"], ref_hws)
         ]
+        boxes = None
+        if row.get("object_boxes"):  # target pixels → the target's bucket, as the training dataset maps them
+            src_hw = (int(row["target_height"]), int(row["target_width"]))
+            boxes = transform_boxes(
+                np.asarray(row["object_boxes"], np.float32).reshape(-1, 4), src_hw, (th, tw)
+            )
+            boxes = torch.from_numpy(np.ascontiguousarray(boxes, np.float32))
         mask = None
         if row.get("edit_mask"):
             m_img = resize_to_bucket(load_image(row["edit_mask"], manifest.root, mode="L"), th, tw, "nearest")
@@ -142,6 +129,7 @@ def load_samples(manifest: Any, rows: Sequence[int], sizes) -> list[dict[str, An
                 "target": target,
                 "references": refs,
                 "mask": mask,
+                "boxes": boxes,
                 "key": (row["task"], (th, tw), tuple(ref_hws)),
                 "row": row,
                 "root": manifest.root,
@@ -151,6 +139,18 @@ def load_samples(manifest: Any, rows: Sequence[int], sizes) -> list[dict[str, An
 
 
 # ------------------------------------------------------------------------------------------- edits
+def edit_request(sample: Mapping[str, Any]) -> EditRequest:
+    """The edit loop's request for a loaded sample (:func:`load_samples`)."""
+    hw = tuple(sample["target"].shape[-2:])
+    return EditRequest(
+        id=sample["id"],
+        text=sample["text"],
+        references=sample["references"],
+        hw=hw,
+        object_boxes=sample["boxes"],
+    )
+
+
 def run_edits(
     editor: Any,
     samples: list[dict[str, Any]],
@@ -162,40 +162,36 @@ def run_edits(
     batch_size: int = 8,
     score: bool = True,
 ) -> None:
-    """Fill ``sample["pred"]`` (``[3, H, W]`` in [-1, 1]) and ``sample["metrics"]``, batched per (task, shapes).
+    """Fill ``sample["pred"]`` (``[3, H, W]`` in [-1, 1]) and ``sample["metrics"]`` through the edit loop
+    (:func:`rededit.inference.edit_loop.run_edits`: per-item noise, object boxes passed).
 
     ``score=False`` fills ``pred`` only (edits with a changed instruction have no ground truth to score).
-
-    Diffusers' Qwen transformer reads one ``img_shapes`` per batch, so a batch must share every image shape.
     """
+    preds = run_edit_loop(
+        editor,
+        [edit_request(s) for s in samples],
+        seed=seed,
+        batch_size=batch_size,
+        steps=steps,
+        cfg_scale=cfg,
+        negative_prompt=negative_prompt,
+    )
+    for s, pred in zip(samples, preds):
+        s["pred"] = pred
+    if not score:
+        return
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for s in samples:
         groups[s["key"]].append(s)
-    for (task, (h, w), _), group in groups.items():
+    for (_, (h, w), _), group in groups.items():
         for lo in range(0, len(group), batch_size):
             batch = group[lo : lo + batch_size]
-            refs = [
-                torch.stack([s["references"][k] for s in batch]) for k in range(len(batch[0]["references"]))
-            ]
-            pred = editor.generate(
-                refs,
-                [s["text"] for s in batch],
-                height=h,
-                width=w,
-                seed=seed,
-                steps=steps,
-                cfg_scale=cfg,
-                negative_prompt=negative_prompt,
-            ).cpu()
-            for j, s in enumerate(batch):
-                s["pred"] = pred[j]
-            log.info("edited %d %s samples at %dx%d", len(batch), task, h, w)
-            if not score:
-                continue
+            pred = torch.stack([s["pred"] for s in batch])
             gt = torch.stack([s["target"] for s in batch])
             masks = [s["mask"] if s["mask"] is not None else torch.ones(1, h, w) for s in batch]
             # Identity baseline only where Picture 1 has the target's bucket shape.
-            source = refs[0] if refs and refs[0].shape == gt.shape else None
+            refs0 = [s["references"][0] for s in batch] if batch[0]["references"] else []
+            source = torch.stack(refs0) if refs0 and refs0[0].shape == gt.shape[1:] else None
             m = edit_metrics(pred, gt, torch.stack(masks), source=source)
             for j, s in enumerate(batch):
                 s["metrics"] = {k: float(m[k][j]) for k in METRIC_KEYS}
@@ -249,7 +245,6 @@ def _wrap(text: str, font: Any, width: int) -> list[str]:
 
 def _fit(x: torch.Tensor | None, cell: int) -> Image.Image:
     """Image tensor scaled (nearest: tiny images stay readable) to fit a ``cell × cell`` white square."""
-    from rededit.edit import tensor_to_pil
 
     canvas = Image.new("RGB", (cell, cell), "white")
     if x is None:
@@ -524,7 +519,7 @@ def build_demo_report(
     """Edit the bench rows, score them and write the report files (module docstring).
 
     Args:
-        editor: a stage from :func:`rededit.edit.load_editor` (any object with ``generate``, ``vae``,
+        editor: a stage from :func:`rededit.inference.editor.load_editor` (any object with ``generate``, ``vae``,
             ``backbone``; ``inference_config`` supplies the bucket set and ``checkpoint_path`` the label).
         manifest_path: Parquet manifest with a ``split`` column.
         out_dir: folder for ``grid.png``, ``metrics.json``, ``report.md`` (and ``loss_curves.png``).
@@ -538,13 +533,12 @@ def build_demo_report(
     Returns:
         the content of ``metrics.json`` plus ``files`` (written paths).
     """
-    from rededit.data.manifest import Manifest
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest.open(manifest_path)
     buckets = dict(buckets) if buckets is not None else editor_buckets(editor)
-    samples = load_samples(manifest, select_rows(manifest, split, max_per_task), _sizes_fn(editor, buckets))
+    samples = load_samples(manifest, select_rows(manifest, split, max_per_task), sizes_fn(editor, buckets))
     steps = steps or getattr(editor, "sample_steps", None)
     cfg = getattr(editor, "cfg_scale", 1.0) if cfg is None else cfg
     run_edits(
@@ -607,7 +601,6 @@ def build_demo_report(
         if shown[s["task"]] < grid_per_task:
             shown[s["task"]] += 1
             grid_rows.append(s)
-    from rededit.edit import save_image
 
     files["grid"] = str(save_image(render_grid(grid_rows), out_dir / "grid.png"))
     loss_png = None
@@ -657,7 +650,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw", action="store_true", help="raw instead of EMA weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    from rededit.edit import EditorLoadError, load_editor
 
     try:
         runs = _parse_runs(args.runs)

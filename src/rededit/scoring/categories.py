@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rededit.utils.paths import CONF_DIR
+
 OTHER = "other"
 UNKNOWN_POLICIES = ("error", "other")
-DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "conf" / "eval" / "categories" / "default.yaml"
+DEFAULT_CONFIG = Path(CONF_DIR) / "eval" / "categories" / "default.yaml"
 
 
 @dataclass(frozen=True)

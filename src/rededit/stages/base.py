@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -394,7 +394,7 @@ class BaseStage(L.LightningModule):
         *,
         height: int,
         width: int,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         steps: int | None = None,
         cfg_scale: float | None = None,
         negative_prompt: str | None = None,
@@ -405,6 +405,8 @@ class BaseStage(L.LightningModule):
         Args:
             references: per position ``[B, 3, H_k, W_k]`` in [-1, 1]; Picture 1 is ``references[0]``.
             texts: ``B`` instructions.
+            seed: one seed for the batch's noise, or ``B`` seeds, one per sample (then a sample's edit does
+                not depend on which other samples share its batch: :mod:`rededit.inference.edit_loop`).
             object_boxes: per sample ``[O, 4]`` boxes in output pixels or None (backbone region tokens only).
         """
         self._move_frozen()
@@ -425,8 +427,16 @@ class BaseStage(L.LightningModule):
             neg_emb, neg_mask = enc.encode(neg, images)
             neg_emb, neg_mask = neg_emb.to(self.device), neg_mask.to(self.device)
         f = vae.downsample
-        gen = torch_generator(seed, "generate")
-        noise = torch.randn((b, vae.latent_channels, height // f, width // f), generator=gen).to(self.device)
+        shape = (vae.latent_channels, height // f, width // f)
+        if isinstance(seed, int):
+            noise = torch.randn((b, *shape), generator=torch_generator(seed, "generate"))
+        else:
+            if len(seed) != b:
+                raise ValueError(f"generate: {len(seed)} seeds for {b} samples")
+            noise = torch.cat(
+                [torch.randn((1, *shape), generator=torch_generator(s, "generate")) for s in seed]
+            )
+        noise = noise.to(self.device)
         regions = normalize_boxes(object_boxes, (height, width))
         with self.backbone.using_regions(regions if self.backbone.region_tokens is not None else None):
             x0 = euler_sample(

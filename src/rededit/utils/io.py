@@ -1,14 +1,19 @@
-"""Failure-safe file writing: an artifact is written under a temporary name and renamed into place,
-so a crash never leaves a half-written file behind under the final name."""
+"""Files: failure-safe writing (an artifact is written under a temporary name and renamed into place, so a
+crash never leaves a half-written file behind under the final name), file hashes and strict JSON."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def current_umask() -> int:
@@ -84,3 +89,55 @@ def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
     finally:
         plt.close(fig)
     return Path(path)
+
+
+# ------------------------------------------------------------------------------------------------ hashing
+def sha256_files(files: Sequence[str | os.PathLike], root: str | os.PathLike | None = None) -> str:
+    """Hex SHA-256 over files: per file its name (relative to ``root``, else the base name), then its bytes."""
+    h = hashlib.sha256()
+    for f in map(Path, files):
+        name = str(f.relative_to(root)) if root is not None else f.name
+        h.update(name.encode() + b"\0")
+        with f.open("rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of one file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------- JSON
+def json_safe(value: Any, fallback: Callable[[Any], Any] | None = None) -> Any:
+    """``value`` as strict JSON data: NaN/±inf → None, numpy scalars and arrays → Python, paths → str,
+    tuples → lists. Anything else goes through ``fallback`` (e.g. ``str``), or raises ``TypeError``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return json_safe(value.item(), fallback)
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist(), fallback)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, dict):
+        return {str(k): json_safe(v, fallback) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v, fallback) for v in value]
+    if fallback is not None:
+        return fallback(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_json(path: str | os.PathLike, data: Any, indent: int | None = 2) -> Path:
+    """Write ``json_safe(data)`` as strict JSON (no NaN) atomically; returns the path."""
+    path = Path(path)
+    atomic_write_text(path, json.dumps(json_safe(data), indent=indent, allow_nan=False) + "\n")
+    return path

@@ -1,4 +1,4 @@
-"""``rededit-eval``: edit a benchmark with a checkpoint, score the edits, write a reproducible report.
+"""The benchmark harness behind ``rededit-eval``: edit a benchmark with a checkpoint, score the edits, report.
 
     rededit-eval checkpoint=outputs/demo/export benchmark.manifest_path=outputs/demo/corpus/manifest.parquet \\
         out_dir=outputs/demo/eval sampler.seeds=[0,1,2]
@@ -9,12 +9,12 @@
 
 1. **Generate** (:func:`generate_edits`): every item is cover-resized to the editor's training bucket set
    (eq. (1); ``data.buckets`` of the saved config) or, without one, to its size rounded to the backbone's
-   multiple under an area cap; items of identical shapes are batched (diffusers' Qwen transformer reads one
-   ``img_shapes`` per batch) and each edit is written atomically to ``out_dir/images/<seed>/<id>.png``.
-   **Resumable**: an item whose PNG exists is not generated again. Batches are fixed windows of the
-   benchmark order (``chunk_size`` items, grouped by shape, split by ``batch_size``), and a batch's noise
-   seed is derived from (seed, its first item id), so an interrupted and resumed run writes the same
-   pixels as an uninterrupted one. ``generation.json`` pins what the images depend on (checkpoint and
+   multiple under an area cap; the edit loop (:mod:`rededit.inference.edit_loop`) batches items of identical
+   shapes and passes their object boxes, and each edit is written atomically to
+   ``out_dir/images/<seed>/<id>.png``. **Resumable**: an item whose PNG exists is not generated again, and
+   each item's noise derives from (seed, item id) alone, so an interrupted and resumed run writes the same
+   pixels as an uninterrupted one (and the demo report, sample grids and DPO pair making edit an item the
+   same way). ``generation.json`` pins what the images depend on (checkpoint and
    benchmark hashes, steps, CFG, negative prompt, language, batching); re-running into the same folder
    with other settings fails instead of mixing images.
 2. **Score** (:func:`score_edits`) each edit, and two reference "systems" through the same code: the
@@ -38,127 +38,35 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import hashlib
-import io
-import json
 import math
 import os
 import statistics
-import sys
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rededit.utils.io import atomic_path, atomic_write_text
+from rededit.eval.demo_report import render_grid
+from rededit.eval.provenance import check_generation_settings, checkpoint_hash, package_versions
+from rededit.eval.tables import (
+    category_order,
+    display_category,
+    plot_chart,
+    render_csv,
+    render_markdown,
+)
+from rededit.inference.edit_loop import EditRequest, iter_edits
+from rededit.inference.editor import load_editor
+from rededit.inference.images import save_image, tensor_to_pil
+from rededit.inference.sizing import bucket_max_area, editor_buckets, sizes_fn
+from rededit.utils.io import atomic_write_text, json_safe, write_json
 from rededit.utils.logging import get_logger
 
 log = get_logger(__name__)
-
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-SYSTEMS = ("model", "identity", "ground_truth")
-SYSTEM_LABELS = {"model": "model", "identity": "identity (source)", "ground_truth": "ground truth"}
-# (key, column title, format) in table order; a column appears when any system has a value for it.
-TABLE_METRICS: tuple[tuple[str, str, str], ...] = (
-    ("success", "success", ".3f"),
-    ("judge_score", "judge score", ".3f"),
-    ("ocr_score", "OCR score", ".3f"),
-    ("vlm_score", "VLM score", ".2f"),
-    ("vlm_failed", "VLM failure rate", ".3f"),
-    ("edit_region_error", "edit-region L1", ".4f"),
-    ("error_ratio", "ratio vs identity", ".3f"),
-    ("psnr_outside", "PSNR outside (dB)", ".2f"),
-    ("psnr", "PSNR (dB)", ".2f"),
-    ("ssim", "SSIM", ".3f"),
-    ("l1", "L1", ".4f"),
-    ("l2", "L2", ".4f"),
-)
-CHART_METRICS = ("success", "ocr_score", "vlm_score", "ssim", "psnr_outside", "psnr")
-VERSION_PACKAGES = (
-    "torch",
-    "diffusers",
-    "transformers",
-    "torchmetrics",
-    "lightning",
-    "numpy",
-    "pillow",
-    "rededit",
-)
-
-
-# ------------------------------------------------------------------------------------------ provenance
-def _sha256_files(files: Sequence[Path], root: Path | None = None) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        name = str(f.relative_to(root)) if root is not None else f.name
-        h.update(name.encode() + b"\0")
-        with f.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def weights_files(checkpoint: str | os.PathLike, raw: bool = False) -> tuple[list[Path], Path | None]:
-    """The files holding the weights an editor is loaded from, and the root their names are relative to."""
-    from rededit.stages.checkpoints import is_export_folder, resolve_checkpoint
-
-    path = Path(checkpoint)
-    if path.is_dir() and is_export_folder(path):
-        if raw and (path / "backbone_raw.safetensors").is_file():
-            return [path / "backbone_raw.safetensors"], path
-        files = sorted(p for p in (path / "transformer").rglob("*") if p.is_file() and p.suffix != ".json")
-        return files, path
-    ckpt = resolve_checkpoint(path)
-    return [ckpt], None
-
-
-def checkpoint_hash(checkpoint: str | os.PathLike, raw: bool = False) -> str:
-    """sha256 over the weight files (names relative to the export folder, then bytes)."""
-    files, root = weights_files(checkpoint, raw)
-    if not files:
-        raise FileNotFoundError(f"no weight files found for checkpoint {checkpoint}")
-    return _sha256_files(files, root)
-
-
-def package_versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, str | None] = {"python": sys.version.split()[0]}
-    for name in VERSION_PACKAGES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def _json_default(v: Any) -> Any:
-    if isinstance(v, (np.floating, np.integer)):
-        return v.item()
-    if isinstance(v, Path):
-        return str(v)
-    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
-
-
-def _clean(v: Any) -> Any:
-    """NaN/inf → None recursively (``metrics.json`` is strict JSON)."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    return v
-
-
-def _write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(_clean(data), indent=2, allow_nan=False, default=_json_default) + "\n")
 
 
 # ------------------------------------------------------------------------------------------- item prep
@@ -177,31 +85,6 @@ class Prepared:
     @property
     def key(self) -> tuple:
         return (self.hw, tuple(tuple(r.shape[1:]) for r in self.refs))
-
-
-def sizes_fn(
-    editor: Any, buckets: Mapping[str, Any] | None, max_area: int | None
-) -> Callable[[Sequence[tuple[int, int]]], list[tuple[int, int]]]:
-    """``[(h, w)] → [(h, w)]``: the bucket each size maps to (eq. (1)), else sides rounded under an area cap."""
-    from rededit.edit import DEFAULT_MAX_AREA, fit_size, size_multiple
-
-    m = size_multiple(editor)
-    if buckets is None:
-        cap = max_area or DEFAULT_MAX_AREA
-        return lambda hw: [fit_size(int(h), int(w), m, cap) for h, w in hw]
-    from rededit.data.buckets import ResolutionSet
-
-    rs = ResolutionSet.from_config(dict(buckets))
-    if rs.patch % m:
-        raise ValueError(
-            f"bucket patch {rs.patch} is not a multiple of vae.downsample × backbone.patch_size = {m}"
-        )
-
-    def fn(hw: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-        res = rs.resolutions[rs.assign(np.asarray(hw, dtype=np.int64).reshape(-1, 2))]
-        return [(int(h), int(w)) for h, w in res]
-
-    return fn
 
 
 def prepare(item: Any, sizes: Callable, language: str = "en") -> Prepared:
@@ -237,12 +120,11 @@ def image_path(out_dir: Path, seed: int, item_id: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ generation
-def _batches(indices: Sequence[int], prep: dict[int, Prepared], batch_size: int) -> list[list[int]]:
-    """Items of one window grouped by shapes (in benchmark order), split into batches of ``batch_size``."""
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i in indices:
-        groups[prep[i].key].append(i)
-    return [g[lo : lo + batch_size] for g in groups.values() for lo in range(0, len(g), batch_size)]
+def edit_request(p: Prepared) -> EditRequest:
+    """The edit loop's request for a prepared item (its object boxes are at the output size already)."""
+    return EditRequest(
+        id=p.item.id, text=p.text, references=p.refs, hw=p.hw, object_boxes=p.item.object_boxes
+    )
 
 
 def generate_edits(
@@ -262,56 +144,35 @@ def generate_edits(
 ) -> int:
     """Write ``out_dir/images/<seed>/<id>.png`` for every item and seed not written yet (module docstring).
 
+    Items are prepared ``chunk_size`` at a time and edited by :func:`rededit.inference.edit_loop.iter_edits`
+    (each item's noise from (seed, item id), so an interrupted run resumes with identical images).
+
     Args:
-        max_items: only the first ``max_items`` items are written (the batching is that of the full run, so
-            stopping here and resuming later gives identical images).
+        max_items: only the first ``max_items`` items are written.
 
     Returns:
         the number of images generated in this call.
     """
-    from rededit.edit import save_image, tensor_to_pil
-    from rededit.utils.seeding import derive_seed
-
     out_dir = Path(out_dir)
     n = len(bench) if max_items is None else min(len(bench), int(max_items))
     written = 0
     for lo in range(0, n, chunk_size):
-        window = list(range(lo, min(lo + chunk_size, len(bench))))
+        window = list(range(lo, min(lo + chunk_size, n)))
         todo = {
-            s: {i for i in window if i < n and not image_path(out_dir, s, bench.records[i]["id"]).is_file()}
+            s: [i for i in window if not image_path(out_dir, s, bench.records[i]["id"]).is_file()]
             for s in seeds
         }
         if not any(todo.values()):
             continue
-        prep = {i: prepare(bench[i], sizes, language) for i in window}
-        for batch in _batches(window, prep, batch_size):
-            for seed in seeds:
-                missing = [i for i in batch if i in todo[seed]]
-                if not missing:
-                    continue
-                ps = [prep[i] for i in batch]
-                refs = [torch.stack([p.refs[k] for p in ps]) for k in range(len(ps[0].refs))]
-                h, w = ps[0].hw
-                # Backbone region tokens (FireEdit option) read the item's boxes, already at the output size.
-                uses_boxes = getattr(getattr(editor, "backbone", None), "region_tokens", None) is not None
-                boxes = {"object_boxes": [p.item.object_boxes for p in ps]} if uses_boxes else {}
-                with torch.no_grad():
-                    pred = editor.generate(
-                        refs,
-                        [p.text for p in ps],
-                        height=h,
-                        width=w,
-                        seed=derive_seed("rededit-eval", seed, ps[0].item.id),
-                        steps=steps,
-                        cfg_scale=cfg_scale,
-                        negative_prompt=negative_prompt,
-                        **boxes,
-                    ).cpu()
-                for j, i in enumerate(batch):
-                    if i in missing:
-                        save_image(tensor_to_pil(pred[j]), image_path(out_dir, seed, ps[j].item.id))
-                        written += 1
-                log.info("seed %d: edited %d items at %dx%d (%d new)", seed, len(batch), h, w, len(missing))
+        prep = {i: prepare(bench[i], sizes, language) for i in sorted({i for t in todo.values() for i in t})}
+        for seed in seeds:
+            requests = [edit_request(prep[i]) for i in todo[seed]]
+            kwargs = dict(steps=steps, cfg_scale=cfg_scale, negative_prompt=negative_prompt)
+            for batch, pred in iter_edits(editor, requests, seed=seed, batch_size=batch_size, **kwargs):
+                for j, k in enumerate(batch):
+                    save_image(tensor_to_pil(pred[j]), image_path(out_dir, seed, requests[k].id))
+                    written += 1
+            log.info("seed %d: %d new edits in items %d..%d", seed, len(requests), window[0], window[-1])
     return written
 
 
@@ -344,7 +205,6 @@ def _judge_sample(p: Prepared) -> dict[str, Any]:
 
 def score_one(pred: torch.Tensor, p: Prepared, scorers: Scorers, *, use_vlm: bool = True) -> dict[str, Any]:
     """Every configured metric of one edit ``pred`` ``[3, H, W]`` in [-1, 1] of the prepared item ``p``."""
-    from rededit.edit import tensor_to_pil
 
     out: dict[str, Any] = {}
     it = p.item
@@ -374,7 +234,7 @@ def score_one(pred: torch.Tensor, p: Prepared, scorers: Scorers, *, use_vlm: boo
             out["success"] = float(bool(res.passed)) if defined else None
             out["judge_score"] = score if defined else None
             out["judge_undecided"] = 0.0 if defined else 1.0
-            out["judge_detail"] = _jsonable(res.detail)
+            out["judge_detail"] = json_safe(res.detail, fallback=str)
     if scorers.ocr is not None and it.ocr_target:
         from rededit.scoring.ocr_metric import ocr_scores
 
@@ -406,7 +266,6 @@ class VLMScorer:
     gedit: bool = False
 
     def score(self, pred: torch.Tensor, p: Prepared) -> dict[str, Any]:
-        from rededit.edit import tensor_to_pil
 
         images = {
             "source": tensor_to_pil(p.source) if p.source is not None else None,
@@ -438,14 +297,6 @@ class VLMScorer:
             vals = [v for k, v in out.items() if k.startswith("vlm_")]
             out["vlm_score"] = sum(vals) / len(vals)
         return {"vlm_failed": 0.0, **out}
-
-
-def _jsonable(v: Any) -> Any:
-    try:
-        json.dumps(v, allow_nan=False, default=_json_default)
-    except (TypeError, ValueError):
-        return str(v)
-    return v
 
 
 def _load_png(path: Path, hw: tuple[int, int]) -> torch.Tensor:
@@ -589,151 +440,6 @@ def combine_seeds(per_seed: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
-# --------------------------------------------------------------------------------------------- report
-def _cell(stat: Any, fmt: str) -> str:
-    if not isinstance(stat, Mapping) or stat.get("mean") is None:
-        return "–"
-    s = format(stat["mean"], fmt)
-    return s + (f" ± {format(stat['std'], fmt)}" if stat.get("std") is not None else "")
-
-
-def _columns(systems: Mapping[str, Any]) -> list[tuple[str, str, str]]:
-    def has(key: str) -> bool:
-        for sysres in systems.values():
-            for block in [sysres["overall"], *sysres["categories"].values()]:
-                if isinstance(block.get(key), Mapping) and block[key].get("mean") is not None:
-                    return True
-        return False
-
-    return [c for c in TABLE_METRICS if has(c[0])]
-
-
-def _category_order(systems: Mapping[str, Any], cmap: Any) -> list[str]:
-    cats = list(dict.fromkeys(c for s in systems.values() for c in s["categories"]))
-    order = list(getattr(cmap, "keys", ()) or ())
-    return [c for c in order if c in cats] + sorted(c for c in cats if c not in order)
-
-
-def _display(cat: str, cmap: Any) -> str:
-    return cmap.name_of(cat) if cmap is not None and hasattr(cmap, "name_of") else cat
-
-
-def table_rows(
-    systems: Mapping[str, Any], cmap: Any
-) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, Mapping]]]:
-    cols = _columns(systems)
-    out = []
-    for cat in [*_category_order(systems, cmap), "__all__"]:
-        for name in SYSTEMS:
-            if name not in systems:
-                continue
-            block = systems[name]["overall"] if cat == "__all__" else systems[name]["categories"].get(cat)
-            if block is not None:
-                out.append(("all" if cat == "__all__" else _display(cat, cmap), name, block))
-    return cols, out
-
-
-def render_markdown(result: Mapping[str, Any], systems: Mapping[str, Any], cmap: Any) -> str:
-    cols, rows = table_rows(systems, cmap)
-    s = result["sampler"]
-    b = result["benchmark"]
-    lines = [
-        f"# rededit-eval: {b['name']} ({b['n_items']} items)",
-        "",
-        f"Checkpoint `{result['checkpoint']['path']}` ({result['checkpoint']['weights']} weights, sha256 "
-        f"`{result['checkpoint']['sha256'][:16]}…`); benchmark hash `{b['hash'][:16]}…`; Euler steps {s['steps']}, "
-        f"CFG {s['cfg']}, seeds {s['seeds']}; judge {result['judge_id'] or 'none'}.",
-        "",
-        "Model values are mean ± std over seeds. Reference rows, scored by the same harness: **identity** "
-        "(Picture 1 returned unchanged) and **ground truth** (the benchmark's exact target, where it has one).",
-        "",
-        "| category | system | n | " + " | ".join(c[1] for c in cols) + " |",
-        "|---|---|---:|" + "---:|" * len(cols),
-    ]
-    for cat, name, block in rows:
-        label = SYSTEM_LABELS[name]
-        cells = [_cell(block.get(k), fmt) for k, _, fmt in cols]
-        cat_cell = f"**{cat}**" if cat == "all" else cat
-        lines.append(f"| {cat_cell} | {label} | {block.get('n', '')} | " + " | ".join(cells) + " |")
-    if result.get("skipped_metrics"):
-        lines += [
-            "",
-            "Skipped metrics: " + "; ".join(f"{k} ({v})" for k, v in result["skipped_metrics"].items()),
-        ]
-    lines += ["", "![per-category chart](chart.png)", ""]
-    lines += [f"![{c}](grids/{c}.png)" for c in result.get("grids", [])]
-    return "\n".join(lines) + "\n"
-
-
-def render_csv(systems: Mapping[str, Any], cmap: Any) -> str:
-    cols, rows = table_rows(systems, cmap)
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["category", "system", "n", *[f"{k}_{p}" for k, _, _ in cols for p in ("mean", "std")]])
-    for cat, name, block in rows:
-        vals = []
-        for k, _, _ in cols:
-            st = block.get(k) if isinstance(block.get(k), Mapping) else {}
-            vals += [
-                "" if st.get("mean") is None else repr(st["mean"]),
-                "" if st.get("std") is None else repr(st["std"]),
-            ]
-        w.writerow([cat, name, block.get("n", ""), *vals])
-    return buf.getvalue()
-
-
-def plot_chart(systems: Mapping[str, Any], cmap: Any, out_png: Path) -> Path:
-    """Grouped bars per category (model with std error bars, identity, ground truth) for headline metrics."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cats = _category_order(systems, cmap)
-    cols = {c[0]: c[1] for c in _columns(systems)}
-    metrics = [m for m in CHART_METRICS if m in cols][:2] or ["n"]
-    fig, axes = plt.subplots(
-        len(metrics), 1, figsize=(max(6, 0.9 * len(cats) + 2), 3.2 * len(metrics)), dpi=100, squeeze=False
-    )
-    try:
-        x = np.arange(len(cats))
-        names = [s for s in SYSTEMS if s in systems]
-        width = 0.8 / max(1, len(names))
-        for ax, metric in zip(axes[:, 0], metrics):
-            for k, name in enumerate(names):
-                means, errs = [], []
-                for c in cats:
-                    st = systems[name]["categories"].get(c, {}).get(metric)
-                    if metric == "n":
-                        st = {"mean": systems[name]["categories"].get(c, {}).get("n")}
-                    means.append(
-                        st.get("mean") if isinstance(st, Mapping) and st.get("mean") is not None else np.nan
-                    )
-                    errs.append(
-                        st.get("std") if isinstance(st, Mapping) and st.get("std") is not None else 0.0
-                    )
-                ax.bar(
-                    x + (k - (len(names) - 1) / 2) * width,
-                    means,
-                    width,
-                    yerr=errs,
-                    capsize=2,
-                    label=SYSTEM_LABELS[name],
-                )
-            ax.set_xticks(x, [_display(c, cmap) for c in cats], rotation=30, ha="right")
-            ax.set_ylabel(cols.get(metric, metric))
-            ax.grid(axis="y", alpha=0.3)
-        axes[0, 0].legend(
-            fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.02), ncol=len(names), frameon=False
-        )
-        fig.tight_layout()
-        with atomic_path(out_png) as tmp:
-            fig.savefig(tmp, format="png")
-    finally:
-        plt.close(fig)
-    return out_png
-
-
 # ---------------------------------------------------------------------------------------------- runner
 def _build_scorers(cfg: DictConfig, bench: Any) -> tuple[Scorers, dict[str, Any]]:
     """Metric functions from the config; a missing optional module skips that metric with a warning."""
@@ -825,24 +531,6 @@ def _judge_failures(scorers: Scorers) -> dict[str, Any] | None:
     return {"stats": dict(judge.stats), "failed": [dataclasses.asdict(f) for f in judge.failed][:1000]}
 
 
-def _fingerprint(out_dir: Path, data: dict[str, Any], overwrite: bool) -> None:
-    path = out_dir / "generation.json"
-    if path.is_file() and not overwrite:
-        old = json.loads(path.read_text())
-        diff = {k: (old.get(k), v) for k, v in data.items() if old.get(k) != v}
-        if diff:
-            raise ValueError(
-                f"{out_dir} holds edits generated with other settings {diff} (old, new); use another out_dir, "
-                "or overwrite=true to discard them"
-            )
-        return
-    if overwrite and (out_dir / "images").is_dir():
-        import shutil
-
-        shutil.rmtree(out_dir / "images")
-    _write_json(path, data)
-
-
 def evaluate(cfg: DictConfig, *, editor: Any = None, bench: Any = None) -> dict[str, Any]:
     """Run generation, scoring and the report for a composed ``conf/eval.yaml`` (module docstring).
 
@@ -856,9 +544,6 @@ def evaluate(cfg: DictConfig, *, editor: Any = None, bench: Any = None) -> dict[
         the content of ``metrics.json`` plus ``files``.
     """
     from hydra.utils import instantiate
-
-    from rededit.edit import bucket_max_area, load_editor
-    from rededit.eval.demo_report import editor_buckets, render_grid
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -913,7 +598,7 @@ def evaluate(cfg: DictConfig, *, editor: Any = None, bench: Any = None) -> dict[
         "buckets": buckets,
         "max_area": max_area,
     }
-    _fingerprint(
+    check_generation_settings(
         out_dir,
         {
             "checkpoint_sha256": ckpt_sha,
@@ -970,17 +655,16 @@ def evaluate(cfg: DictConfig, *, editor: Any = None, bench: Any = None) -> dict[
         "sampler": sampler,
         "versions": package_versions(),
         "skipped_metrics": scorers.skipped,
-        "categories": {c: _display(c, cmap) for c in _category_order(systems, cmap)},
+        "categories": {c: display_category(c, cmap) for c in category_order(systems, cmap)},
         "systems": systems,
         "per_seed": {str(s): per_seed[s] for s in seeds},
         "new_edits": n_new,
     }
     files: dict[str, str] = {}
     grid_dir = out_dir / "grids"
-    from rededit.edit import save_image
 
     result["grids"] = []
-    for cat in _category_order({"grid": {"categories": grid}}, cmap):
+    for cat in category_order({"grid": {"categories": grid}}, cmap):
         save_image(render_grid(grid[cat]), grid_dir / f"{cat}.png")
         result["grids"].append(cat)
     files["chart"] = str(plot_chart(systems, cmap, out_dir / "chart.png"))
@@ -989,8 +673,8 @@ def evaluate(cfg: DictConfig, *, editor: Any = None, bench: Any = None) -> dict[
     samples = [r for s in seeds for r in rows["model"][s]]
     samples += [{**r, "system": "identity"} for r in rows["identity"]]
     samples += [{**r, "system": "ground_truth"} for r in rows["ground_truth"]]
-    _write_json(out_dir / "samples.json", samples)
-    _write_json(out_dir / "metrics.json", result)
+    write_json(out_dir / "samples.json", samples)
+    write_json(out_dir / "metrics.json", result)
     files.update(
         metrics=str(out_dir / "metrics.json"),
         table_md=str(out_dir / "table.md"),
@@ -998,20 +682,4 @@ def evaluate(cfg: DictConfig, *, editor: Any = None, bench: Any = None) -> dict[
         samples=str(out_dir / "samples.json"),
     )
     log.info("rededit-eval: report in %s", out_dir / "table.md")
-    return {**_clean(result), "files": files}
-
-
-def main() -> None:
-    """Console entry point (``rededit-eval``; Hydra parses the command line)."""
-    import hydra
-
-    @hydra.main(config_path=CONF_DIR, config_name="eval", version_base="1.3")
-    def _run(cfg: DictConfig) -> None:
-        result = evaluate(cfg)
-        sys.stdout.write(f"rededit-eval: {result['files']['table_md']}\n")
-
-    _run()
-
-
-if __name__ == "__main__":
-    main()
+    return {**json_safe(result), "files": files}

@@ -1,0 +1,124 @@
+"""``rededit-edit``: edit an image (or generate one) with a trained editor.
+
+    rededit-edit --checkpoint outputs/demo/export --image A.png [--image B.png ...] \\
+        --instruction "Replace the red heart with a white crescent." --out edited.png [--steps 8 --cfg 1 --seed 0]
+    rededit-edit --checkpoint outputs/demo/export --instruction "A cyan cross on a grey background" --out t2i.png
+
+``--checkpoint`` accepts an export folder, a run folder or a ``.ckpt`` file
+(:func:`rededit.inference.editor.load_editor`; ``--raw`` takes the raw instead of the EMA weights). Picture 1 is the first ``--image`` (the sequence layout of
+:class:`rededit.models.backbone.EditBackbone`); without ``--image`` the instruction is a text-to-image prompt.
+
+Image sizes: the backbone needs sides that are multiples of ``m = vae.downsample × backbone.patch_size``
+(one token per ``m × m`` pixels). Every input image is cover-resized and centre-cropped
+(:func:`rededit.data.images.resize_to_bucket`) to its own size rounded to ``m``; an image whose area
+exceeds the cap is first scaled down (aspect kept) to the cap. The cap is the largest area of the
+training bucket set (``data.buckets`` of the saved config: the resolutions the editor has seen; 64² px for
+the CPU demo) or ``--max-area``; without either, 1024² px (report Table 1, SFT). The output size defaults
+to Picture 1's (adjusted) size; ``--height/--width`` override it (rounded to ``m``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from rededit.data.images import ImageDecodeError, load_image
+from rededit.inference.edit_loop import EditRequest, edit_batch
+from rededit.inference.editor import EditorLoadError, load_editor
+from rededit.inference.images import image_tensor, save_image, tensor_to_pil
+from rededit.inference.sizing import (
+    DEFAULT_MAX_AREA,
+    DEFAULT_T2I_SIZE,
+    bucket_max_area,
+    fit_size,
+    size_multiple,
+)
+from rededit.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rededit-edit",
+        description="Edit images (Picture 1 = first --image) or generate one (no --image) with a rededit editor.",
+    )
+    p.add_argument("--checkpoint", required=True, help="export folder, run folder or .ckpt file")
+    p.add_argument("--image", action="append", default=[], help="input image; repeat for Picture 2, 3, ...")
+    p.add_argument("--instruction", required=True, help="edit instruction (or T2I prompt without --image)")
+    p.add_argument("--out", required=True, help="output image path (.png, .jpg, ...)")
+    p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the stage's sample_steps)")
+    p.add_argument("--cfg", type=float, default=None, help="true-CFG scale (default: the stage's cfg_scale)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--negative-prompt", default=None, help="text of the CFG negative branch (default: stage's)"
+    )
+    p.add_argument("--height", type=int, default=None, help="output height (default: Picture 1's, or 64)")
+    p.add_argument("--width", type=int, default=None, help="output width (default: Picture 1's, or 64)")
+    p.add_argument("--max-area", type=int, default=None, help="pixel-area cap (default: training buckets)")
+    p.add_argument("--raw", action="store_true", help="use the raw instead of the EMA weights")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns the exit status (2 on bad inputs, with a message and no traceback)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not Path(args.checkpoint).exists():
+        parser.error(f"--checkpoint {args.checkpoint}: no such file or folder")
+    for img in args.image:
+        if not Path(img).is_file():
+            parser.error(f"--image {img}: no such file")
+    for name in ("steps", "height", "width", "max_area"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    try:
+        images = [load_image(str(Path(p).resolve()), "/") for p in args.image]
+    except ImageDecodeError as err:
+        parser.error(str(err))
+    from hydra.errors import InstantiationException
+
+    try:
+        editor = load_editor(args.checkpoint, args.device, raw=args.raw)
+    except (EditorLoadError, FileNotFoundError, ValueError, InstantiationException) as err:
+        parser.error(f"--checkpoint: {err}")
+
+    m = size_multiple(editor)
+    max_area = args.max_area or bucket_max_area(editor.inference_config) or DEFAULT_MAX_AREA
+    ref_sizes = [fit_size(im.height, im.width, m, max_area) for im in images]
+    if ref_sizes:
+        height, width = ref_sizes[0]
+    else:
+        height = width = DEFAULT_T2I_SIZE
+    if args.height is not None or args.width is not None:
+        height, width = fit_size(args.height or height, args.width or width, m, None)
+    references = [image_tensor(im, h, w)[0] for im, (h, w) in zip(images, ref_sizes)]
+    log.info(
+        "%s at %dx%d (HxW; sides multiples of %d), references %s",
+        "edit" if references else "text-to-image",
+        height,
+        width,
+        m,
+        ref_sizes,
+    )
+    request = EditRequest(id="", text=args.instruction, references=references, hw=(height, width))
+    out = edit_batch(
+        editor,
+        [request],
+        seed=args.seed,
+        steps=args.steps,
+        cfg_scale=args.cfg,
+        negative_prompt=args.negative_prompt,
+    )
+    path = save_image(tensor_to_pil(out[0]), args.out)
+    log.info("wrote %s", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

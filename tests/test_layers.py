@@ -1,0 +1,33 @@
+"""The layer rule (docs/architecture.md): no rededit module imports from a layer above its own.
+
+The contract is ``[tool.importlinter]`` in pyproject.toml (layers from entry points down to ``utils``); this test
+runs it with import-linter, which reads every import statement, including those inside functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+from conftest import REPO
+
+
+def test_import_layers_contract_is_kept() -> None:
+    from importlinter.cli import lint_imports
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = lint_imports(config_filename=str(REPO / "pyproject.toml"), no_cache=True, no_logo=True)
+    assert code == 0, out.getvalue()
+
+
+def test_the_contract_lists_every_package() -> None:
+    """A new top-level package or module must be placed in a layer, or the contract would not see it."""
+    import tomllib
+
+    cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"][0]
+    listed = {name.strip() for layer in cfg["layers"] for name in layer.split("|")}
+    src = REPO / "src" / "rededit"
+    present = {f"rededit.{p.name}" for p in src.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    present |= {f"rededit.{p.stem}" for p in src.glob("*.py") if p.stem != "__init__"}
+    assert present == listed, f"unlisted: {sorted(present - listed)}, stale: {sorted(listed - present)}"
