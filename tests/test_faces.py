@@ -26,8 +26,8 @@ from rededit.models.faces.weights import (
     YUNET_SHA256,
     check_sha256,
     default_sface_path,
-    sha256_file,
 )
+from rededit.utils.io import sha256_file
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

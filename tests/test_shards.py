@@ -24,6 +24,7 @@ from rededit.data.images import load_image
 from rededit.data.manifest import Manifest
 from rededit.data.uri import resolve_uri, split_shard_uri
 from rededit.datagen import shard_writer
+from rededit.utils.io import sha256_file
 
 SHARD_SIZE = "16KB"  # the 48-row tiny corpus becomes ~20 shards: boundaries get exercised
 
@@ -88,7 +89,7 @@ def test_tar_is_standard_and_index_offsets_match_tarfile(sharded) -> None:
     for rec in summary["shards"]:
         tar = sharded.parent / rec["tar"]
         index = shards.ShardIndex.load(tar)
-        assert index.sha256 == rec["sha256"] == shard_writer._sha256(tar)
+        assert index.sha256 == rec["sha256"] == sha256_file(tar)
         with tarfile.open(tar) as tf:
             members = tf.getmembers()
             assert [m.name for m in members] == list(index.members)

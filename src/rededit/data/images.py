@@ -204,6 +204,14 @@ def to_tensor(img: Image.Image, mask: bool = False) -> torch.Tensor:
     return t.div_(127.5).sub_(1.0)
 
 
+def tensor_to_pil(x: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> Image.Image:
+    """``[3, H, W]`` with values in ``value_range`` (the VAE's [-1, 1] by default; [0, 1] for rewards and
+    judges) → RGB PIL image, clamped and rounded to 8 bits. The inverse of :func:`to_tensor`."""
+    lo, hi = value_range
+    arr = ((x.detach().float().cpu().clamp(lo, hi) - lo) * (255.0 / (hi - lo))).round().to(torch.uint8)
+    return Image.fromarray(arr.permute(1, 2, 0).numpy(), mode="RGB")
+
+
 def mask_to_tensor(img: Image.Image) -> torch.Tensor:
     """Mask image (mode ``1`` or ``L``) → float32 ``[1, H, W]`` in ``[0, 1]`` (1 = edited region)."""
     if img.mode == "1":

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from rededit.data.shards import URI_COLUMNS, ShardCorruptError, ShardIndex, member_size
 from rededit.data.uri import resolve_path, resolve_uri, split_shard_uri
-from rededit.utils.io import atomic_path, atomic_write_text
+from rededit.utils.io import atomic_path, atomic_write_text, sha256_file
 from rededit.utils.logging import get_logger
 
 __all__ = ["ShardSummary", "parse_size", "plan_shards", "write_shards"]
@@ -196,14 +196,6 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_one(shard: PlannedShard, out_dir: Path, root: Path) -> ShardIndex:
     final = out_dir / shard.name
     members: dict[str, tuple[int, int, int]] = {}
@@ -216,7 +208,7 @@ def _write_one(shard: PlannedShard, out_dir: Path, root: Path) -> ShardIndex:
                 data_offset = tf.offset - math.ceil(len(data) / tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                 members[key] = (data_offset, len(data), zlib.crc32(data))
         size = tmp.stat().st_size
-        digest = _sha256(tmp)
+        digest = sha256_file(tmp)
     index = ShardIndex(
         tar=shard.name,
         tar_bytes=size,
@@ -297,7 +289,7 @@ def write_shards(
     records, written, skipped = [], 0, 0
     for shard in shards:
         index = _is_done(shard, out)
-        if index is not None and verify_existing and _sha256(out / shard.name) != index.sha256:
+        if index is not None and verify_existing and sha256_file(out / shard.name) != index.sha256:
             log.warning("%s: sha256 differs from its index; rewriting", shard.name)
             index = None
         if index is None:
@@ -342,7 +334,7 @@ def write_shards(
         "shard_size": parse_size(shard_size),
         "max_samples": max_samples,
         "rows": len(manifest),
-        "manifest_sha256": _sha256(manifest_out),
+        "manifest_sha256": sha256_file(manifest_out),
         "shards": records,
     }
     atomic_write_text(out / "shards.json", json.dumps(summary, indent=1))

@@ -30,7 +30,6 @@ outside ≥ 25 dB (global edits, whose mask is the whole image, are checked on t
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -54,7 +53,7 @@ from rededit.inference.images import save_image, tensor_to_pil
 from rededit.inference.sizing import editor_buckets, sizes_fn
 from rededit.scoring.edit_metrics import METRIC_KEYS, aggregate, aggregate_by_task, edit_metrics
 from rededit.scoring.judges.programmatic import bench_sample, judge
-from rededit.utils.io import atomic_path, atomic_write_text
+from rededit.utils.io import atomic_path, atomic_write_text, json_safe, write_json
 from rededit.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -588,10 +587,7 @@ def build_demo_report(
         "overall": aggregate(per_sample),
         "text_following": following,
         "goal": goal_summary(tasks, following),
-        "samples": [
-            {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
-            for r in per_sample
-        ],
+        "samples": json_safe(per_sample),
     }
 
     files = {}
@@ -607,7 +603,7 @@ def build_demo_report(
     if runs:
         files["loss_curves"] = str(plot_loss_curves(runs, out_dir / "loss_curves.png"))
         loss_png = "loss_curves.png"
-    atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2, allow_nan=False) + "\n")
+    write_json(out_dir / "metrics.json", result)
     files["metrics"] = str(out_dir / "metrics.json")
     atomic_write_text(out_dir / "report.md", render_markdown(result, loss_png=loss_png))
     files["report"] = str(out_dir / "report.md")

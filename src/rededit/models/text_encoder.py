@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from rededit.utils.io import sha256_file
 from rededit.utils.logging import get_logger
 from rededit.utils.offline import require_local_folder
 
@@ -42,11 +43,7 @@ def file_sha256(path: str | Path) -> str:
     st = p.stat()
     key = (str(p), st.st_size, st.st_mtime_ns)
     if key not in _FILE_HASHES:
-        h = hashlib.sha256()
-        with p.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        _FILE_HASHES[key] = h.hexdigest()
+        _FILE_HASHES[key] = sha256_file(p)
     return _FILE_HASHES[key]
 
 

@@ -40,6 +40,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from rededit.data.images import tensor_to_pil
 from rededit.rewards.base import Reward, check_images, from_dataset_range
 from rededit.scoring.judges.prompts import JudgeTemplate, PromptSet, builtin_prompt_set
 from rededit.scoring.judges.vlm import JudgeError, OpenAICompatibleJudge, TransformersVLMJudge, judge_rgb
@@ -423,9 +424,11 @@ class VLMSoftReward(Reward):
             imgs = []
             for role in template.image_roles:
                 if role == "edited":
-                    imgs.append(_to_pil(images[i]))
+                    imgs.append(tensor_to_pil(images[i], value_range=(0.0, 1.0)))
                 elif _ROLE_INDEX.get(role, 99) < len(refs):
-                    imgs.append(_to_pil(from_dataset_range(refs[_ROLE_INDEX[role]][i])))
+                    imgs.append(
+                        tensor_to_pil(from_dataset_range(refs[_ROLE_INDEX[role]][i]), value_range=(0.0, 1.0))
+                    )
                 else:
                     imgs = None
                     break
@@ -456,8 +459,3 @@ class VLMSoftReward(Reward):
             "vlm_ok_passes": ok_passes,
         }
         return {k: torch.tensor(v, dtype=torch.float32, device=images.device) for k, v in out.items()}
-
-
-def _to_pil(x01: Tensor) -> Image.Image:
-    arr = (x01.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr, "RGB")

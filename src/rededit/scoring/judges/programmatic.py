@@ -53,7 +53,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from rededit.data.images import tensor_to_pil
 from rededit.scoring.edit_metrics import PSNR_CAP, masked_psnr, to_unit
+from rededit.scoring.ocr_metric import levenshtein
 
 __all__ = [
     "JUDGES",
@@ -510,16 +512,6 @@ def _normalise_text(s: str) -> str:
     return "".join(str(s).casefold().split())
 
 
-def _levenshtein(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
-
-
 def text_similarity(read: str, target: str) -> float:
     """``1 − Levenshtein / max length`` of the normalised strings (1.0 when the target is contained)."""
     r, t = _normalise_text(read), _normalise_text(target)
@@ -527,7 +519,7 @@ def text_similarity(read: str, target: str) -> float:
         return 1.0 if not r else 0.0
     if t in r:
         return 1.0
-    return 1.0 - _levenshtein(r, t) / max(len(r), len(t))
+    return 1.0 - levenshtein(r, t) / max(len(r), len(t))
 
 
 def _text_crop(x: torch.Tensor, mask: torch.Tensor | None, min_height: int) -> Image.Image:
@@ -539,8 +531,7 @@ def _text_crop(x: torch.Tensor, mask: torch.Tensor | None, min_height: int) -> I
         y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
         pad = max(4, (y1 - y0) // 2)
         x0, y0, x1, y1 = max(0, x0 - pad), max(0, y0 - pad), min(w, x1 + pad), min(h, y1 + pad)
-    arr = (x[:, y0:y1, x0:x1].permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
-    img = Image.fromarray(arr, mode="RGB")
+    img = tensor_to_pil(x[:, y0:y1, x0:x1], value_range=(0.0, 1.0))
     if img.height < min_height:
         s = min_height / img.height
         img = img.resize((max(1, round(img.width * s)), min_height), Image.Resampling.BICUBIC)
