@@ -31,3 +31,29 @@ def test_the_contract_lists_every_package() -> None:
     present = {f"rededit.{p.name}" for p in src.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
     present |= {f"rededit.{p.stem}" for p in src.glob("*.py") if p.stem != "__init__"}
     assert present == listed, f"unlisted: {sorted(present - listed)}, stale: {sorted(listed - present)}"
+
+
+def test_rededit_imports_are_at_module_level() -> None:
+    """Imports of rededit's own modules inside functions would hide layer arrows from a reader: they are at
+    module level, except inside ``try: ... except ImportError`` (a part whose optional dependency is missing)."""
+    import ast
+
+    hidden = []
+    for path in sorted((REPO / "src" / "rededit").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            if not any(n == "rededit" or n.startswith("rededit.") for n in names):
+                continue
+            chain, p = [], parents.get(node)
+            while p is not None:
+                chain.append(p)
+                p = parents.get(p)
+            in_function = any(isinstance(p, (ast.FunctionDef, ast.AsyncFunctionDef)) for p in chain)
+            optional = any(isinstance(p, ast.Try) for p in chain)
+            if in_function and not optional:
+                hidden.append(f"{path.relative_to(REPO)}:{node.lineno}: {ast.unparse(node)}")
+    assert not hidden, "\n".join(hidden)

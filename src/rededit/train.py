@@ -24,8 +24,11 @@ from hydra.utils import instantiate
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from rededit.callbacks.ema import EMA
 from rededit.callbacks.preemption import PreemptionCheckpoint
 from rededit.parallel.file_checkpoint_io import AtomicCheckpointIO
+from rededit.parallel.parallelize import full_state_dict, is_sharded
+from rededit.stages.checkpoints import backbone_from_state, export_editor
 from rededit.utils.io import atomic_write_text
 from rededit.utils.logging import get_logger
 from rededit.utils.paths import CONF_DIR
@@ -75,8 +78,6 @@ def cluster_plugins(callbacks: list[Any]) -> list[Any]:
     signals over at ``on_train_start``."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    from rededit.callbacks.preemption import PreemptionCheckpoint
-
     if SLURMEnvironment.detect() and any(isinstance(c, PreemptionCheckpoint) for c in callbacks):
         return [SLURMEnvironment(auto_requeue=False)]
     return []
@@ -84,9 +85,6 @@ def cluster_plugins(callbacks: list[Any]) -> list[Any]:
 
 def export(model: L.LightningModule, trainer: L.Trainer, cfg: DictConfig) -> Path | None:
     """Write the EMA editor (raw weights beside it) as a diffusers folder, rank 0 only."""
-    from rededit.callbacks.ema import EMA
-    from rededit.parallel.parallelize import full_state_dict, is_sharded
-    from rededit.stages.checkpoints import export_editor
 
     if not cfg.get("export_dir"):
         return None
@@ -100,8 +98,6 @@ def export(model: L.LightningModule, trainer: L.Trainer, cfg: DictConfig) -> Pat
     if trainer.global_rank != 0:
         return None
     if sharded:
-        from rededit.stages.checkpoints import backbone_from_state
-
         backbone = backbone_from_state(cfg, raw)
     out = export_editor(
         backbone, cfg.export_dir, config_yaml=OmegaConf.to_yaml(cfg, resolve=True), ema_state=ema_state

@@ -23,6 +23,7 @@ from typing import Any
 import lightning as L
 
 from rededit.models.ema import EMAWeights, is_dtensor
+from rededit.parallel.safe_dcp import safe_dcp_load
 from rededit.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -68,7 +69,6 @@ class EMA(EMAWeights, L.Callback):
 
     def _load_shards(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Fill a freshly placed shadow from the resumed DCP directory (every rank reads its shards)."""
-        from rededit.parallel.safe_dcp import safe_dcp_load
 
         self._init_shadow(pl_module)  # template with the parameters' mesh and placements
         target = {"state_dict": {DCP_PREFIX + n: v for n, v in self.shadow.items()}}

@@ -18,6 +18,10 @@ from typing import Any
 
 import lightning as L
 
+from rededit.callbacks.ema import EMA
+from rededit.eval.demo_report import load_samples, render_grid, run_edits, select_rows
+from rededit.scoring.categories import load_category_map
+from rededit.scoring.judges.programmatic import bench_sample, judge
 from rededit.utils.io import atomic_path
 from rededit.utils.logging import get_logger
 
@@ -55,7 +59,6 @@ class SampleImages(L.Callback):
         self.history: list[dict[str, float]] = []
 
     def _load(self, trainer: L.Trainer) -> list[dict[str, Any]]:
-        from rededit.eval.demo_report import load_samples, select_rows
 
         dm = trainer.datamodule
         manifest, rs = dm._manifest, dm.resset
@@ -65,9 +68,6 @@ class SampleImages(L.Callback):
     def _scores(self, trainer: L.Trainer) -> dict[str, float]:
         """Per-category judge success and mean preservation of the samples' current edits."""
         import math
-
-        from rededit.scoring.categories import load_category_map
-        from rededit.scoring.judges.programmatic import bench_sample, judge
 
         manifest = trainer.datamodule._manifest
         categories = load_category_map(unknown="other")
@@ -95,8 +95,6 @@ class SampleImages(L.Callback):
         return scores
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, log_metrics: bool = False) -> None:
-        from rededit.callbacks.ema import EMA
-        from rededit.eval.demo_report import render_grid, run_edits
 
         if trainer.global_step == self._last:
             return

@@ -16,7 +16,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from rededit.stages.checkpoints import backbone_from_state, consolidate, export_editor, resolve_checkpoint
 from rededit.utils.logging import get_logger
+from rededit.utils.safe_load import UnsafeCheckpointError
+from rededit.utils.trusted_config import UntrustedConfigError, load_trusted_config
 
 log = get_logger(__name__)
 
@@ -35,9 +38,6 @@ def find_config(checkpoint: Path) -> Path:
 def consolidate_to_editor(checkpoint: str | Path, out: str | Path, config: str | Path | None = None) -> Path:
     """Export ``checkpoint`` to the editor folder ``out`` (see the module docstring); returns ``out``."""
     from omegaconf import OmegaConf
-
-    from rededit.stages.checkpoints import backbone_from_state, consolidate, export_editor, resolve_checkpoint
-    from rededit.utils.trusted_config import load_trusted_config
 
     ckpt = resolve_checkpoint(checkpoint)
     config = Path(config) if config else find_config(ckpt)
@@ -66,9 +66,6 @@ def main(argv: list[str] | None = None) -> int:
         "--config", help="the run's resolved config.yaml (default: found beside the checkpoint)"
     )
     args = parser.parse_args(argv)
-    from rededit.stages.checkpoints import resolve_checkpoint
-    from rededit.utils.safe_load import UnsafeCheckpointError
-    from rededit.utils.trusted_config import UntrustedConfigError
 
     try:
         ckpt = resolve_checkpoint(args.checkpoint)

@@ -15,6 +15,10 @@ import json
 import sys
 from pathlib import Path
 
+from rededit.datagen.engine.captioning import CaptionStage
+from rededit.datagen.engine.runner import run_pipeline
+from rededit.scoring.judges.vlm import OpenAICompatibleJudge, TransformersVLMJudge
+
 
 def _csv(text: str) -> list[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
@@ -67,7 +71,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def _backends(args: argparse.Namespace):
     """(backend factory, rewriter factories): ``functools.partial`` objects, built lazily per worker."""
-    from rededit.scoring.judges.vlm import OpenAICompatibleJudge, TransformersVLMJudge
 
     if args.backend == "none":
         return None, []
@@ -93,8 +96,6 @@ def _backends(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from rededit.datagen.engine.captioning import CaptionStage
-    from rededit.datagen.engine.runner import run_pipeline
 
     try:
         if not Path(args.manifest).is_file():

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from rededit.cli.args import int_at_least
+from rededit.data.images import load_image, to_tensor
 from rededit.data.manifest import Manifest
 from rededit.data.schema import TEXT_COLUMNS
 from rededit.data.text_cache import TextEmbeddingCache, image_content_hash, text_cache_key
@@ -97,7 +98,6 @@ def encode_manifest(
         Counts: ``encoded`` (new entries), ``cached`` (texts whose entry already existed, including
         duplicates within this run), ``empty`` (missing/blank texts skipped).
     """
-    from rededit.data.images import load_image, to_tensor
 
     columns = [c for c in (columns or DEFAULT_COLUMNS) if manifest.has(c)]
     dtype = encoder.dtype_name

@@ -23,6 +23,7 @@ import pyarrow as pa
 from rededit.cli.args import int_at_least
 from rededit.data.manifest import Manifest
 from rededit.datagen.face_landmarks import write_landmarks
+from rededit.models.faces.detectors import RetinaFaceDetector, YuNetDetector
 from rededit.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -56,7 +57,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def _build(args: argparse.Namespace):
-    from rededit.models.faces.detectors import RetinaFaceDetector, YuNetDetector
 
     if args.detector == "yunet":
         return YuNetDetector(model_path=args.model_path, score_threshold=args.score_threshold)

@@ -22,9 +22,16 @@ import json
 import sys
 from pathlib import Path
 
+from rededit.datagen.engine import longtail as lt
+from rededit.datagen.engine.longtail import (
+    CLIPJointEmbedder,
+    ColourLayoutEmbedder,
+    HashingTextEncoder,
+    MiniLMSentenceEncoder,
+)
+
 
 def _text_embedder(name: str):
-    from rededit.datagen.engine.longtail import HashingTextEncoder, MiniLMSentenceEncoder
 
     if name == "minilm":
         return MiniLMSentenceEncoder()
@@ -35,11 +42,8 @@ def _text_embedder(name: str):
 
 
 def _image_embedder(name: str):
-    from rededit.datagen.engine.longtail import ColourLayoutEmbedder
 
     if name.startswith("clip="):
-        from rededit.datagen.engine.longtail import CLIPJointEmbedder
-
         return CLIPJointEmbedder(name.removeprefix("clip="))
     return ColourLayoutEmbedder() if name == "colour" else _load_class(name)
 
@@ -120,7 +124,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from rededit.datagen.engine import longtail as lt
 
     cmd = args.longtail_command
     if cmd == "index":

@@ -15,6 +15,9 @@ import argparse
 import sys
 
 from rededit.cli.args import int_at_least
+from rededit.datagen.preference import make_pairs
+from rededit.inference.editor import EditorLoadError, load_editor
+from rededit.scoring.ocr import build_ocr_backend
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -48,8 +51,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from rededit.datagen.preference import make_pairs
-    from rededit.inference.editor import EditorLoadError, load_editor
 
     try:
         negative = load_editor(args.negative_editor, args.device)
@@ -61,8 +62,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     ocr = None
     if args.ocr:
-        from rededit.scoring.ocr import build_ocr_backend
-
         ocr = build_ocr_backend(args.ocr)
     try:
         counts = make_pairs(

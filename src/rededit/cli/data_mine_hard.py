@@ -16,6 +16,10 @@ import sys
 from pathlib import Path
 
 from rededit.cli.args import int_at_least
+from rededit.datagen.mining import mine_hard
+from rededit.inference.editor import EditorLoadError, load_editor
+from rededit.utils.paths import CONF_DIR
+from rededit.utils.trusted_config import UntrustedConfigError, load_trusted_config
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -56,15 +60,11 @@ def load_reward(spec: str, trust_prefixes: tuple[str, ...] = ()):
     class or start with one of ``trust_prefixes`` (named by the user on the command line)."""
     from hydra.utils import instantiate
 
-    from rededit.utils.trusted_config import load_trusted_config
-
     path = Path(spec)
     if path.is_file():  # a file may have been handed over: rededit's reward classes only
         return instantiate(load_trusted_config(path, trust_prefixes))
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-
-    from rededit.utils.paths import CONF_DIR
 
     if not (Path(CONF_DIR) / "reward" / f"{spec}.yaml").is_file():
         raise FileNotFoundError(f"reward {spec!r}: neither a YAML file nor a conf/reward option")
@@ -75,9 +75,6 @@ def load_reward(spec: str, trust_prefixes: tuple[str, ...] = ()):
 
 
 def run(args: argparse.Namespace) -> int:
-    from rededit.datagen.mining import mine_hard
-    from rededit.inference.editor import EditorLoadError, load_editor
-    from rededit.utils.trusted_config import UntrustedConfigError
 
     try:
         editor = load_editor(args.editor, args.device)

@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from rededit.datagen.engine.runner import PipelineRunner
 from rededit.utils.paths import CONF_DIR
 
 
@@ -37,8 +38,6 @@ def compose_engine(overrides: list[str], config_dir: str | Path = CONF_DIR):
 def build_runner(cfg):
     """A :class:`~rededit.datagen.engine.runner.PipelineRunner` with the config's stages instantiated."""
     from hydra.utils import instantiate
-
-    from rededit.datagen.engine.runner import PipelineRunner
 
     stages = [instantiate(s) for s in cfg.pipeline.stages]
     return PipelineRunner(

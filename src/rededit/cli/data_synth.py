@@ -7,6 +7,8 @@ import json
 import sys
 import time
 
+from rededit.datagen.synth import synthesize
+
 
 def _weights(text: str) -> dict[str, float]:
     """``"add=2,remove=1"`` or a JSON object → task weights."""
@@ -75,8 +77,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
-
-    from rededit.datagen.synth import synthesize
 
     t0 = time.perf_counter()
     try:

@@ -17,6 +17,10 @@ import json
 import sys
 from pathlib import Path
 
+from rededit.datagen.engine.stage import StageContext
+from rededit.datagen.engine.transforms import TaskSplitStage, invert_tasks, split_tasks
+from rededit.utils.io import atomic_path
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -41,10 +45,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
-
-    from rededit.datagen.engine.stage import StageContext
-    from rededit.datagen.engine.transforms import TaskSplitStage, invert_tasks, split_tasks
-    from rededit.utils.io import atomic_path
 
     src = Path(args.manifest)
     try:

@@ -21,6 +21,7 @@ from rededit.data.dataset import EditDataset, SampleKey
 from rededit.data.manifest import Manifest
 from rededit.data.sampler import MultiConditionBucketSampler
 from rededit.data.text_choice import TextMix
+from rededit.data.text_conditioning import TextConditioner
 from rededit.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -222,8 +223,6 @@ class EditDataModule(L.LightningDataModule):
     ) -> StatefulDataLoader:
         conditioner = None
         if self.text_encoder is not None:
-            from rededit.data.text_conditioning import TextConditioner
-
             conditioner = TextConditioner(
                 self.text_encoder,
                 root=str(manifest.root),

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rededit.data.schema import REQUIRED_COLUMNS
+from rededit.data.validate import ManifestError, validate_manifest
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,6 @@ class Manifest:
         table = pq.read_table(path, columns=columns)
         manifest = cls(table, root=path.parent, path=path)
         if validate:
-            from rededit.data.validate import ManifestError, validate_manifest
-
             problems = validate_manifest(manifest, check_files=check_files)
             if problems:
                 raise ManifestError(path, problems)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from rededit.data.text_cache import TextEmbeddingCache, encode_with_cache, image_content_hash
+from rededit.data.uri import resolve_uri
 
 
 class TextConditioner:
@@ -27,7 +28,6 @@ class TextConditioner:
     def _ref_hashes(self, batch: dict[str, Any]) -> list[list[str]] | None:
         if not self.encoder.uses_images:
             return None
-        from rededit.data.uri import resolve_uri
 
         hashes = []
         for uris in batch["reference_uris"]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rededit.data.shards import read_member
+
 __all__ = ["resolve_path", "resolve_uri", "split_shard_uri"]
 
 # The path part of a shard URI ends with one of these (the writer only makes ``.tar``).
@@ -56,8 +58,6 @@ def resolve_uri(uri: str, root: str | Path) -> bytes:
     """
     shard = split_shard_uri(uri)
     if shard is not None:
-        from rededit.data.shards import read_member  # lazy: plain-file readers never need it
-
         return read_member(resolve_path(shard[0], root), shard[1], uri=uri)
     path = resolve_path(uri, root)
     if not path.is_file():

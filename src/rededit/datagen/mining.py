@@ -26,7 +26,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from rededit.data.datamodule import select_split
 from rededit.data.manifest import Manifest
+from rededit.data.schema import manifest_schema
 from rededit.datagen.preference import (
     append_decision,
     read_decisions,
@@ -34,6 +36,7 @@ from rededit.datagen.preference import (
     sample_edits,
     write_manifest,
 )
+from rededit.scoring.judges.programmatic import bench_sample
 from rededit.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -42,7 +45,6 @@ log = get_logger(__name__)
 def reward_batch(row: Mapping[str, Any], root: str | Path, size: tuple[int, int], k: int) -> dict[str, Any]:
     """The batch a :class:`~rededit.rewards.base.Reward` sees for K edits of one row (dataset conventions:
     images in [-1, 1] at the edit's size, Picture 1 first)."""
-    from rededit.scoring.judges.programmatic import bench_sample
 
     s = bench_sample(row, root, size=size)
     h, w = size
@@ -106,7 +108,6 @@ def mine_hard(
     The per-row scores are logged before any selection, so thresholds can be changed and the command re-run
     without generating again.
     """
-    from rededit.data.datamodule import select_split
 
     if num_samples < 2:
         raise ValueError("mine-hard needs at least 2 samples per row to estimate a spread")
@@ -163,7 +164,6 @@ def mine_hard(
             f"mine-hard: no row is semi-hard under min_mean={min_mean}, max_mean={max_mean}, "
             f"min_spread={min_spread}; per-row scores are in {log_path}"
         )
-    from rededit.data.schema import manifest_schema
 
     write_manifest(
         kept,

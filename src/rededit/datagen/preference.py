@@ -34,12 +34,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from rededit.data.datamodule import select_split
 from rededit.data.images import load_image, transform_boxes
 from rededit.data.manifest import Manifest
+from rededit.data.schema import manifest_schema
 from rededit.data.uri import resolve_path, split_shard_uri
 from rededit.inference.edit_loop import EditRequest, run_edits
 from rededit.inference.images import image_tensor, save_image, tensor_to_pil
 from rededit.inference.sizing import editor_buckets, sizes_fn
+from rededit.scoring.judges.programmatic import JUDGES, bench_sample, judge
 from rededit.utils.io import atomic_path
 from rededit.utils.logging import get_logger
 
@@ -177,8 +180,6 @@ def make_pairs(
         limit: process at most this many rows (in manifest order).
         ocr: OCR backend for the text judge (None: its closeness fallback).
     """
-    from rededit.data.datamodule import select_split
-    from rededit.scoring.judges.programmatic import JUDGES
 
     full = Manifest.open(manifest, validate=True)
     src = select_split(full, split)
@@ -224,7 +225,6 @@ def make_pairs(
                 kept_rows.append(rebased_row(row, full.root))
     if not counts["kept"]:
         raise ValueError(f"make-pairs: no pair qualified in {manifest} (see {log_path} for the reasons)")
-    from rededit.data.schema import manifest_schema
 
     write_manifest(
         kept_rows,
@@ -239,7 +239,6 @@ def make_pairs(
 def _pair_row(
     row, root, out: Path, negative_editor, positive, num_candidates, margin, steps, seed, ocr
 ) -> dict:
-    from rededit.scoring.judges.programmatic import bench_sample, judge
 
     cands, (h, w) = sample_edits(negative_editor, row, root, num_candidates, seed=seed, steps=steps)
     sample = bench_sample(row, root, size=(h, w))

@@ -37,6 +37,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rededit.data.buckets import ResolutionSet, assign_buckets, load_bucket_config
+from rededit.data.manifest import Manifest
 from rededit.data.shards import URI_COLUMNS, ShardCorruptError, ShardIndex, member_size
 from rededit.data.uri import resolve_path, resolve_uri, split_shard_uri
 from rededit.utils.io import atomic_path, atomic_write_text, sha256_file
@@ -128,7 +130,6 @@ def bucket_major_order(manifest, buckets: str | None) -> np.ndarray:
     n = len(manifest)
     if buckets is None:
         return np.arange(n, dtype=np.int64)
-    from rededit.data.buckets import ResolutionSet, assign_buckets, load_bucket_config
 
     cfg = load_bucket_config(buckets)
     assignment = assign_buckets(manifest.sizes(), ResolutionSet.from_config(cfg), cfg.get("task_groups"))
@@ -266,7 +267,6 @@ def write_shards(
     Returns:
         a :class:`ShardSummary`.
     """
-    from rededit.data.manifest import Manifest
 
     manifest_path = Path(manifest_path)
     out = Path(out_dir)

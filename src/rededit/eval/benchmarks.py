@@ -46,6 +46,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from rededit.data.alignment import reindex
+from rededit.data.buckets import ResolutionSet, load_bucket_config
+from rededit.data.images import ImageDecodeError, load_image, resize_to_bucket, transform_boxes
+from rededit.data.manifest import Manifest
+from rededit.data.uri import resolve_uri
 from rededit.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -125,7 +130,6 @@ class BenchItem:
         The target and mask go to ``out_hw`` (mask with nearest neighbours so it stays binary), the boxes
         follow the same cover-crop, references go to ``ref_hws``.
         """
-        from rededit.data.images import resize_to_bucket, transform_boxes
 
         if len(ref_hws) != len(self.references):
             raise ValueError(f"{self.id}: {len(self.references)} references but {len(ref_hws)} sizes")
@@ -265,7 +269,6 @@ class Benchmark(Sequence[BenchItem]):
 
 
 def _open_rgb(data: bytes, where: str) -> Image.Image:
-    from rededit.data.images import ImageDecodeError
 
     try:
         img = Image.open(io.BytesIO(data))
@@ -323,7 +326,6 @@ class SyntheticBench(Benchmark):
         category_map: Any = "default",
         reference_order: str = "as_is",
     ) -> None:
-        from rededit.data.manifest import Manifest
 
         if reference_order not in ("as_is", "reversed"):
             raise ValueError(f"reference_order must be 'as_is' or 'reversed', got {reference_order!r}")
@@ -335,8 +337,6 @@ class SyntheticBench(Benchmark):
         self.split = split
         self._rs = None
         if buckets is not None:
-            from rededit.data.buckets import ResolutionSet, load_bucket_config
-
             cfg = load_bucket_config(buckets) if isinstance(buckets, (str, os.PathLike)) else dict(buckets)
             self._rs = ResolutionSet.from_config(cfg)
         if not self.manifest.has("split"):
@@ -374,7 +374,6 @@ class SyntheticBench(Benchmark):
         return list(range(num_refs))[::-1]
 
     def _reorder_texts(self, rec: dict[str, Any], num_refs: int) -> dict[str, Any]:
-        from rededit.data.alignment import reindex
 
         order = self._new_order(num_refs)
         if order is not None:
@@ -388,12 +387,10 @@ class SyntheticBench(Benchmark):
         return uris + ([row["edit_mask"]] if row.get("edit_mask") else [])
 
     def _image_bytes(self, rec: dict[str, Any]) -> list[bytes]:
-        from rededit.data.uri import resolve_uri
 
         return [resolve_uri(u, self.manifest.root) for u in self._uris(self.manifest.row(rec["row"]))]
 
     def _load(self, rec: dict[str, Any]) -> BenchItem:
-        from rededit.data.images import load_image
 
         row = self.manifest.row(rec["row"])
         root = self.manifest.root

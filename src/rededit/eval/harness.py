@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from rededit.data.images import resize_to_bucket, to_tensor
 from rededit.eval.demo_report import render_grid
 from rededit.eval.provenance import check_generation_settings, checkpoint_hash, package_versions
 from rededit.eval.tables import (
@@ -59,10 +60,15 @@ from rededit.eval.tables import (
     render_csv,
     render_markdown,
 )
+from rededit.flow.path import QWEN_IMAGE_SCHEDULER
 from rededit.inference.edit_loop import EditRequest, iter_edits
 from rededit.inference.editor import load_editor
 from rededit.inference.images import save_image, tensor_to_pil
 from rededit.inference.sizing import bucket_max_area, editor_buckets, sizes_fn
+from rededit.scoring.edit_metrics import METRIC_KEYS, aggregate, edit_metrics, to_unit
+from rededit.scoring.judges.prompts import BUILTIN_PROMPT_SETS, builtin_prompt_set, load_rededit_prompts
+from rededit.scoring.judges.vlm import CachedJudge, g_overall
+from rededit.scoring.ocr_metric import ocr_scores
 from rededit.utils.io import atomic_write_text, json_safe, write_json
 from rededit.utils.logging import get_logger
 
@@ -96,8 +102,6 @@ def prepare(item: Any, sizes: Callable, language: str = "en") -> Prepared:
     (:func:`rededit.scoring.judges.programmatic.bench_sample`) does.
     """
     from PIL import Image
-
-    from rededit.data.images import to_tensor
 
     dst = sizes([item.output_hw] + [(r.height, r.width) for r in item.references])
     it = item.resized(dst[0], dst[1:])
@@ -211,8 +215,6 @@ def score_one(pred: torch.Tensor, p: Prepared, scorers: Scorers, *, use_vlm: boo
     if scorers.reference and p.target is not None:
         from torchmetrics.functional.image import structural_similarity_index_measure
 
-        from rededit.scoring.edit_metrics import edit_metrics, to_unit
-
         src = p.source[None] if p.source is not None else None
         m = edit_metrics(pred[None], p.target[None], p.mask[None] if p.mask is not None else None, source=src)
         out.update({k: float(v[0]) for k, v in m.items()})
@@ -236,8 +238,6 @@ def score_one(pred: torch.Tensor, p: Prepared, scorers: Scorers, *, use_vlm: boo
             out["judge_undecided"] = 0.0 if defined else 1.0
             out["judge_detail"] = json_safe(res.detail, fallback=str)
     if scorers.ocr is not None and it.ocr_target:
-        from rededit.scoring.ocr_metric import ocr_scores
-
         try:
             text = scorers.ocr.read_text(tensor_to_pil(pred))
         except Exception as err:
@@ -290,8 +290,6 @@ class VLMScorer:
                 return {"vlm_failed": 1.0, "vlm_error": str(resp.error)}
             out.update({f"vlm_{k}": float(v) for k, v in scores.items()})
         if self.gedit:
-            from rededit.scoring.judges.vlm import g_overall
-
             out["vlm_score"] = g_overall(out["vlm_G_SC"], out["vlm_G_PQ"])
         else:
             vals = [v for k, v in out.items() if k.startswith("vlm_")]
@@ -301,8 +299,6 @@ class VLMScorer:
 
 def _load_png(path: Path, hw: tuple[int, int]) -> torch.Tensor:
     from PIL import Image
-
-    from rededit.data.images import resize_to_bucket, to_tensor
 
     img = Image.open(path).convert("RGB")
     if img.size != (hw[1], hw[0]):
@@ -386,7 +382,6 @@ def _metric_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Mean and defined-count of every numeric metric over rows; ``error_ratio`` as a ratio of means."""
-    from rededit.scoring.edit_metrics import METRIC_KEYS, aggregate
 
     out: dict[str, Any] = {"n": len(rows)}
     if any(r.get("edit_region_error") is not None for r in rows):
@@ -485,7 +480,6 @@ def _build_scorers(cfg: DictConfig, bench: Any) -> tuple[Scorers, dict[str, Any]
 def _prompt_set(spec: str, bench: Any) -> Any:
     """``benchmark`` (the benchmark's own prompts.json, else the built-in set of its protocol), a built-in
     set name (``rededit_generic``, ``rededit_text``, ``imgedit``, ``gedit``) or a ``prompts.json`` path."""
-    from rededit.scoring.judges.prompts import BUILTIN_PROMPT_SETS, builtin_prompt_set, load_rededit_prompts
 
     if spec == "benchmark":
         path = getattr(bench, "prompts_path", None)
@@ -505,8 +499,6 @@ def build_vlm_scorer(node: Mapping[str, Any], bench: Any, out_dir: Path) -> VLMS
     ``retry_parse_failures``.
     """
     from hydra.utils import instantiate
-
-    from rededit.scoring.judges.vlm import CachedJudge
 
     node = dict(node)
     if node.get("backend") is None:
@@ -580,7 +572,6 @@ def evaluate(cfg: DictConfig, *, editor: Any = None, bench: Any = None) -> dict[
     neg = cfg.sampler.negative_prompt
     neg = str(neg) if neg is not None else str(getattr(editor, "negative_prompt", ""))
     ckpt_sha = checkpoint_hash(cfg.checkpoint, bool(cfg.raw))
-    from rededit.flow.path import QWEN_IMAGE_SCHEDULER
 
     sampler = {
         "steps": steps,

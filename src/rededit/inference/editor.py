@@ -21,6 +21,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from rededit.stages.checkpoints import (
+    EXPORT_CONFIG,
+    EXPORT_EXTRAS,
+    is_export_folder,
+    load_backbone_state,
+    resolve_checkpoint,
+)
 from rededit.utils.logging import get_logger
 from rededit.utils.safe_load import UnsafeCheckpointError
 from rededit.utils.trusted_config import UntrustedConfigError, load_trusted_config
@@ -95,7 +102,6 @@ def load_editor(
     Raises:
         EditorLoadError: nothing usable at ``checkpoint``.
     """
-    from rededit.stages.checkpoints import EXPORT_CONFIG, EXPORT_EXTRAS, is_export_folder, load_backbone_state
 
     path = Path(checkpoint)
     if not path.exists():
@@ -119,8 +125,6 @@ def load_editor(
         weights = (path / "WEIGHTS").read_text().strip() if (path / "WEIGHTS").is_file() else "ema"
     else:
         if not export:
-            from rededit.stages.checkpoints import resolve_checkpoint
-
             try:
                 resolve_checkpoint(path)
             except FileNotFoundError as err:

@@ -30,6 +30,8 @@ from rededit.flow.sampler import euler_sample
 from rededit.flow.weighting import loss_weight, region_weights
 from rededit.models.backbone import EditBackbone
 from rededit.models.fireedit import normalize_boxes
+from rededit.parallel import ParallelPlan, load_full_state, meta_init, parallelize_backbone
+from rededit.stages.checkpoints import load_backbone_state
 from rededit.utils.logging import get_logger
 from rededit.utils.module_tree import hidden_from_tree
 from rededit.utils.seeding import torch_generator
@@ -156,8 +158,6 @@ class BaseStage(L.LightningModule):
         else None (DDP / single device / FSDP1 / DeepSpeed wrap the module themselves)."""
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        from rededit.parallel import ParallelPlan
-
         strategy = self._trainer.strategy if self._trainer is not None else None
         if not isinstance(strategy, ModelParallelStrategy):
             return None
@@ -174,8 +174,6 @@ class BaseStage(L.LightningModule):
         plan = self.parallel_plan()
         self._deferred_init_from = None
         if plan is not None and plan.meta_init:
-            from rededit.parallel import meta_init
-
             if not self.init_from and self._trainer.ckpt_path is None:
                 raise ValueError(
                     "strategy.parallelize.meta_init=true builds the backbone without weights: set stage.init_from "
@@ -191,8 +189,6 @@ class BaseStage(L.LightningModule):
         blocks = self.backbone.transformer.transformer_blocks
         n_ckpt = len(blocks) if getattr(self.backbone.transformer, "gradient_checkpointing", False) else 0
         if plan is not None:
-            from rededit.parallel import parallelize_backbone
-
             if self.init_from and not plan.meta_init:
                 # Full weights on every rank first, then shard (meta_init avoids the full copy).
                 self.load_backbone_from(self.init_from, use_ema=self.init_from_ema)
@@ -224,8 +220,6 @@ class BaseStage(L.LightningModule):
         """Meta-init under FSDP2: rank 0 reads ``init_from`` and broadcasts it into every rank's shards."""
         if not getattr(self, "_deferred_init_from", None):
             return
-        from rededit.parallel import load_full_state
-        from rededit.stages.checkpoints import load_backbone_state
 
         state = None
         if self.global_rank == 0:
@@ -237,7 +231,6 @@ class BaseStage(L.LightningModule):
     def load_backbone_from(self, path: str | Path, *, use_ema: bool = True) -> None:
         """Weights-only chaining from a previous stage (``stage.init_from``): a ``.ckpt`` file, a run folder
         (its ``checkpoints/last.ckpt``) or an export folder (``backbone.safetensors``)."""
-        from rededit.stages.checkpoints import load_backbone_state
 
         state, source = load_backbone_state(path, use_ema=use_ema)
         self.backbone.load_state_dict(state, strict=True)

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from rededit.parallel import meta_init
+from rededit.parallel.safe_dcp import load_dcp_full
 from rededit.utils.io import atomic_path, atomic_write_text, make_private_temp_public
 from rededit.utils.safe_load import UnsafeCheckpointError, forced_weights_only
 
@@ -115,8 +117,6 @@ def _load_full_checkpoint(path: Path) -> dict[str, Any]:
     weights-only (its three state classes allowed).
     """
     if is_dcp_dir(path):
-        from rededit.parallel.safe_dcp import load_dcp_full
-
         ckpt = load_dcp_full(path)  # single process: reads every rank's shards
         meta = path / "meta.pt"
         if meta.is_file():
@@ -156,8 +156,6 @@ def backbone_from_state(cfg: Any, state: dict[str, torch.Tensor]) -> torch.nn.Mo
     """Rebuild the ``EditBackbone`` of a run config (``cfg.backbone``, a ``_partial_``) on the meta device and
     adopt ``state``'s tensors (no random init, no second copy of the weights)."""
     from hydra.utils import instantiate
-
-    from rededit.parallel import meta_init
 
     patch = int(cfg.backbone.get("patch_size", 2))
     latent_channels = state["transformer.img_in.weight"].shape[1] // patch**2

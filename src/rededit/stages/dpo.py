@@ -46,6 +46,7 @@ from rededit.flow.path import interpolate
 from rededit.flow.sampler import euler_sample
 from rededit.flow.weighting import loss_weight
 from rededit.losses.dpo import dpo_loss, dpo_stats
+from rededit.parallel import copy_shards_, materialize, meta_init, parallelize_frozen
 from rededit.parallel.parallelize import is_sharded
 from rededit.stages.base import STEPS_PER_EPOCH_STRIDE, BaseStage
 from rededit.utils.logging import get_logger
@@ -79,7 +80,6 @@ def sharded_frozen_twin(stage: BaseStage, dtype: torch.dtype | None = None) -> t
     only in that every rank must call it (``fully_shard`` builds per-mesh state). Used for the DPO reference
     and the NFT old policy (``dtype=float32``: the EMA lerp writes into it in place).
     """
-    from rededit.parallel import copy_shards_, materialize, meta_init, parallelize_frozen
 
     plan = stage.parallel_plan()
     twin = meta_init(stage.backbone_factory, latent_channels=stage.vae.latent_channels)

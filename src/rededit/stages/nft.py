@@ -56,7 +56,11 @@ from rededit.flow.sampler import euler_sample
 from rededit.flow.sde import sde_sample
 from rededit.losses.nft import nft_loss, optimality_probability
 from rededit.models.ema import EMAWeights
+from rededit.parallel import copy_shards_
 from rededit.parallel.parallelize import is_sharded
+from rededit.parallel.safe_dcp import safe_dcp_load
+from rededit.rewards.base import source_from_batch
+from rededit.rewards.monitors import hack_monitors
 from rededit.stages.base import STEPS_PER_EPOCH_STRIDE, BaseStage
 from rededit.stages.dpo import sharded_frozen_twin
 from rededit.utils.logging import get_logger
@@ -246,9 +250,6 @@ class NFTModule(BaseStage):
             )
         monitors: dict[str, torch.Tensor] = {}
         if self.monitors:
-            from rededit.rewards.base import source_from_batch
-            from rededit.rewards.monitors import hack_monitors
-
             masks = None
             if "edit_mask" in batch and bool(torch.as_tensor(batch.get("has_edit_mask", False)).all()):
                 masks = batch["edit_mask"].to(images01.device)
@@ -376,7 +377,6 @@ class NFTModule(BaseStage):
 
     def _load_old_shards(self) -> None:
         """Every rank reads its old-policy shards from the resumed DCP directory (``__nft_old__.*``)."""
-        from rededit.parallel.safe_dcp import safe_dcp_load
 
         path = self.trainer.ckpt_path
         target = {
@@ -410,7 +410,6 @@ class NFTModule(BaseStage):
         with torch.no_grad():
             if is_sharded(self.old_policy) and not saved:
                 # FSDP2 restores the backbone before this hook (and drops the state dict): copy its shards.
-                from rededit.parallel import copy_shards_
 
                 copy_shards_(self.old_policy, self.backbone)
             else:

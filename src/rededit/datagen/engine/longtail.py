@@ -44,7 +44,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rededit.data.images import load_image
+from rededit.datagen.engine.filters.embedders import CLIPEmbedder, describe_callable
 from rededit.datagen.engine.stage import DROP_COLUMN
+from rededit.datagen.synth import TASKS, synthesize
+from rededit.models.text_encoder import MiniLMTextEncoder
+from rededit.scoring.judges.vlm import fingerprint_folder
 from rededit.utils.io import atomic_path, atomic_write_text
 from rededit.utils.logging import get_logger
 from rededit.utils.seeding import derive_seed
@@ -137,7 +142,6 @@ class MiniLMSentenceEncoder:
     """Mean-pooled all-MiniLM-L6-v2 sentence vectors (the embedded default text encoder), ``[N, 384]``."""
 
     def __init__(self, path: str | None = None, max_length: int = 64):
-        from rededit.models.text_encoder import MiniLMTextEncoder
 
         self._enc = MiniLMTextEncoder(path=path, max_length=max_length)
         self.embedder_id = self._enc.cache_id
@@ -180,7 +184,6 @@ class EngineImageEmbedder:
     long-tail image embedder (``encode_images`` on PIL images). Image→image only."""
 
     def __init__(self, embedder: Any):
-        from rededit.datagen.engine.filters.embedders import describe_callable
 
         self.embedder = embedder
         cfg = embedder.config() if callable(getattr(embedder, "config", None)) else {}
@@ -201,8 +204,6 @@ class CLIPJointEmbedder(EngineImageEmbedder):
     """
 
     def __init__(self, path: str | Path, input_size: int = 224, device: str = "cpu", max_length: int = 77):
-        from rededit.datagen.engine.filters.embedders import CLIPEmbedder
-        from rededit.scoring.judges.vlm import fingerprint_folder
 
         if not Path(path).is_dir():
             raise FileNotFoundError(f"CLIP model folder not found: {path} (no hub access: use a local copy)")
@@ -579,7 +580,6 @@ def build_image_index(
     uris: Sequence[str], root: str | Path, embedder: Any, out_dir: str | Path, batch_size: int = 64
 ) -> Path:
     """Embed a candidate pool of images (URIs resolved against ``root``) into a saved FAISS index."""
-    from rededit.data.images import load_image
 
     uris = list(dict.fromkeys(uris))
     if not uris:
@@ -672,7 +672,6 @@ def fill_gap(
     Raises:
         ValueError: ``task`` has no synthetic template, or ``n < 1``.
     """
-    from rededit.datagen.synth import TASKS, synthesize
 
     if task not in TASKS:
         raise ValueError(f"no synthetic template for task {task!r}; the template engine covers {list(TASKS)}")
@@ -723,7 +722,6 @@ def fill_from_report(
     Cluster gaps are reported for inspection (their dominant task is not necessarily what is missing), so
     only ``kind == "task"`` gaps are filled, each with ``need`` rows (capped at ``max_per_task``).
     """
-    from rededit.datagen.synth import TASKS
 
     rep = json.loads(Path(report).read_text()) if not isinstance(report, dict) else report
     results = []

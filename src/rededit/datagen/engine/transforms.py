@@ -37,7 +37,16 @@ from typing import Any
 
 import pyarrow as pa
 
-from rededit.datagen.engine.stage import DROP_COLUMN, BaseEngineStage, StageContext, kept_mask, set_column
+from rededit.data.schema import ALL_FIELDS
+from rededit.data.uri import resolve_uri
+from rededit.datagen.engine.stage import (
+    DROP_COLUMN,
+    BaseEngineStage,
+    StageContext,
+    apply_drops,
+    kept_mask,
+    set_column,
+)
 from rededit.utils.logging import get_logger
 from rededit.utils.seeding import derive_seed
 
@@ -277,8 +286,6 @@ def invert_tasks(
         table = table.append_column("inversion_text", pa.nulls(table.num_rows, pa.string()))
     for c in [*extra_cols, "inverse_of", "caption_type", "source", "split", "edit_mask", "cluster"]:
         if c not in table.column_names:
-            from rededit.data.schema import ALL_FIELDS
-
             table = table.append_column(ALL_FIELDS[c].name, pa.nulls(table.num_rows, ALL_FIELDS[c].type))
     new_table = pa.Table.from_pylist(
         [{c: r.get(c) for c in table.column_names} for r in new_rows], schema=table.schema
@@ -335,7 +342,6 @@ class TaskSplitStage(BaseEngineStage):
         self.drop_over_max = bool(drop_over_max)
 
     def process(self, table: pa.Table, ctx: StageContext) -> pa.Table:
-        from rededit.datagen.engine.stage import apply_drops
 
         if self.column not in table.column_names:
             raise ValueError(f"{self.name}: partition {ctx.partition!r} has no column {self.column!r}")
@@ -358,8 +364,6 @@ def _image_size(uri: str, root: str | Path) -> tuple[int, int]:
     import io
 
     from PIL import Image
-
-    from rededit.data.uri import resolve_uri
 
     with Image.open(io.BytesIO(resolve_uri(uri, root))) as im:
         return im.size
@@ -437,8 +441,6 @@ def split_tasks(
         if c not in table.column_names:
             table = table.append_column(c, pa.nulls(table.num_rows, t))
     if drop_parent:
-        from rededit.datagen.engine.stage import apply_drops
-
         table = apply_drops(table, ["split:decomposed" if r["id"] in parents else None for r in rows])
         added = [a | {DROP_COLUMN: None} for a in added]
     new_table = pa.Table.from_pylist(

@@ -24,6 +24,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageFilter
 
+from rededit.data.manifest import Manifest
+from rededit.datagen.face_landmarks import write_landmarks
+from rededit.datagen.synth.writer import synthesize
+from rededit.models.faces import YuNetDetector
 from rededit.utils.io import atomic_path
 from rededit.utils.seeding import numpy_rng
 
@@ -70,10 +74,6 @@ def make_portrait_corpus(
 
     Row ``i`` uses portrait ``i mod 3``; crops, mirrors, colour casts and blurs derive from (seed, row id).
     """
-    from rededit.data.manifest import Manifest
-    from rededit.datagen.face_landmarks import write_landmarks
-    from rededit.datagen.synth.writer import synthesize
-    from rededit.models.faces import YuNetDetector
 
     manifest = synthesize(
         out_dir,

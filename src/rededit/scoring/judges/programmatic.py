@@ -53,7 +53,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from rededit.data.images import tensor_to_pil
+from rededit.data.images import load_image, resize_to_bucket, tensor_to_pil, to_tensor, transform_boxes
+from rededit.scoring.categories import load_category_map
 from rededit.scoring.edit_metrics import PSNR_CAP, masked_psnr, to_unit
 from rededit.scoring.ocr_metric import levenshtein
 
@@ -760,7 +761,6 @@ def success_rate_by_category(results: Iterable[Any], category_map: Any = None) -
         the map's order, then tasks without a category (``t2i``) and ``other``; ``n`` counts decided
         results, ``success_rate = passed / n`` (None when ``n = 0``).
     """
-    from rededit.scoring.categories import load_category_map
 
     cmap = load_category_map(category_map)
     rows: dict[str, dict[str, Any]] = defaultdict(
@@ -814,7 +814,6 @@ def bench_sample(
         aligned); one of another size (low-resolution restores, quarter turns) is resized to the
         evaluated size, a baseline only.
     """
-    from rededit.data.images import load_image, resize_to_bucket, to_tensor, transform_boxes
 
     tw, th = int(row["target_width"]), int(row["target_height"])
     h, w = (th, tw) if size is None else (int(size[0]), int(size[1]))

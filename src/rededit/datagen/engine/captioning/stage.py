@@ -48,6 +48,8 @@ from rededit.datagen.engine.captioning.prompts import (
     load_templates,
 )
 from rededit.datagen.engine.stage import BaseEngineStage, StageContext, apply_drops, kept_mask, set_column
+from rededit.datagen.synth.text import user_like
+from rededit.scoring.judges.vlm import CachedJudge, judge_rgb
 from rededit.utils.io import atomic_write_text
 from rededit.utils.logging import get_logger
 from rededit.utils.seeding import numpy_rng
@@ -66,7 +68,6 @@ BackendSpec = Any  # a VLMJudge, a zero-argument factory returning one (Hydra ``
 
 def rule_user_like(concise: str, language: str, seed: int, row_id: str) -> str:
     """Rule-based user-like refinement: the synthetic corpus's help-seeking wrappers around ``concise``."""
-    from rededit.datagen.synth.text import user_like
 
     vp = concise.strip().rstrip(".。!！")
     if language == "en":
@@ -218,7 +219,6 @@ class CaptionStage(BaseEngineStage):
         self._ready = True
 
     def _cached_judge(self, judge, ctx: StageContext):
-        from rededit.scoring.judges.vlm import CachedJudge
 
         cache = Path(self.cache_dir) if self.cache_dir else Path(ctx.stage_dir) / "cache"
         key = (id(judge), str(cache))
@@ -237,7 +237,6 @@ class CaptionStage(BaseEngineStage):
         self, judge, ctx, kind, lang, images, fields, item_id, stats
     ) -> tuple[str | None, str, str | None]:
         """(text, source, error) of one templated call."""
-        from rededit.scoring.judges.vlm import judge_rgb
 
         tpl = self._templates.get(kind, lang)
         prompt = tpl.render(**fields)

@@ -30,6 +30,7 @@ from rededit.datagen.engine.filters.embedders import (
     load_safetensors_module,
 )
 from rededit.datagen.engine.stage import BaseEngineStage, StageContext, apply_drops, set_column
+from rededit.scoring.ocr import build_ocr_backend
 
 
 def _reasons(
@@ -88,8 +89,6 @@ class TextOverlayFilter(BaseEngineStage):
 
     def setup(self) -> None:
         if self._ocr is None:
-            from rededit.scoring.ocr import build_ocr_backend
-
             self._ocr = build_ocr_backend(self.backend, **self.backend_kwargs)
 
     def __getstate__(self):

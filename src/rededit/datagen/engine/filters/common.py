@@ -11,6 +11,7 @@ import pyarrow as pa
 from PIL import Image
 
 from rededit.data.images import ImageDecodeError, load_image
+from rededit.datagen.engine.runner import table_hash
 from rededit.datagen.engine.stage import kept_mask
 
 UNREADABLE = "unreadable"
@@ -69,7 +70,6 @@ class PartitionMemo:
         self._store: dict[str, Any] = {}
 
     def get(self, table: pa.Table, compute: Callable[[], Any]) -> Any:
-        from rededit.datagen.engine.runner import table_hash
 
         cols = [c for c in ("id", "target", "references", "drop_reason") if c in table.column_names]
         key = table_hash(table.select(cols))
