@@ -14,7 +14,7 @@ DEMO_N ?= 6000
 DEMO_WORLD ?= --min-side 64 --max-side 64 --max-objects 2 --backgrounds solid,gradient --object-size 0.3,0.45 \
 	--sign-prob 0 --zh-prob 0
 DEMO_DATA = data.manifest=$(DEMO_DIR)/corpus/manifest.parquet data.text_cache=$(DEMO_DIR)/text_cache
-# Never reach a model hub at run time (see OFFLINE.md); tokenizer threads stay off for the 2-core default.
+# Never reach a model hub at run time (see docs/architecture.md "Offline parts"); tokenizer threads stay off for the 2-core default.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false

@@ -82,7 +82,7 @@ def test_mid_epoch_resume_reproduces_the_rest_of_the_epoch(corpus):
     it = iter(loader)
     for _ in range(3):
         next(it)
-    state = loader.state_dict()  # rank 0's copy resumes every rank (DISTRIBUTED.md trap 1)
+    state = loader.state_dict()  # rank 0's copy resumes every rank (docs/architecture.md distributed trap 1)
     resumed = _dm(corpus, 1).train_dataloader()
     resumed.load_state_dict(state)
     rest = [b["ids"] for b in resumed]

@@ -1,7 +1,7 @@
 """2-process CPU (gloo) proofs of the ``ddp`` and ``fsdp2`` presets (issue 7 acceptance; slow tier).
 
 Each run is ``torchrun --nproc_per_node 2 tests/multiprocess/train_dist.py`` (a subprocess with a free port,
-not in-process DDP inside pytest: DISTRIBUTED.md). For each strategy:
+not in-process DDP inside pytest: docs/architecture.md). For each strategy:
 
 1. every step, both ranks are served the same bucket (one target shape) and disjoint samples;
 2. the first step's gradients equal a single-process computation on the concatenation of the two ranks'

@@ -1,7 +1,7 @@
 """Collation: Stochastic Instruction Alignment (§3.2 "Collate Shuffle & Drop"), stacking and text conditioning.
 
 Why SIA is drawn per batch: diffusers' Qwen transformer takes one ``img_shapes`` for the whole batch
-(DESIGN.md, known traps), so every sample of a batch must keep the same image shape at every position.
+(docs/architecture.md, traps), so every sample of a batch must keep the same image shape at every position.
 The drop set and the permutation of reference positions are therefore drawn once per global step
 from (seed, epoch, step) — the same on every rank, so ranks that share a bucket also share the shapes
 they feed the model (equal token loads); on top of that each sample shuffles among the positions that share a

@@ -2,7 +2,7 @@
 
 Lightning's distributed sampler must be off (``Trainer(use_distributed_sampler=False)``): the bucket
 sampler shards by rank itself, and its state (seed, epoch, cursor) rides in the checkpoint through
-torchdata's ``StatefulDataLoader`` (DISTRIBUTED.md: rank 0's copy restores every rank).
+torchdata's ``StatefulDataLoader`` (docs/architecture.md: rank 0's copy restores every rank).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ The epoch schedule is global and a pure function of ``(seed, epoch, world_size)`
 
 Every rank computes the same schedule, so ranks never exchange indices; the state
 ``{"seed", "epoch", "cursor"}`` (cursor = global steps already yielded this epoch) is the same on
-every rank, and rank 0's copy in a checkpoint restores all of them (DISTRIBUTED.md trap 1).
+every rank, and rank 0's copy in a checkpoint restores all of them (docs/architecture.md distributed trap 1).
 
 Epoch handling: the sampler carries its epoch (trap 2). After yielding a whole epoch it advances
 to the next epoch by itself, so a trainer that never calls :meth:`set_epoch` still sees a new order

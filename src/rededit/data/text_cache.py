@@ -1,7 +1,7 @@
 """Pre-computed text embeddings (report §3.2 "System-Level Efficiency": VLM features are extracted
 offline and stored as tensors, so training spends no FLOPs on the frozen encoder).
 
-Keys (DESIGN.md rule 6): an entry is keyed by the sha256 of a canonical JSON of EVERYTHING that
+Keys (docs/architecture.md rule 6): an entry is keyed by the sha256 of a canonical JSON of EVERYTHING that
 determines the embedding: the encoder's ``cache_id`` (weights id, template version, max length,
 dtype), the instruction text exactly as encoded (i.e. AFTER Stochastic Instruction Alignment
 re-indexing), the ordered content hashes of the reference images (for encoders whose output depends

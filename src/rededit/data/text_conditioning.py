@@ -1,6 +1,6 @@
 """Text conditioning inside collation: cached embeddings where the key matches, online encoding otherwise.
 
-The key (DESIGN.md rule 6) covers the instruction *after* Stochastic Instruction Alignment and, for
+The key (docs/architecture.md rule 6) covers the instruction *after* Stochastic Instruction Alignment and, for
 encoders that see the reference images (Qwen2.5-VL), the ordered content hashes of those images, so a
 re-indexed or re-ordered sample never reuses a stale entry.
 """

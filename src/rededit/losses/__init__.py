@@ -1,4 +1,8 @@
-"""rededit.losses"""
+"""Losses beyond plain flow matching: Diffusion-DPO with ω/λ (eq. 2), DiffusionNFT (eq. 3) and the identity /
+object consistency loss (eq. 6-8). Plain PyTorch on tensors.
+
+May import: ``rededit.models``, ``rededit.utils``. No Lightning.
+"""
 
 from rededit.losses.dpo import dpo_loss, dpo_stats
 from rededit.losses.nft import nft_loss, optimality_probability

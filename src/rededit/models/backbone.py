@@ -271,7 +271,7 @@ class EditBackbone(nn.Module):
     def rebuild_rope(self) -> None:
         """Recreate the RoPE tables (plain tensor attributes, not buffers) after meta-device init + ``to_empty``.
 
-        DISTRIBUTED.md: they stay on ``meta`` otherwise (``Cannot copy out of meta tensor``).
+        docs/architecture.md: they stay on ``meta`` otherwise (``Cannot copy out of meta tensor``).
         """
         from diffusers.models.transformers.transformer_qwenimage import QwenEmbedLayer3DRope, QwenEmbedRope
 
@@ -417,7 +417,7 @@ class EditBackbone(nn.Module):
         feed ``attn.to_add_out``, whose output and the text MLP (``txt_mlp``) only update the text stream.
         ``txt_norm1/2`` have no affine parameters. ``txt_mod`` is *not* listed: its shift/scale for norm1
         modulate the text keys/values that the image tokens attend to. ``to_add_out`` and ``txt_mlp`` get
-        ``grad=None`` (DDP "unused parameters", FSDP2 optimizer-state reload errors, DISTRIBUTED.md); the
+        ``grad=None`` (DDP "unused parameters", FSDP2 optimizer-state reload errors, docs/architecture.md); the
         query projection gets exact zeros. Freezing all of them changes no output.
         """
         last = len(self.transformer.transformer_blocks) - 1

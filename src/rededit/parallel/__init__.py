@@ -5,7 +5,10 @@
   NFT old policy) and meta-device / rank-0 initialisation.
 * :mod:`rededit.parallel.strategy`: ``FSDP2Strategy`` (Lightning ``ModelParallelStrategy`` + our mesh +
   atomic sharded checkpoints).
-* :mod:`rededit.parallel.checkpoint_io`: atomic checkpoint writes (file and directory).
+* :mod:`rededit.parallel.checkpoint_io` / :mod:`rededit.parallel.file_checkpoint_io`: atomic checkpoint writes
+  (directory and file); :mod:`rededit.parallel.safe_dcp`: DCP loading that unpickles nothing but metadata.
+
+May import: ``rededit.models``, ``rededit.utils``.
 """
 
 from rededit.parallel.parallelize import (

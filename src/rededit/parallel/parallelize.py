@@ -1,4 +1,4 @@
-"""FSDP2 / HSDP for the editor backbone: the ONE place that applies ``fully_shard`` (DESIGN.md layering rule 3).
+"""FSDP2 / HSDP for the editor backbone: the ONE place that applies ``fully_shard`` (docs/architecture.md rule 3).
 
 Report §3.2: parameters, gradients and optimizer state are sharded (FSDP), activations are recomputed
 (gradient checkpointing), matmuls run in BF16, and at scale the sharding moves to Hybrid Sharded Data
@@ -23,7 +23,7 @@ stay fp32 (sharded), the all-gathered compute copy is ``param_dtype`` (bf16), gr
 Meta-device / rank-0 init (:func:`meta_init`, :func:`materialize`, :func:`load_full_state`): a 20B backbone
 is built on the ``meta`` device (no storage), sharded, materialised shard-by-shard with ``to_empty`` and
 then filled from one full state dict that only rank 0 reads and broadcasts. The RoPE tables are plain
-tensor attributes that ``to_empty`` does not touch (DISTRIBUTED.md), so :func:`materialize` rebuilds them.
+tensor attributes that ``to_empty`` does not touch (docs/architecture.md), so :func:`materialize` rebuilds them.
 """
 
 from __future__ import annotations

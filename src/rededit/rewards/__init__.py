@@ -2,6 +2,9 @@
 preservation, their weighted mix, and the unrewarded hack monitors logged next to them.
 
 Pure PyTorch (no Lightning): the NFT stage and the evaluation harness both import them.
+
+May import: ``rededit.scoring`` (OCR, metrics, judges), ``rededit.data``, the core, ``rededit.models``,
+``rededit.utils``.
 """
 
 from rededit.rewards.base import Reward, RewardMix, from_dataset_range, source_from_batch

@@ -1,4 +1,4 @@
-"""Reward-hacking monitors: unrewarded image statistics logged next to the reward (DESIGN.md, "Known traps").
+"""Reward-hacking monitors: unrewarded image statistics logged next to the reward (docs/architecture.md, "Traps other projects fell into").
 
 RL against a learned or programmatic reward drifts within tens of steps into images that please the
 scorer: over-bright or over-saturated pictures for aesthetic VLM judges, busy high-frequency texture, and

@@ -22,7 +22,7 @@ Two scorers, one per kind of judge (both reuse :mod:`rededit.scoring.judges.vlm`
   top list get probability 0 (renormalised over those present; ask for enough ``top_logprobs``), and
   spellings of one value (``"4"``, ``" 4"``) are merged by log-sum-exp.
 
-Failure policy (as the judges': DESIGN.md "GPT-judged scores drift"): a failed pass (backend error after
+Failure policy (as the judges': docs/architecture.md, judge-drift trap): a failed pass (backend error after
 retries, or no rating token found) is excluded from the K-average and counted in :attr:`VLMSoftReward.stats`;
 a sample whose passes all failed gets NaN, never 0. The reward is the expected score mapped to [0, 1] by
 the template's scale ``(E − low) / (high − low)``, averaged over the template's dimensions.

@@ -1,4 +1,4 @@
-"""``BaseStage``: what every training stage shares (DESIGN.md layering rule 2).
+"""``BaseStage``: what every training stage shares (docs/architecture.md rule 2).
 
 It owns the backbone (built in :meth:`configure_model`, so FSDP/DeepSpeed can wrap it first), the frozen
 VAE and text encoder, the rectified-flow path (§3.3), the timestep sampler and curriculum (§3.3, §3.8),

@@ -5,7 +5,7 @@ Real judges answer in many shapes: ``"Score: 4"``, ``"I would rate this 4/5"``, 
 quotes), Chinese (``"评分：4分"``), refusals (``"I cannot evaluate…"``) or plain garbage. This module
 turns any of them into a :class:`ParseResult` and NEVER invents a number: a response that does not
 contain every requested score is a failure (``ok=False``, ``scores=None``) with an error saying why,
-so the caller can count it as a failure instead of a 0 (the judge-drift trap in DESIGN.md).
+so the caller can count it as a failure instead of a 0 (the judge-drift trap in docs/architecture.md).
 
 Out-of-range scores are rejected by default; with ``out_of_range="clamp"`` they are clamped and the
 clamp is reported in ``ParseResult.warnings`` (never silently). A fraction whose denominator does not

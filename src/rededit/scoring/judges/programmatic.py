@@ -35,7 +35,7 @@ Conventions: images are ``[3, H, W]`` in [-1, 1] (a leading batch dimension of 1
 [0, 1] (colour distances are Euclidean over RGB, so ``τ = 0.15`` is about 38/255 on one channel). A judge
 that cannot decide (no discriminative pixels, a ground truth equal to its source, an OCR call that raised)
 returns ``defined=False`` and ``score = nan``: it is reported as undecided, never counted as a failure
-(the judge-drift trap of DESIGN.md).
+(the judge-drift trap of docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ Two sources of templates:
 
 Every template has a :attr:`JudgeTemplate.template_hash`, recorded with each judge response and in
 ``metrics.json``: a changed word in a prompt changes the hash, so scores from different prompts are
-never silently averaged together (the judge-drift trap in DESIGN.md).
+never silently averaged together (the judge-drift trap in docs/architecture.md).
 """
 
 from __future__ import annotations

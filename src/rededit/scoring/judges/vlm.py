@@ -2,7 +2,7 @@
 retrying wrapper with failure accounting (report §4.2 evaluation pipeline, §5.2 ImgEdit / GEdit).
 
 Peer scores drift because judges change, failed calls are scored 0 and settings go unrecorded
-(DESIGN.md, "Known traps"). Here every :class:`JudgeResponse` carries the judge id and the prompt
+(docs/architecture.md, "Traps other projects fell into"). Here every :class:`JudgeResponse` carries the judge id and the prompt
 template hash; a failed call (backend error, refusal, unparseable answer) is ``ok=False`` and is
 *excluded* from means and *counted* in ``n_failed`` / ``failure_rate`` — never a 0.
 
