@@ -93,7 +93,7 @@ def _via_demo_report(world, editor) -> np.ndarray:
 def _via_sample_callback(world, editor, tmp_path) -> np.ndarray:
     m = world["m"]
     cb = SampleImages(every_n_steps=1, per_task=2, steps=STEPS, seed=SEED, out_dir=str(tmp_path / "samples"))
-    dm = types.SimpleNamespace(_manifest=m, resset=ResolutionSet.from_config(editor_buckets(editor)))
+    dm = types.SimpleNamespace(manifest=m, resset=ResolutionSet.from_config(editor_buckets(editor)))
     trainer = types.SimpleNamespace(
         datamodule=dm, callbacks=[], global_step=1, global_rank=0, default_root_dir=str(tmp_path)
     )

@@ -61,7 +61,7 @@ class SampleImages(L.Callback):
     def _load(self, trainer: L.Trainer) -> list[dict[str, Any]]:
 
         dm = trainer.datamodule
-        manifest, rs = dm._manifest, dm.resset
+        manifest, rs = dm.manifest, dm.resset
         self._rows = select_rows(manifest, self.split, self.per_task)
         return load_samples(manifest, self._rows, lambda hw: rs.resolutions[rs.assign(hw)])
 
@@ -69,7 +69,7 @@ class SampleImages(L.Callback):
         """Per-category judge success and mean preservation of the samples' current edits."""
         import math
 
-        manifest = trainer.datamodule._manifest
+        manifest = trainer.datamodule.manifest
         categories = load_category_map(unknown="other")
         per_cat: dict[str, list[float]] = {}
         ratios, psnrs = [], []

@@ -192,6 +192,13 @@ class EditDataModule(L.LightningDataModule):
         )
         return SampleKeyBatchSampler(sampler, rewind=not shuffle)
 
+    @property
+    def manifest(self) -> Manifest:
+        """The whole manifest (every split), opened and validated on first use."""
+        if self._manifest is None:
+            self._manifest = Manifest.open(self.manifest_path, validate=True, check_files=self.validate_files)
+        return self._manifest
+
     def setup(self, stage: str | None = None) -> None:
         if self._manifest is None:
             self._manifest = Manifest.open(self.manifest_path, validate=True, check_files=self.validate_files)

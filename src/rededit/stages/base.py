@@ -163,7 +163,7 @@ class BaseStage(L.LightningModule):
             return None
         return getattr(strategy, "plan", None) or ParallelPlan()
 
-    def _parallel_mesh(self) -> Any:
+    def parallel_mesh(self) -> Any:
         mesh = self.device_mesh
         # Our FSDP2Strategy mesh is ("shard",) or ("replicate", "shard"); Lightning's own is (data, tensor).
         return mesh if "shard" in (mesh.mesh_dim_names or ()) else mesh["data_parallel"]
@@ -194,7 +194,7 @@ class BaseStage(L.LightningModule):
                 self.load_backbone_from(self.init_from, use_ema=self.init_from_ema)
             elif self.init_from:
                 self._deferred_init_from = self.init_from  # after Lightning materialises the shards
-            parallelize_backbone(self.backbone, self._parallel_mesh(), plan)
+            parallelize_backbone(self.backbone, self.parallel_mesh(), plan)
         if self.compile_backbone:
             self.backbone.transformer.compile()  # in place: parameter names and checkpoints are unchanged
         precision = self._trainer.precision if self._trainer is not None else "n/a"

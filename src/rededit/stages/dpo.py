@@ -86,7 +86,7 @@ def sharded_frozen_twin(stage: BaseStage, dtype: torch.dtype | None = None) -> t
     if dtype is not None:
         twin = twin.to(dtype)
     twin.freeze_unused_text_tail()  # same requires_grad pattern as the backbone (the EMA shadow's names)
-    parallelize_frozen(twin, stage._parallel_mesh(), plan)
+    parallelize_frozen(twin, stage.parallel_mesh(), plan)
     # CPU offload keeps the sharded parameters in host memory, like the backbone's.
     materialize(twin, "cpu" if plan.cpu_offload else stage.device)
     copy_shards_(twin, stage.backbone)

@@ -297,7 +297,7 @@ class InstructionIndex:
             ivf.make_direct_map()  # IVF lists are keyed by id; random access needs the map
         return self.index.reconstruct_batch(np.asarray(positions, dtype=np.int64))
 
-    def _check_embedder(self, embedder: Any) -> None:
+    def check_embedder(self, embedder: Any) -> None:
         if _embedder_id(embedder) != self.info["embedder_id"]:
             raise ValueError(
                 f"index {self.folder} was built with {self.info['embedder_id']!r}; "
@@ -324,7 +324,7 @@ class InstructionIndex:
             One dict per query: ``count`` (distinct rows within ``radius``), ``tasks`` (their task
             histogram), ``gap``, ``nearest`` [(similarity, id, text)].
         """
-        self._check_embedder(embedder)
+        self.check_embedder(embedder)
         q = _encode(embedder, list(queries))
         lims, _, ids = self.index.range_search(q, float(radius))
         k = min(examples, self.index.ntotal)
@@ -615,7 +615,7 @@ def query_images(
     idx = InstructionIndex.load(index_dir)
     if idx.info.get("kind") != "images":
         raise ValueError(f"{index_dir} is an index of {idx.info.get('kind')!r}, not of images")
-    idx._check_embedder(embedder)
+    idx.check_embedder(embedder)
     if text is not None:
         if not callable(getattr(embedder, "encode", None)):
             raise ValueError(
