@@ -94,7 +94,9 @@ def _check_callbacks(cfg: DictConfig, option: str) -> None:
 
 
 def _check_trainer(cfg: DictConfig, option: str) -> None:
-    assert cfg.trainer.use_distributed_sampler is False  # docs/architecture.md rule 5: the bucket sampler shards
+    assert (
+        cfg.trainer.use_distributed_sampler is False
+    )  # docs/architecture.md rule 5: the bucket sampler shards
     if option == "gpu":
         assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
         return

@@ -28,14 +28,14 @@ def _write_lock(folder, **fields) -> None:
     (folder / LOCK_NAME).write_text(json.dumps(holder))
 
 
-def test_a_second_run_into_a_held_folder_is_refused_before_it_writes(tmp_path, live_process) -> None:
+def test_a_second_run_into_a_held_folder_is_refused_before_it_writes(tmp_path, live_process, tiny_corpus) -> None:
     """The attack: another live run holds the folder; the second one must not touch config.yaml."""
     import rededit.train as train
 
     _write_lock(tmp_path, pid=live_process.pid, start_time=_start_time(live_process.pid))
     (tmp_path / "config.yaml").write_text("first run's config\n")
     with pytest.raises(RunFolderLocked, match=rf"pid {live_process.pid}.*another run folder"):
-        train.run(compose([], tmp_path))
+        train.run(compose([f"data.manifest={tiny_corpus}"], tmp_path))
     assert (tmp_path / "config.yaml").read_text() == "first run's config\n"
 
 

@@ -86,7 +86,7 @@ def test_ckpt_path_auto(tmp_path) -> None:
     assert resolve_ckpt_path("last", tmp_path) == "last"  # Lightning's own keywords pass through
 
 
-def test_train_run_hands_auto_resolved_checkpoint_to_fit(tmp_path, monkeypatch) -> None:
+def test_train_run_hands_auto_resolved_checkpoint_to_fit(tmp_path, monkeypatch, tiny_corpus) -> None:
     import rededit.train as train
 
     seen = []
@@ -96,7 +96,7 @@ def test_train_run_hands_auto_resolved_checkpoint_to_fit(tmp_path, monkeypatch) 
         fast_dev_run=True,
     )
     monkeypatch.setattr(train, "build", lambda cfg: (None, None, trainer))
-    cfg = compose(["ckpt_path=auto"], tmp_path)
+    cfg = compose(["ckpt_path=auto", f"data.manifest={tiny_corpus}"], tmp_path)
     train.run(cfg)
     (tmp_path / "checkpoints").mkdir()
     torch.save({"global_step": 1}, tmp_path / "checkpoints" / "last.ckpt")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from rededit.callbacks.preemption import PreemptionCheckpoint
 from rededit.parallel.file_checkpoint_io import AtomicCheckpointIO
 from rededit.parallel.parallelize import full_state_dict, is_sharded
 from rededit.stages.checkpoints import backbone_from_state, export_editor
+from rededit.utils.config_checks import ConfigError, check_train_config, remove_unstarted_run, report
 from rededit.utils.io import atomic_write_text
 from rededit.utils.logging import get_logger
 from rededit.utils.paths import CONF_DIR
@@ -36,6 +38,8 @@ from rededit.utils.run_id import register_resolvers, resolve_ckpt_path
 from rededit.utils.run_lock import RunFolderLock, is_launching_rank
 
 log = get_logger(__name__)
+# Before Hydra creates the run folder: files modified since then were written by this process.
+PROCESS_START = time.time()
 register_resolvers()  # ${rededit.wandb_id:...} in conf/logger/wandb.yaml
 
 
@@ -139,20 +143,39 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     The launching process holds the run folder's lock (:class:`~rededit.utils.run_lock.RunFolderLock`) for
     the whole run, so a second run into the same folder is refused instead of mixing its files in.
+    A run that fails before its first optimizer step takes back the files it wrote
+    (:func:`~rededit.utils.config_checks.remove_unstarted_run`): no half-made run folder is left behind.
+
+    Raises:
+        ConfigError: a config value that cannot work (checked before anything is written).
     """
+    check_train_config(cfg)
     out_dir = Path(cfg.paths.output_dir)
-    lock = RunFolderLock(out_dir) if is_launching_rank() else contextlib.nullcontext()
-    with lock:
-        return _run(cfg, out_dir)
+    launching = is_launching_rank()
+    lock = RunFolderLock(out_dir) if launching else contextlib.nullcontext()
+    progress: dict[str, Any] = {"trainer": None}
+    unstarted = False
+    try:
+        with lock:
+            try:
+                return _run(cfg, out_dir, progress)
+            except BaseException:
+                trainer = progress["trainer"]
+                unstarted = launching and (trainer is None or trainer.global_step == 0)
+                raise
+    finally:
+        if unstarted and remove_unstarted_run(out_dir, PROCESS_START):
+            log.warning("the run failed before its first step: removed its run folder %s", out_dir)
 
 
-def _run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+def _run(cfg: DictConfig, out_dir: Path, progress: dict[str, Any]) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     threads = set_torch_threads(cfg.get("torch_threads"))
     log.info("torch threads: %d", threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     model, datamodule, trainer = build(cfg)
+    progress["trainer"] = trainer
     # ckpt_path=auto: this run folder's last.ckpt if any (a requeued job resumes itself). weights_only:
     # a checkpoint is data, never code (issue 7, safety).
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir)
@@ -175,7 +198,12 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    result = run(cfg)
+    try:
+        result = run(cfg)
+    except ConfigError as err:
+        # Hydra made the run folder (its log) before this function: take it back with the message.
+        remove_unstarted_run(cfg.paths.output_dir, PROCESS_START)
+        raise SystemExit(report(err, "rededit-train")) from None
     log.info("done: %s", result["metrics"])
 
 

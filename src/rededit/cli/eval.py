@@ -12,19 +12,42 @@ Hydra config: ``conf/eval.yaml``; benchmark nodes in ``conf/eval/benchmark/``. W
 from __future__ import annotations
 
 import sys
+import time
 
 import hydra
 from omegaconf import DictConfig
 
 from rededit.eval.harness import evaluate
+from rededit.utils.config_checks import (
+    ConfigError,
+    check_eval_config,
+    missing_cli_keys,
+    remove_unstarted_run,
+    report,
+)
 from rededit.utils.paths import CONF_DIR
+
+PROCESS_START = time.time()  # before Hydra creates out_dir
 
 
 def main() -> None:
-    """Console entry point (``rededit-eval``; Hydra parses the command line)."""
+    """Console entry point (``rededit-eval``; Hydra parses the command line). Missing or malformed settings
+    are reported as one sentence naming the key, exit code 2."""
+    missing = missing_cli_keys(sys.argv[1:], ("checkpoint", "out_dir"))
+    if missing:
+        err = ConfigError(
+            f"missing {' and '.join(f'{k}=' for k in missing)} (checkpoint=<export folder, run folder or .ckpt>, "
+            "out_dir=<folder for the edits and the report>)"
+        )
+        raise SystemExit(report(err, "rededit-eval"))
 
     @hydra.main(config_path=str(CONF_DIR), config_name="eval", version_base="1.3")
     def _run(cfg: DictConfig) -> None:
+        try:
+            check_eval_config(cfg)
+        except ConfigError as err:
+            remove_unstarted_run(cfg.out_dir, PROCESS_START, names=("eval.log", ".hydra"))  # Hydra's log only
+            raise SystemExit(report(err, "rededit-eval")) from None
         result = evaluate(cfg)
         sys.stdout.write(f"rededit-eval: {result['files']['table_md']}\n")
 

@@ -1,0 +1,115 @@
+"""Config mistakes end in one sentence naming the key, exit code 2, and no half-made run folder (issue 17 §4).
+
+Attacks: ``trainer.max_steps=abc``, ``optimizer.lr=fast``, ``data.manifest=null``, a manifest that does not
+exist, ``rededit-eval`` without ``checkpoint=``/``out_dir=`` or without the benchmark's manifest, and a run
+that fails before its first step (its folder used to stay behind with a config and a log).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, compose, train_overrides
+from rededit.train import run
+from rededit.utils.config_checks import ConfigError, remove_unstarted_run
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.max_steps=abc", r"trainer\.max_steps='abc': expected an integer"),
+        ("optimizer.lr=fast", r"optimizer\.lr='fast': expected a number"),
+        ("optimizer.lr=-1", r"optimizer\.lr=-1: must be at least 0"),
+        ("data.token_budget=0", r"data\.token_budget=0: must be at least 1"),
+        ("data.manifest=null", r"data\.manifest is not set.*rededit-data synth"),
+    ],
+)
+def test_a_config_mistake_names_its_key_before_anything_is_written(override, message, tiny_corpus, tmp_path):
+    out = tmp_path / "run"
+    cfg = compose(train_overrides(tiny_corpus, override), out)
+    with pytest.raises(ConfigError, match=message):
+        run(cfg)
+    assert not out.exists()
+
+
+def test_a_missing_manifest_names_the_key_the_working_directory_and_the_command(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = compose(train_overrides(tmp_path / "nope" / "manifest.parquet"), tmp_path / "run")
+    cfg.data.manifest = "nope/manifest.parquet"
+    with pytest.raises(ConfigError) as err:
+        run(cfg)
+    text = str(err.value)
+    assert "data.manifest=nope/manifest.parquet: no such file" in text
+    assert f"working directory {os.getcwd()}" in text and "rededit-data synth --out DIR" in text
+
+
+def test_a_run_that_fails_before_its_first_step_takes_its_folder_back(tiny_corpus, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    cfg = compose(train_overrides(tiny_corpus), out)
+
+    def boom(*a, **k):
+        raise RuntimeError("fails in fit before any step")
+
+    monkeypatch.setattr("lightning.Trainer.fit", boom)
+    with pytest.raises(RuntimeError, match="before any step"):
+        run(cfg)
+    assert not out.exists()  # config.yaml, logs/ and the lock were written, then taken back
+
+
+def test_unstarted_run_cleanup_keeps_what_is_not_its_own(tmp_path) -> None:
+    import time
+
+    since = time.time() - 1
+    folder = tmp_path / "run"
+    (folder / "logs").mkdir(parents=True)
+    (folder / "config.yaml").write_text("x")
+    (folder / "logs" / "metrics.csv").write_text("x")
+    (folder / "notes.txt").write_text("mine")  # the user's file: nothing is removed
+    assert not remove_unstarted_run(folder, since)
+    assert (folder / "config.yaml").exists() and (folder / "notes.txt").exists()
+    (folder / "notes.txt").unlink()
+    (folder / "checkpoints").mkdir()
+    (folder / "checkpoints" / "last.ckpt").write_text("x")  # a resumable run: nothing is removed
+    assert not remove_unstarted_run(folder, since)
+    assert (folder / "config.yaml").exists()
+    (folder / "checkpoints" / "last.ckpt").unlink()
+    old = folder / "train.log"
+    old.write_text("an earlier segment")
+    os.utime(old, (since - 100, since - 100))  # older than this process: kept, and so is the folder
+    assert not remove_unstarted_run(folder, since)
+    assert old.exists() and not (folder / "config.yaml").exists() and not (folder / "logs").exists()
+
+
+def _cli(*argv: str, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    return subprocess.run(
+        [sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_rededit_train_cli_prints_the_sentence_and_exits_2(tiny_corpus, tmp_path) -> None:
+    out = tmp_path / "run"
+    r = _cli(
+        "-m",
+        "rededit.train",
+        f"data.manifest={tiny_corpus}",
+        "trainer.max_steps=abc",
+        f"hydra.run.dir={out}",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "rededit-train: error: trainer.max_steps='abc': expected an integer" in r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+
+
+def test_rededit_eval_cli_names_missing_settings(tmp_path) -> None:
+    r = _cli("-m", "rededit.cli.eval", f"out_dir={tmp_path / 'e1'}", cwd=tmp_path)
+    assert r.returncode == 2 and "missing checkpoint=" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("-m", "rededit.cli.eval", f"checkpoint={tmp_path}", f"out_dir={tmp_path / 'e2'}", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "benchmark.manifest_path not set" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "e2").exists()
