@@ -316,3 +316,29 @@ def test_combine_seeds_mean_and_std() -> None:
     assert st["count"] == 4 and st["n_seeds"] == 2
     single = combine_seeds({0: per_seed[0]})
     assert single["categories"]["add"]["success"] == {"mean": 0.5, "std": None, "n_seeds": 1, "count": 0}
+
+
+def test_one_unreadable_item_is_recorded_and_the_run_goes_on(setup, editor, tmp_path) -> None:
+    """The attack: one corrupt image in a benchmark used to abort the whole rededit-eval run."""
+    import shutil
+
+    from rededit.data.manifest import Manifest
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(Path(setup["manifest"]).parent, corpus)
+    m = Manifest.open(corpus / "manifest.parquet")
+    bench_rows = [m.row(i) for i in range(len(m)) if m.row(i)["split"] == "bench"]
+    bad = next(r for r in bench_rows if r["references"])
+    (corpus / bad["references"][0]).write_bytes(b"not an image")
+    out = tmp_path / "eval"
+    result = evaluate(
+        _cfg(setup, out, bench=(f"benchmark.manifest_path={corpus / 'manifest.parquet'}",)), editor=editor
+    )
+    assert (
+        list(result["failed_items"]) == [bad["id"]]
+        and "ImageDecodeError" in result["failed_items"][bad["id"]]
+    )
+    written = {p.stem for p in (out / "images" / "0").glob("*.png")}
+    assert len(written) == N_BENCH - 1 and bad["id"] not in written
+    assert result["systems"]["model"]["overall"]["n"] == N_BENCH - 1
+    assert "1 item(s) could not be read" in (out / "table.md").read_text()

@@ -28,7 +28,9 @@ def _write_lock(folder, **fields) -> None:
     (folder / LOCK_NAME).write_text(json.dumps(holder))
 
 
-def test_a_second_run_into_a_held_folder_is_refused_before_it_writes(tmp_path, live_process, tiny_corpus) -> None:
+def test_a_second_run_into_a_held_folder_is_refused_before_it_writes(
+    tmp_path, live_process, tiny_corpus
+) -> None:
     """The attack: another live run holds the folder; the second one must not touch config.yaml."""
     import rededit.train as train
 

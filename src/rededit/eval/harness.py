@@ -119,6 +119,21 @@ def prepare(item: Any, sizes: Callable, language: str = "en") -> Prepared:
     return Prepared(it, item.text(language), refs, target, mask, source, (h, w))
 
 
+def prepare_or_record(
+    bench: Any, i: int, sizes: Callable, language: str, failed: dict[str, str] | None
+) -> Prepared | None:
+    """Item ``i`` prepared, or None when it cannot be read or resized: the failure is recorded in ``failed``
+    (``{item id: "ExceptionType: message"}``) and the run goes on with the other items."""
+    try:
+        return prepare(bench[i], sizes, language)
+    except Exception as err:  # one unreadable item must not abort a whole benchmark run
+        item_id = str(bench.records[i].get("id", i)) if hasattr(bench, "records") else str(i)
+        if failed is not None and item_id not in failed:
+            failed[item_id] = f"{type(err).__name__}: {err}"
+            log.warning("item %s failed and is left out: %s", item_id, failed[item_id])
+        return None
+
+
 def image_path(out_dir: Path, seed: int, item_id: str) -> Path:
     return out_dir / "images" / str(seed) / f"{item_id}.png"
 
@@ -145,6 +160,7 @@ def generate_edits(
     batch_size: int = 8,
     chunk_size: int = 64,
     max_items: int | None = None,
+    failed: dict[str, str] | None = None,
 ) -> int:
     """Write ``out_dir/images/<seed>/<id>.png`` for every item and seed not written yet (module docstring).
 
@@ -153,6 +169,7 @@ def generate_edits(
 
     Args:
         max_items: only the first ``max_items`` items are written.
+        failed: collects the items that could not be read (see :func:`prepare_or_record`).
 
     Returns:
         the number of images generated in this call.
@@ -168,9 +185,12 @@ def generate_edits(
         }
         if not any(todo.values()):
             continue
-        prep = {i: prepare(bench[i], sizes, language) for i in sorted({i for t in todo.values() for i in t})}
+        prep = {
+            i: prepare_or_record(bench, i, sizes, language, failed)
+            for i in sorted({i for t in todo.values() for i in t})
+        }
         for seed in seeds:
-            requests = [edit_request(prep[i]) for i in todo[seed]]
+            requests = [edit_request(prep[i]) for i in todo[seed] if prep[i] is not None]
             kwargs = dict(steps=steps, cfg_scale=cfg_scale, negative_prompt=negative_prompt)
             for batch, pred in iter_edits(editor, requests, seed=seed, batch_size=batch_size, **kwargs):
                 for j, k in enumerate(batch):
@@ -317,10 +337,12 @@ def score_edits(
     reference_rows: bool = True,
     max_items: int | None = None,
     grid_per_category: int = 4,
+    failed: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """Per-sample rows of every system: ``({"model": {seed: rows}, "identity": rows, "ground_truth": rows}, grid)``.
 
-    Items whose edit is missing for a seed are skipped for that seed with a warning.
+    Items whose edit is missing for a seed are skipped for that seed with a warning; items that cannot be
+    read are recorded in ``failed`` and left out.
     """
     out_dir = Path(out_dir)
     n = len(bench) if max_items is None else min(len(bench), int(max_items))
@@ -328,7 +350,9 @@ def score_edits(
     grid: dict[str, list[dict[str, Any]]] = defaultdict(list)
     missing = 0
     for i in range(n):
-        p = prepare(bench[i], sizes, language)
+        p = prepare_or_record(bench, i, sizes, language, failed)
+        if p is None:
+            continue
         it = p.item
         base = {"id": it.id, "task": it.task, "category": it.category}
         first_pred, first_row = None, {}
@@ -599,6 +623,7 @@ def evaluate(cfg: DictConfig, *, editor: Any = None, bench: Any = None) -> dict[
         bool(cfg.get("overwrite", False)),
     )
 
+    failed: dict[str, str] = {}
     n_new = generate_edits(
         editor,
         bench,
@@ -612,6 +637,7 @@ def evaluate(cfg: DictConfig, *, editor: Any = None, bench: Any = None) -> dict[
         batch_size=sampler["batch_size"],
         chunk_size=sampler["chunk_size"],
         max_items=cfg.get("max_items"),
+        failed=failed,
     )
     log.info("generated %d new edits into %s", n_new, out_dir / "images")
 
@@ -626,6 +652,7 @@ def evaluate(cfg: DictConfig, *, editor: Any = None, bench: Any = None) -> dict[
         reference_rows=bool(cfg.metrics.get("reference_rows", True)),
         max_items=cfg.get("max_items"),
         grid_per_category=int(cfg.get("grid_per_category", 4)),
+        failed=failed,
     )
     per_seed = {s: summarize_by_category(rows["model"][s]) for s in seeds}
     systems: dict[str, Any] = {"model": combine_seeds(per_seed)}
@@ -650,7 +677,12 @@ def evaluate(cfg: DictConfig, *, editor: Any = None, bench: Any = None) -> dict[
         "systems": systems,
         "per_seed": {str(s): per_seed[s] for s in seeds},
         "new_edits": n_new,
+        "failed_items": dict(
+            sorted(failed.items())
+        ),  # {id: reason}: unreadable items, left out of every number
     }
+    if failed:
+        log.warning("%d item(s) could not be read and are left out (metrics.json: failed_items)", len(failed))
     files: dict[str, str] = {}
     grid_dir = out_dir / "grids"
 

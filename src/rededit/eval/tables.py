@@ -98,6 +98,15 @@ def render_markdown(result: Mapping[str, Any], systems: Mapping[str, Any], cmap:
         cells = [_cell(block.get(k), fmt) for k, _, fmt in cols]
         cat_cell = f"**{cat}**" if cat == "all" else cat
         lines.append(f"| {cat_cell} | {label} | {block.get('n', '')} | " + " | ".join(cells) + " |")
+    if result.get("failed_items"):
+        failed = result["failed_items"]
+        shown = "; ".join(f"`{k}` ({v})" for k, v in list(failed.items())[:5])
+        more = f"; and {len(failed) - 5} more" if len(failed) > 5 else ""
+        lines += [
+            "",
+            f"**{len(failed)} item(s) could not be read and are left out** (`metrics.json` "
+            f"`failed_items`): {shown}{more}.",
+        ]
     if result.get("skipped_metrics"):
         lines += [
             "",
