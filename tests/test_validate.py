@@ -346,3 +346,30 @@ def test_an_empty_manifest_fails_validation(tmp_path, capsys):
     pq.write_table(manifest_schema().empty_table(), path)
     assert data_main(["validate", str(path)]) == 1
     assert "has no rows" in capsys.readouterr().out
+
+
+def _with_bad_utf8(table: pa.Table, column: str, row: int) -> pa.Table:
+    """``table`` whose string ``column`` holds bytes 0xff 0xfe (not UTF-8) at ``row``: Arrow writes and reads
+    such a file without complaint."""
+    raw = [None if v is None else v.encode() for v in table.column(column).to_pylist()]
+    raw[row] = b"make it \xff\xfe red"
+    arr = pa.array(raw, type=pa.binary())
+    bad = pa.Array.from_buffers(pa.string(), len(arr), arr.buffers())
+    return table.set_column(table.column_names.index(column), column, bad)
+
+
+def test_invalid_utf8_is_a_problem_naming_row_and_column(images, capsys):
+    """The attack: a string column with invalid UTF-8 passed validate (or crashed later with no row named)."""
+    rows = [_row(i) for i in range(3)]
+    table = pa.Table.from_pylist(rows, schema=manifest_schema(OPTIONAL))
+    path = images / "manifest.parquet"
+    pq.write_table(_with_bad_utf8(table, "instruction", 1), path)
+    problems = validate_manifest(Manifest.open(path, validate=False))
+    assert [str(p) for p in problems] == [
+        "row 'train-000001' column 'instruction': instruction holds bytes that are not valid UTF-8"
+    ]
+    assert data_main(["validate", str(path), "--no-files"]) == 1
+    assert "not valid UTF-8" in capsys.readouterr().out
+    pq.write_table(_with_bad_utf8(table, "id", 2), path)  # a broken id: the row is named by its index
+    problems = validate_manifest(Manifest.open(path, validate=False))
+    assert [str(p) for p in problems] == ["row #2 column 'id': id holds bytes that are not valid UTF-8"]

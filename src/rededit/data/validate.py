@@ -258,6 +258,56 @@ def _check_ids(cols: dict[str, pa.ChunkedArray], out: _Collector) -> None:
         out.overflow.append(Problem(None, "id", f"... and {len(items) - cap} more duplicated ids"))
 
 
+def _invalid_utf8_rows(col: pa.ChunkedArray) -> np.ndarray:
+    """Rows of a string (or list-of-string) column holding bytes that are not UTF-8.
+
+    Arrow does not validate string data when Parquet is read, and the first ``to_pylist`` of such a row raises
+    deep inside a worker; the full validation finds the bad chunks, Python's decoder the rows.
+    """
+    bad: list[int] = []
+    offset = 0
+    for chunk in col.chunks:
+        try:
+            chunk.validate(full=True)
+        except pa.ArrowInvalid:
+            if pa.types.is_list(chunk.type) or pa.types.is_large_list(chunk.type):
+                flat = chunk.flatten()
+                parents = pc.list_parent_indices(chunk).to_numpy()
+                values = flat.view(pa.binary() if pa.types.is_string(flat.type) else pa.large_binary())
+                rows = {
+                    int(parents[j])
+                    for j, v in enumerate(values.to_pylist())
+                    if v is not None and not _utf8(v)
+                }
+                bad.extend(offset + r for r in sorted(rows))
+            else:
+                values = chunk.view(pa.binary() if pa.types.is_string(chunk.type) else pa.large_binary())
+                bad.extend(
+                    offset + i for i, v in enumerate(values.to_pylist()) if v is not None and not _utf8(v)
+                )
+        offset += len(chunk)
+    return np.asarray(bad, dtype=np.int64)
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _check_utf8(table: pa.Table, out: _Collector) -> None:
+    for name in table.column_names:
+        t = table.schema.field(name).type
+        inner = t.value_type if (pa.types.is_list(t) or pa.types.is_large_list(t)) else t
+        if pa.types.is_string(inner) or pa.types.is_large_string(inner):
+            rows = _invalid_utf8_rows(table.column(name))
+            if name == "id" and len(rows):
+                out.ids = None  # rows are then named by their index: their ids cannot be printed
+            out.rows(rows, name, f"{name} holds bytes that are not valid UTF-8")
+
+
 def _check_strings(cols: dict[str, pa.ChunkedArray], out: _Collector) -> None:
     for name in ("task", "target"):
         if name in cols:
@@ -476,6 +526,7 @@ def validate_manifest_report(
     out = _Collector(None, max_per_check)
     cols = _schema_columns(table, out)
     out.ids = cols.get("id")
+    _check_utf8(table, out)
     _check_ids(cols, out)
     _check_strings(cols, out)
     _check_text(cols, n, out)
