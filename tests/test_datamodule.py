@@ -155,3 +155,35 @@ def test_images_are_in_range_and_masks_binary(corpus):
     batch = next(iter(_dm(corpus, 0, world=1).train_dataloader()))
     assert batch["target"].min() >= -1 and batch["target"].max() <= 1
     assert torch.isin(batch["edit_mask"], torch.tensor([0.0, 1.0])).all()
+
+
+def test_an_image_whose_size_the_manifest_misstates_is_a_bad_sample(corpus, tmp_path):
+    """The attack: a row whose stated width is not the file's trained in a wrong bucket."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    bad_dir = tmp_path / "resized"
+    shutil.copytree(corpus.parent, bad_dir)
+    table = pq.read_table(bad_dir / "manifest.parquet")
+    victim, uri = table.column("id")[0].as_py(), table.column("target")[0].as_py()
+    img = Image.open(bad_dir / uri)
+    img.resize((img.width // 2, img.height)).save(bad_dir / uri)  # decodes fine, wrong size
+    dm = _dm(bad_dir / "manifest.parquet", 0, world=1)
+    assert victim in _scheduled_ids(dm)
+    batches = list(dm.train_dataloader())
+    assert [sid for b in batches for sid in b["skipped"]] == [victim]
+
+
+def test_load_image_refuses_oversized_and_misstated_images_before_decoding(tmp_path):
+    from PIL import Image
+
+    from rededit.data.images import ImageSizeError, load_image
+
+    Image.new("RGB", (300, 200), 7).save(tmp_path / "big.png")
+    with pytest.raises(ImageSizeError, match=r"300x200 \(WxH\) is 0\.1 MP, over the 0\.05 MP cap"):
+        load_image("big.png", tmp_path, max_pixels=50_000)
+    with pytest.raises(
+        ImageSizeError, match=r"decoded size 300x200 \(WxH\) does not match the manifest's 3000x200"
+    ):
+        load_image("big.png", tmp_path, expect_size=(3000, 200))
+    assert load_image("big.png", tmp_path, max_pixels=60_000, expect_size=(300, 200)).size == (300, 200)

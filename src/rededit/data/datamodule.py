@@ -18,6 +18,7 @@ from rededit.data.alignment import SIAConfig
 from rededit.data.buckets import BucketAssignment, ResolutionSet, assign_buckets, load_bucket_config
 from rededit.data.collate import EditCollator
 from rededit.data.dataset import EditDataset, SampleKey
+from rededit.data.images import DEFAULT_MAX_PIXELS
 from rededit.data.manifest import Manifest
 from rededit.data.sampler import MultiConditionBucketSampler
 from rededit.data.text_choice import TextMix
@@ -134,6 +135,7 @@ class EditDataModule(L.LightningDataModule):
         text_cache_write_back: bool = False,
         num_workers: int = 0,
         on_bad_sample: str = "skip",
+        max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
         validate_files: bool = False,
         world_size: int | None = None,
         rank: int | None = None,
@@ -155,6 +157,7 @@ class EditDataModule(L.LightningDataModule):
         self.text_cache_write_back = text_cache_write_back
         self.num_workers = int(num_workers)
         self.on_bad_sample = on_bad_sample
+        self.max_image_pixels = None if max_image_pixels is None else int(max_image_pixels)
         self.validate_files = validate_files
         self._world_size, self._rank = world_size, rank
         self.resset = ResolutionSet.from_config(self.bucket_cfg)
@@ -243,7 +246,9 @@ class EditDataModule(L.LightningDataModule):
             on_bad_sample=self.on_bad_sample,
         )
         return StatefulDataLoader(
-            EditDataset(manifest, text_mix=self.text_mix, seed=self.seed),
+            EditDataset(
+                manifest, text_mix=self.text_mix, seed=self.seed, max_image_pixels=self.max_image_pixels
+            ),
             batch_sampler=batch_sampler,
             collate_fn=collator,
             num_workers=self.num_workers,

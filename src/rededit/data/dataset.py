@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from rededit.data.images import (
+    DEFAULT_MAX_PIXELS,
     ImageDecodeError,
     load_image,
     resize_to_bucket,
@@ -57,10 +58,18 @@ class EditDataset(Dataset):
     ``[O, 4]`` in bucket pixels.
     """
 
-    def __init__(self, manifest: Manifest, *, text_mix: TextMix | None = None, seed: int = 0):
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        text_mix: TextMix | None = None,
+        seed: int = 0,
+        max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ):
         self.manifest = manifest
         self.text_mix = text_mix or TextMix()
         self.seed = seed
+        self.max_image_pixels = max_image_pixels
 
     def __len__(self) -> int:
         return len(self.manifest)
@@ -69,20 +78,27 @@ class EditDataset(Dataset):
         row = self.manifest.row(key.row)
         root = self.manifest.root
         column = "target"
+        cap = self.max_image_pixels
         try:
-            target = load_image(row["target"], root)
+            # The manifest's sizes chose the bucket: an image of another size is a bad sample, not a silent
+            # resize into the wrong bucket.
+            size = (row["target_width"], row["target_height"])
+            target = load_image(row["target"], root, max_pixels=cap, expect_size=size)
             refs = []
-            for k, uri in enumerate(row["references"]):
+            ref_sizes = list(zip(row.get("reference_widths") or [], row.get("reference_heights") or []))
+            if len(ref_sizes) != len(row["references"]):
+                ref_sizes = [None] * len(row["references"])  # validate reports the mismatch
+            for k, (uri, wh) in enumerate(zip(row["references"], ref_sizes)):
                 column = f"references[{k}]"
-                refs.append(load_image(uri, root))
+                refs.append(load_image(uri, root, max_pixels=cap, expect_size=wh))
             mask = None
             if row.get("edit_mask"):
                 column = "edit_mask"
-                mask = load_image(row["edit_mask"], root, mode="L")
+                mask = load_image(row["edit_mask"], root, mode="L", max_pixels=cap)
             rejected = None
             if row.get("rejected"):
                 column = "rejected"
-                rejected = load_image(row["rejected"], root)
+                rejected = load_image(row["rejected"], root, max_pixels=cap)
         except (FileNotFoundError, ImageDecodeError, ValueError) as err:
             return SkippedSample(id=row["id"], column=column, reason=str(err))
         if len(refs) != len(key.ref_hws):

@@ -48,28 +48,58 @@ class ImageDecodeError(Exception):
         super().__init__(f"cannot decode image {uri!r}: {reason}")
 
 
-def load_image(uri: str, root: str | Path, mode: str | None = "RGB") -> Image.Image:
+class ImageSizeError(ImageDecodeError):
+    """An image that decodes but cannot be used as stated: over the pixel cap, or not the size the manifest
+    says (a lying header would put it in the wrong bucket)."""
+
+
+# Pixel cap for every image rededit decodes (an 8k × 8k photo): PIL's own decompression-bomb limit lets a
+# 176 MP PNG through (+0.84 GB per decode); training sizes are around 1 MP.
+DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
+
+
+def load_image(
+    uri: str,
+    root: str | Path,
+    mode: str | None = "RGB",
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    expect_size: tuple[int, int] | None = None,
+) -> Image.Image:
     """Read and fully decode the image behind ``uri``.
 
     The pixels are decoded here (``Image.load()``), not lazily on first use, so a truncated or corrupt
-    file fails at this call with the URI in the message instead of deep inside a collate function.
+    file fails at this call with the URI in the message instead of deep inside a collate function. The
+    header is checked first, so an oversized image or one whose size the manifest misstates is refused
+    before its pixels are decoded.
 
     Args:
         uri: image URI (see :func:`rededit.data.uri.resolve_uri`).
         root: folder that relative URIs resolve against (the manifest's folder).
         mode: PIL mode to convert to (``"RGB"``, ``"L"`` for masks), or None to keep the file's mode.
+        max_pixels: refuse images with more pixels (None: no cap; the default is 64 MP, a 8k × 8k photo).
+        expect_size: ``(width, height)`` the manifest states; another size is an error.
 
     Raises:
         FileNotFoundError: nothing exists at ``uri``.
-        ImageDecodeError: the bytes are not a decodable image.
+        ImageDecodeError: the bytes are not a decodable image, the image is over ``max_pixels``, or its
+            size is not ``expect_size`` (:class:`ImageSizeError`).
     """
     data = resolve_uri(uri, root)
     try:
         img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if max_pixels is not None and w * h > max_pixels:
+            raise ImageSizeError(
+                uri, f"{w}x{h} (WxH) is {w * h / 1e6:.1f} MP, over the {max_pixels / 1e6:.3g} MP cap"
+            )
+        if expect_size is not None and (w, h) != tuple(int(v) for v in expect_size):
+            ew, eh = (int(v) for v in expect_size)
+            raise ImageSizeError(uri, f"decoded size {w}x{h} (WxH) does not match the manifest's {ew}x{eh}")
         img.load()
         if mode is not None and img.mode != mode:
             img = img.convert(mode)
-    except MemoryError:
+    except (MemoryError, ImageSizeError):
         raise
     except UnidentifiedImageError as e:
         # PIL's own message names the in-memory buffer (an address), useless in a report.
