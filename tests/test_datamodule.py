@@ -187,3 +187,28 @@ def test_load_image_refuses_oversized_and_misstated_images_before_decoding(tmp_p
     ):
         load_image("big.png", tmp_path, expect_size=(3000, 200))
     assert load_image("big.png", tmp_path, max_pixels=60_000, expect_size=(300, 200)).size == (300, 200)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_batch_of_one_unreadable_sample_is_skipped_and_ranks_stay_in_step(corpus, tmp_path, world):
+    """The attack: with one sample per step, an unreadable image raised BadSampleError although
+    ``on_bad_sample: skip`` (and under DDP the other rank then died in gloo). Every rank must still get a
+    batch: the step trains on a readable row at the same shapes, and the unreadable one is counted."""
+    bad_dir = tmp_path / "bad1"
+    victim = _corrupt_one_target(corpus, bad_dir)
+    per_rank = []
+    for rank in range(world):
+        dm = _dm(bad_dir / "manifest.parquet", rank, world=world, max_batch_size=1)
+        per_rank.append(list(dm.train_dataloader()))
+    assert len({len(b) for b in per_rank}) == 1  # the same number of steps on every rank
+    skipped = [sid for batches in per_rank for b in batches for sid in b["skipped"]]
+    assert skipped == [victim]
+    for batches in per_rank:
+        assert all(len(b["ids"]) == 1 for b in batches)  # no empty batch
+        hit = [b for b in batches if victim in b["skipped"]]
+        for b in hit:  # the substitute is another row, at the scheduled shapes
+            assert b["ids"] != [victim] and b["target"].shape[0] == 1
+    stop = _dm(bad_dir / "manifest.parquet", 0, world=1, max_batch_size=1, on_bad_sample="stop")
+    with pytest.raises(BadSampleError, match=victim):
+        for _ in stop.train_dataloader():
+            pass

@@ -63,6 +63,7 @@ class EditCollator:
         sia: SIAConfig | None = None,
         text_conditioner: Any | None = None,
         on_bad_sample: str = "skip",
+        substitute: Any | None = None,
     ):
         if on_bad_sample not in ("skip", "stop"):
             raise ValueError(f"on_bad_sample must be 'skip' or 'stop', got {on_bad_sample!r}")
@@ -70,6 +71,8 @@ class EditCollator:
         self.sia = sia
         self.text_conditioner = text_conditioner
         self.on_bad_sample = on_bad_sample
+        # ``substitute(key)``: a readable sample from another row at ``key``'s shapes (EditDataset.substitute).
+        self.substitute = substitute
 
     def __call__(self, samples: list[dict[str, Any] | SkippedSample]) -> dict[str, Any]:
         skipped = [s for s in samples if isinstance(s, SkippedSample)]
@@ -79,10 +82,22 @@ class EditCollator:
                 raise BadSampleError(msg)
             log.warning(msg + " (skipped)", extra={"all_ranks": True})
         good = [s for s in samples if not isinstance(s, SkippedSample)]
+        if not good and self.substitute is not None and skipped[0].key is not None:
+            # An empty batch cannot be trained on, and under DDP/FSDP this rank would miss the step's
+            # collectives: train on a readable row at the same shapes instead (counted, logged).
+            sub = self.substitute(skipped[0].key)
+            if sub is not None:
+                log.warning(
+                    "every sample of the batch was unreadable (%s): training this step on row %r instead",
+                    ", ".join(s.id for s in skipped),
+                    sub["id"],
+                    extra={"all_ranks": True},
+                )
+                good = [sub]
         if not good:
             raise BadSampleError(
-                f"every sample of a batch was unreadable ({', '.join(s.id for s in skipped)}); "
-                "check the manifest with `rededit-data validate`"
+                f"every sample of a batch was unreadable ({', '.join(s.id for s in skipped)}) and no readable "
+                "substitute was found; check the manifest with `rededit-data validate`"
             )
         epoch, step = good[0]["epoch"], good[0]["step"]
         texts = [s["text"] for s in good]

@@ -239,16 +239,18 @@ class EditDataModule(L.LightningDataModule):
                 cache_dir=self.text_cache,
                 write_back=self.text_cache_write_back,
             )
+        dataset = EditDataset(
+            manifest, text_mix=self.text_mix, seed=self.seed, max_image_pixels=self.max_image_pixels
+        )
         collator = EditCollator(
             seed=self.seed,
             sia=self.sia if sia else None,
             text_conditioner=conditioner,
             on_bad_sample=self.on_bad_sample,
+            substitute=dataset.substitute,
         )
         return StatefulDataLoader(
-            EditDataset(
-                manifest, text_mix=self.text_mix, seed=self.seed, max_image_pixels=self.max_image_pixels
-            ),
+            dataset,
             batch_sampler=batch_sampler,
             collate_fn=collator,
             num_workers=self.num_workers,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from torch.utils.data import Dataset
 
@@ -27,6 +28,7 @@ from rededit.data.images import (
 )
 from rededit.data.manifest import Manifest
 from rededit.data.text_choice import TextMix, choose_text
+from rededit.utils.seeding import numpy_rng
 
 
 class SampleKey(NamedTuple):
@@ -46,6 +48,7 @@ class SkippedSample:
     id: str
     column: str
     reason: str
+    key: SampleKey | None = None  # what the sampler asked for (a substitute is served at its shapes)
 
 
 class EditDataset(Dataset):
@@ -74,6 +77,26 @@ class EditDataset(Dataset):
     def __len__(self) -> int:
         return len(self.manifest)
 
+    def substitute(self, key: SampleKey, attempts: int = 32) -> dict[str, Any] | None:
+        """A readable sample from another row, served at ``key``'s shapes, epoch and step; None if ``attempts``
+        candidates all fail.
+
+        Used when every sample of a batch was unreadable (e.g. one sample per step): an empty batch would
+        leave this rank out of the step's collectives while the other ranks wait. Candidates are rows with as
+        many references as ``key`` asks for, in an order drawn from (seed, epoch, step, row), so every run
+        picks the same one.
+        """
+        n_refs = len(key.ref_hws)
+        rng = numpy_rng(self.seed, "substitute", key.epoch, key.step, key.row)
+        counts = pc.fill_null(pc.list_value_length(self.manifest.table.column("references")), 0).to_numpy()
+        candidates = np.flatnonzero(counts == n_refs)
+        candidates = candidates[candidates != key.row]
+        for row in rng.permutation(candidates)[:attempts].tolist():
+            sample = self[key._replace(row=int(row))]
+            if not isinstance(sample, SkippedSample):
+                return sample
+        return None
+
     def __getitem__(self, key: SampleKey) -> dict[str, Any] | SkippedSample:
         row = self.manifest.row(key.row)
         root = self.manifest.root
@@ -100,7 +123,7 @@ class EditDataset(Dataset):
                 column = "rejected"
                 rejected = load_image(row["rejected"], root, max_pixels=cap)
         except (FileNotFoundError, ImageDecodeError, ValueError) as err:
-            return SkippedSample(id=row["id"], column=column, reason=str(err))
+            return SkippedSample(id=row["id"], column=column, reason=str(err), key=key)
         if len(refs) != len(key.ref_hws):
             raise ValueError(
                 f"row {row['id']!r}: sampler served {len(key.ref_hws)} reference shapes for {len(refs)} references"
