@@ -95,7 +95,7 @@ def test_rededit_train_cli_prints_the_sentence_and_exits_2(tiny_corpus, tmp_path
     out = tmp_path / "run"
     r = _cli(
         "-m",
-        "rededit.train",
+        "rededit.cli.train",
         f"data.manifest={tiny_corpus}",
         "trainer.max_steps=abc",
         f"hydra.run.dir={out}",

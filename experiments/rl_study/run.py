@@ -68,7 +68,7 @@ def train(
         return
     sh(
         [
-            PY, "-m", "rededit.train", f"experiment={experiment}", f"stage.init_from={base}",
+            PY, "-m", "rededit.cli.train", f"experiment={experiment}", f"stage.init_from={base}",
             f"data.manifest={manifest}", f"seed={seed}", f"trainer.max_steps={steps}",
             "trainer.log_every_n_steps=1", f"paths.output_dir={run_dir}", f"export_dir={run_dir}/export", *COMMON, *extra,
         ]

@@ -1,4 +1,6 @@
-"""``rededit-train`` / ``python -m rededit.train``: one Hydra entry point for every stage.
+"""A training run: build the stage, data and trainer from a composed config, fit, export.
+
+``rededit-train`` (:mod:`rededit.cli.train`) is the command line over :func:`run`:
 
     rededit-train experiment=demo_pretrain
     rededit-train experiment=sft stage.init_from=outputs/runs/pretrain/<date>   # weights-only chaining
@@ -18,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
@@ -30,10 +31,9 @@ from rededit.callbacks.preemption import PreemptionCheckpoint
 from rededit.parallel.file_checkpoint_io import AtomicCheckpointIO
 from rededit.parallel.parallelize import full_state_dict, is_sharded
 from rededit.stages.checkpoints import backbone_from_state, export_editor
-from rededit.utils.config_checks import ConfigError, check_train_config, remove_unstarted_run, report
+from rededit.utils.config_checks import check_train_config, remove_unstarted_run
 from rededit.utils.io import atomic_write_text
 from rededit.utils.logging import get_logger
-from rededit.utils.paths import CONF_DIR
 from rededit.utils.run_id import register_resolvers, resolve_ckpt_path
 from rededit.utils.run_lock import RunFolderLock, is_launching_rank
 
@@ -194,18 +194,3 @@ def _run(cfg: DictConfig, out_dir: Path, progress: dict[str, Any]) -> dict[str, 
         raise SystemExit(preempted)
     exported = None if trainer.fast_dev_run else export(model, trainer, cfg)
     return {"metrics": metrics, "output_dir": str(out_dir), "export_dir": str(exported) if exported else None}
-
-
-@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    try:
-        result = run(cfg)
-    except ConfigError as err:
-        # Hydra made the run folder (its log) before this function: take it back with the message.
-        remove_unstarted_run(cfg.paths.output_dir, PROCESS_START)
-        raise SystemExit(report(err, "rededit-train")) from None
-    log.info("done: %s", result["metrics"])
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,36 @@
+"""``rededit-train`` / ``python -m rededit.cli.train``: one Hydra entry point for every stage.
+
+    rededit-train experiment=demo_pretrain
+    rededit-train experiment=sft stage.init_from=outputs/runs/pretrain/<date>   # weights-only chaining
+    REDEDIT_RUN_ID=r1 rededit-train experiment=sft ckpt_path=auto   # resume outputs/runs/sft/r1 if it has last.ckpt
+
+What a run does and writes: :mod:`rededit.train`. A config value that cannot work is one sentence naming the
+key (exit code 2), and the run folder Hydra made for it is taken back.
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from rededit.train import PROCESS_START, run
+from rededit.utils.config_checks import ConfigError, remove_unstarted_run, report
+from rededit.utils.logging import get_logger
+from rededit.utils.paths import CONF_DIR
+
+log = get_logger(__name__)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        result = run(cfg)
+    except ConfigError as err:
+        # Hydra made the run folder (its log) before this function: take it back with the message.
+        remove_unstarted_run(cfg.paths.output_dir, PROCESS_START)
+        raise SystemExit(report(err, "rededit-train")) from None
+    log.info("done: %s", result["metrics"])
+
+
+if __name__ == "__main__":
+    main()
