@@ -294,3 +294,10 @@ def untrained_tiny_export(root: Path) -> Path:
 
     stage, cfg = untrained_tiny_stage(root / "run")
     return export_editor(stage.backbone, root / "export", config_yaml=OmegaConf.to_yaml(cfg, resolve=True))
+
+
+@pytest.fixture(autouse=True)
+def _uris_stay_inside_their_root(monkeypatch):
+    """Every test starts with the default: image URIs may not leave their manifest's folder (a datamodule
+    built with data.allow_outside_root=true allows it process-wide)."""
+    monkeypatch.delenv("REDEDIT_ALLOW_OUTSIDE_ROOT", raising=False)

@@ -296,3 +296,18 @@ def test_safe_id_and_item_resize() -> None:
     assert item.target.size == (100, 50)  # the original is untouched
     with pytest.raises(ValueError, match="references"):
         item.resized((32, 64), [])
+
+
+def test_a_benchmark_folder_cannot_name_files_outside_itself(tmp_path) -> None:
+    """The attack: a benchmark jsonl row with ``source: ../../<file>`` was read silently."""
+    from rededit.data.uri import PathOutsideRootError
+
+    root = _redbench(tmp_path / "rb")
+    _put(tmp_path / "private.png", _png_bytes(8, 8, 1))
+    rows = [json.loads(x) for x in (root / "redbench.jsonl").read_text().splitlines()]
+    rows[0]["source"] = "../private.png"
+    (root / "redbench.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    bench = REDEditBench(root)
+    with pytest.raises(PathOutsideRootError, match=r"'\.\./private\.png' names a file outside"):
+        bench[0]
+    assert bench[1].id == "2"  # the other items load (rededit-eval records the bad one and goes on)

@@ -212,3 +212,38 @@ def test_a_batch_of_one_unreadable_sample_is_skipped_and_ranks_stay_in_step(corp
     with pytest.raises(BadSampleError, match=victim):
         for _ in stop.train_dataloader():
             pass
+
+
+def test_a_manifest_path_outside_its_folder_is_a_bad_sample_unless_allowed(corpus, tmp_path):
+    """The attack: a row whose target is ``../../<elsewhere>`` was read silently; it is skipped and counted
+    (``data.allow_outside_root=false``, the default) and validate names it."""
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rededit.data.uri import ALLOW_ENV
+    from rededit.data.validate import validate_manifest
+
+    bad_dir = tmp_path / "escape"
+    shutil.copytree(corpus.parent, bad_dir)
+    table = pq.read_table(bad_dir / "manifest.parquet")
+    victim, uri = table.column("id")[0].as_py(), table.column("target")[0].as_py()
+    outside = tmp_path / "elsewhere.png"
+    shutil.copy(bad_dir / uri, outside)
+    targets = table.column("target").to_pylist()
+    targets[0] = os.path.relpath(outside, bad_dir)  # ../elsewhere.png
+    table = table.set_column(table.column_names.index("target"), "target", pa.array(targets, pa.string()))
+    pq.write_table(table, bad_dir / "manifest.parquet")
+    dm = _dm(bad_dir / "manifest.parquet", 0, world=1)
+    assert victim in _scheduled_ids(dm)
+    assert [sid for b in dm.train_dataloader() for sid in b["skipped"]] == [victim]
+    from rededit.data.manifest import Manifest
+
+    problems = validate_manifest(
+        Manifest.open(bad_dir / "manifest.parquet", validate=False), check_files=True
+    )
+    assert any(p.row_id == victim and "outside" in p.message for p in problems)
+    allowed = _dm(bad_dir / "manifest.parquet", 0, world=1, allow_outside_root=True)
+    assert os.environ.get(ALLOW_ENV) == "1"
+    assert not [sid for b in allowed.train_dataloader() for sid in b["skipped"]]

@@ -123,7 +123,7 @@ def pair_manifest(tiny_corpus, tmp_path_factory):
 
 
 def test_win_and_lose_share_noise_and_sigma(pair_manifest, tmp_path) -> None:
-    cfg = compose(train_overrides(pair_manifest, "stage=dpo"), tmp_path)
+    cfg = compose(train_overrides(pair_manifest, "stage=dpo", "data.allow_outside_root=true"), tmp_path)
     model, dm, _ = build(cfg)
     model.configure_model()
     dm.setup("fit")
@@ -165,7 +165,7 @@ def test_win_and_lose_share_noise_and_sigma(pair_manifest, tmp_path) -> None:
 def dpo_run(pair_manifest, tmp_path_factory):
     out = tmp_path_factory.mktemp("dpo_run")
     overrides = ("stage=dpo", "stage.omega=2.0", "stage.lam=0.1", "stage.warmup_steps=0")
-    cfg = compose(train_overrides(pair_manifest, *overrides), out)
+    cfg = compose(train_overrides(pair_manifest, *overrides, "data.allow_outside_root=true"), out)
     L.seed_everything(cfg.seed)
     model, dm, trainer = build(cfg)
     model.configure_model()
@@ -207,7 +207,12 @@ def test_dpo_checkpoint_has_no_reference_but_checks_its_fingerprint(dpo_run) -> 
 
 def test_pair_losses_pass_the_region_boxes_to_policy_and_reference(pair_manifest, tmp_path) -> None:
     """With backbone region tokens, DPO's forwards see the batch's boxes as training does (twice: win, lose)."""
-    cfg = compose(train_overrides(pair_manifest, "stage=dpo", "backbone.region_tokens=true"), tmp_path)
+    cfg = compose(
+        train_overrides(
+            pair_manifest, "stage=dpo", "data.allow_outside_root=true", "backbone.region_tokens=true"
+        ),
+        tmp_path,
+    )
     model, dm, _ = build(cfg)
     model.configure_model()
     dm.setup("fit")

@@ -19,6 +19,7 @@ from rededit.data.images import (
     transform_boxes,
     transform_points,
 )
+from rededit.data.uri import ALLOW_ENV, PathOutsideRootError, outside_root_allowed_here
 
 
 def _noise_png(w: int, h: int, seed: int = 0) -> bytes:
@@ -34,7 +35,31 @@ def test_load_image_decodes_and_converts(tmp_path):
     img = load_image("a.png", tmp_path)
     assert img.mode == "RGB" and img.size == (12, 7)
     assert load_image("a.png", tmp_path, mode=None).mode == "L"
-    assert load_image(str(tmp_path / "a.png"), "/nonexistent-root").size == (12, 7)  # absolute URI
+    with pytest.raises(PathOutsideRootError, match="outside"):  # absolute URI: refused by default
+        load_image(str(tmp_path / "a.png"), "/nonexistent-root")
+    with outside_root_allowed_here():
+        assert load_image(str(tmp_path / "a.png"), "/nonexistent-root").size == (12, 7)
+
+
+def test_uris_may_not_leave_their_root_unless_allowed(tmp_path, monkeypatch):
+    """The attack: ``../../etc/passwd``, absolute paths and ``file://`` in a manifest were read silently."""
+    (tmp_path / "secret.png").write_bytes(b"not for you")
+    root = tmp_path / "corpus"
+    (root / "img").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(root / "img" / "ok.png")
+    assert load_image("img/ok.png", root).size == (4, 4)
+    assert load_image("img/../img/ok.png", root).size == (4, 4)  # climbs, but stays inside
+    for uri in (
+        "../secret.png",
+        "img/../../secret.png",
+        str(tmp_path / "secret.png"),
+        f"file://{tmp_path}/secret.png",
+    ):
+        with pytest.raises(PathOutsideRootError, match=r"data\.allow_outside_root=true"):
+            load_image(uri, root)
+    monkeypatch.setenv(ALLOW_ENV, "1")  # data.allow_outside_root=true / --allow-outside-root
+    with pytest.raises(ImageDecodeError):  # read now (and not an image)
+        load_image("../secret.png", root)
 
 
 def test_load_image_missing_file_is_file_not_found(tmp_path):

@@ -23,9 +23,17 @@ import torch
 from conftest import compose, train_overrides, untrained_tiny_export
 from rededit.cli.data import main as data_main
 from rededit.data.manifest import Manifest
+from rededit.data.uri import ALLOW_ENV
 from rededit.datagen.mining import is_semi_hard, row_stats
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(autouse=True)
+def _absolute_uris_allowed(monkeypatch):
+    """make-pairs / mine-hard manifests name images by absolute path: read them as a user would, with
+    data.allow_outside_root=true / --allow-outside-root."""
+    monkeypatch.setenv(ALLOW_ENV, "1")
 
 
 @pytest.fixture(scope="module")

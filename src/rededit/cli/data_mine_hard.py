@@ -107,4 +107,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"mine-hard: kept {counts['kept']} ({counts['scored']} scored, {counts['resumed']} resumed) -> {args.out}"
     )
+    print(
+        f"{args.out}/manifest.parquet names images by absolute path: train on it with data.allow_outside_root=true "
+        "(rededit-data validate: --allow-outside-root)"
+    )
     return 0

@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from rededit.cli.args import int_at_least
 from rededit.data.manifest import Manifest
+from rededit.data.uri import allow_outside_root
 from rededit.data.validate import validate_manifest_report
 
 _non_negative = int_at_least(0)
@@ -30,6 +31,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the --sample row choice")
     p.add_argument(
+        "--allow-outside-root",
+        action="store_true",
+        help="accept image URIs that are absolute or leave the manifest's folder (make-pairs / mine-hard output)",
+    )
+    p.add_argument(
         "--max-report", type=_non_negative, default=None, metavar="N", help="print at most N problem lines"
     )
     p.set_defaults(func=run)
@@ -37,6 +43,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.allow_outside_root:
+        allow_outside_root(True)
     try:
         manifest = Manifest.open(args.manifest, validate=False)
     except FileNotFoundError as e:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from rededit.data.images import ImageDecodeError, load_image
+from rededit.data.uri import outside_root_allowed_here
 from rededit.inference.edit_loop import EditRequest, edit_batch
 from rededit.inference.editor import EditorLoadError, load_editor
 from rededit.inference.images import image_tensor, save_image, tensor_to_pil
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
     try:
-        images = [load_image(str(Path(p).resolve()), "/") for p in args.image]
+        with outside_root_allowed_here():  # the user's own command line names these files
+            images = [load_image(str(Path(p).resolve()), "/") for p in args.image]
     except ImageDecodeError as err:
         parser.error(str(err))
     from hydra.errors import InstantiationException

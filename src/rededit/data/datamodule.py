@@ -23,6 +23,7 @@ from rededit.data.manifest import Manifest
 from rededit.data.sampler import MultiConditionBucketSampler
 from rededit.data.text_choice import TextMix
 from rededit.data.text_conditioning import TextConditioner
+from rededit.data.uri import allow_outside_root as allow_outside_root_env
 from rededit.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -136,6 +137,7 @@ class EditDataModule(L.LightningDataModule):
         num_workers: int = 0,
         on_bad_sample: str = "skip",
         max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
+        allow_outside_root: bool = False,
         validate_files: bool = False,
         world_size: int | None = None,
         rank: int | None = None,
@@ -158,6 +160,8 @@ class EditDataModule(L.LightningDataModule):
         self.num_workers = int(num_workers)
         self.on_bad_sample = on_bad_sample
         self.max_image_pixels = None if max_image_pixels is None else int(max_image_pixels)
+        if allow_outside_root:  # process-wide (and inherited by workers): rededit.data.uri's docstring
+            allow_outside_root_env(True)
         self.validate_files = validate_files
         self._world_size, self._rank = world_size, rank
         self.resset = ResolutionSet.from_config(self.bucket_cfg)

@@ -50,7 +50,7 @@ from rededit.data.alignment import reindex
 from rededit.data.buckets import ResolutionSet, load_bucket_config
 from rededit.data.images import ImageDecodeError, load_image, resize_to_bucket, transform_boxes
 from rededit.data.manifest import Manifest
-from rededit.data.uri import resolve_uri
+from rededit.data.uri import check_inside, resolve_uri
 from rededit.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -474,7 +474,8 @@ class REDEditBench(Benchmark):
         self._finish_records()
 
     def _image_bytes(self, rec: dict[str, Any]) -> list[bytes]:
-        return [_read_file(self.root / rec["source"], f"REDEdit-Bench item {rec['id']}")]
+        path = check_inside(self.root / rec["source"], self.root, rec["source"])
+        return [_read_file(path, f"REDEdit-Bench item {rec['id']}")]
 
     def _load(self, rec: dict[str, Any]) -> BenchItem:
         where = str(self.root / rec["source"])
@@ -547,7 +548,8 @@ class ImgEditBench(Benchmark):
         self._finish_records()
 
     def _image_bytes(self, rec: dict[str, Any]) -> list[bytes]:
-        return [_read_file(self.root / rec["image"], f"ImgEdit item {rec['id']}")]
+        path = check_inside(self.root / rec["image"], self.root, rec["image"])
+        return [_read_file(path, f"ImgEdit item {rec['id']}")]
 
     def _load(self, rec: dict[str, Any]) -> BenchItem:
         img = _open_rgb(self._image_bytes(rec)[0], str(self.root / rec["image"]))
@@ -650,7 +652,9 @@ class GEditBench(Benchmark):
 
     def _image_bytes(self, rec: dict[str, Any]) -> list[bytes]:
         img = rec["image"]
-        return [img if isinstance(img, bytes) else _read_file(Path(img), f"GEdit item {rec['id']}")]
+        if isinstance(img, bytes):
+            return [img]
+        return [_read_file(check_inside(Path(img), self.root, img), f"GEdit item {rec['id']}")]
 
     def _load(self, rec: dict[str, Any]) -> BenchItem:
         where = rec["image"] if isinstance(rec["image"], str) else f"{self.root}#{rec['id']}"
