@@ -89,7 +89,6 @@ def cluster_plugins(callbacks: list[Any]) -> list[Any]:
 
 def export(model: L.LightningModule, trainer: L.Trainer, cfg: DictConfig) -> Path | None:
     """Write the EMA editor (raw weights beside it) as a diffusers folder, rank 0 only."""
-
     if not cfg.get("export_dir"):
         return None
     ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)

@@ -69,7 +69,6 @@ class EMA(EMAWeights, L.Callback):
 
     def _load_shards(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Fill a freshly placed shadow from the resumed DCP directory (every rank reads its shards)."""
-
         self._init_shadow(pl_module)  # template with the parameters' mesh and placements
         target = {"state_dict": {DCP_PREFIX + n: v for n, v in self.shadow.items()}}
         safe_dcp_load(target, trainer.ckpt_path)  # a resumed folder may come from anyone: no pickle code

@@ -59,7 +59,6 @@ class SampleImages(L.Callback):
         self.history: list[dict[str, float]] = []
 
     def _load(self, trainer: L.Trainer) -> list[dict[str, Any]]:
-
         dm = trainer.datamodule
         manifest, rs = dm.manifest, dm.resset
         self._rows = select_rows(manifest, self.split, self.per_task)
@@ -95,7 +94,6 @@ class SampleImages(L.Callback):
         return scores
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, log_metrics: bool = False) -> None:
-
         if trainer.global_step == self._last:
             return
         self._last = trainer.global_step

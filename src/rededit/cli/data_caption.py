@@ -71,7 +71,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def _backends(args: argparse.Namespace):
     """(backend factory, rewriter factories): ``functools.partial`` objects, built lazily per worker."""
-
     if args.backend == "none":
         return None, []
     if args.backend == "openai":
@@ -96,7 +95,6 @@ def _backends(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-
     try:
         if not Path(args.manifest).is_file():
             raise FileNotFoundError(f"manifest not found: {args.manifest}")

@@ -98,7 +98,6 @@ def encode_manifest(
         Counts: ``encoded`` (new entries), ``cached`` (texts whose entry already existed, including
         duplicates within this run), ``empty`` (missing/blank texts skipped).
     """
-
     columns = [c for c in (columns or DEFAULT_COLUMNS) if manifest.has(c)]
     dtype = encoder.dtype_name
     counts = {"encoded": 0, "cached": 0, "empty": 0}

@@ -57,7 +57,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def _build(args: argparse.Namespace):
-
     if args.detector == "yunet":
         return YuNetDetector(model_path=args.model_path, score_threshold=args.score_threshold)
     if not args.model_rootpath:

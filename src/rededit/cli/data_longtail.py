@@ -32,7 +32,6 @@ from rededit.datagen.engine.longtail import (
 
 
 def _text_embedder(name: str):
-
     if name == "minilm":
         return MiniLMSentenceEncoder()
     if name.startswith("hashing"):
@@ -42,7 +41,6 @@ def _text_embedder(name: str):
 
 
 def _image_embedder(name: str):
-
     if name.startswith("clip="):
         return CLIPJointEmbedder(name.removeprefix("clip="))
     return ColourLayoutEmbedder() if name == "colour" else _load_class(name)
@@ -124,7 +122,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-
     cmd = args.longtail_command
     if cmd == "index":
         import pyarrow.parquet as pq

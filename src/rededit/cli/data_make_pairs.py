@@ -51,7 +51,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-
     try:
         negative = load_editor(args.negative_editor, args.device)
         positive = (

@@ -75,7 +75,6 @@ def load_reward(spec: str, trust_prefixes: tuple[str, ...] = ()):
 
 
 def run(args: argparse.Namespace) -> int:
-
     try:
         editor = load_editor(args.editor, args.device)
         reward = load_reward(args.reward, tuple(args.trust_target)).to(args.device)

@@ -45,7 +45,6 @@ log = get_logger(__name__)
 def reward_batch(row: Mapping[str, Any], root: str | Path, size: tuple[int, int], k: int) -> dict[str, Any]:
     """The batch a :class:`~rededit.rewards.base.Reward` sees for K edits of one row (dataset conventions:
     images in [-1, 1] at the edit's size, Picture 1 first)."""
-
     s = bench_sample(row, root, size=size)
     h, w = size
     batch: dict[str, Any] = {
@@ -108,7 +107,6 @@ def mine_hard(
     The per-row scores are logged before any selection, so thresholds can be changed and the command re-run
     without generating again.
     """
-
     if num_samples < 2:
         raise ValueError("mine-hard needs at least 2 samples per row to estimate a spread")
     if not 0.0 <= quantile <= 0.5:

@@ -180,7 +180,6 @@ def make_pairs(
         limit: process at most this many rows (in manifest order).
         ocr: OCR backend for the text judge (None: its closeness fallback).
     """
-
     full = Manifest.open(manifest, validate=True)
     src = select_split(full, split)
     root = src.root
@@ -239,7 +238,6 @@ def make_pairs(
 def _pair_row(
     row, root, out: Path, negative_editor, positive, num_candidates, margin, steps, seed, ocr
 ) -> dict:
-
     cands, (h, w) = sample_edits(negative_editor, row, root, num_candidates, seed=seed, steps=steps)
     sample = bench_sample(row, root, size=(h, w))
     size_wh = (int(row["target_width"]), int(row["target_height"]))

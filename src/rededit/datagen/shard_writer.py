@@ -267,7 +267,6 @@ def write_shards(
     Returns:
         a :class:`ShardSummary`.
     """
-
     manifest_path = Path(manifest_path)
     out = Path(out_dir)
     if out.resolve() == manifest_path.parent.resolve():

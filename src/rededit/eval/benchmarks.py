@@ -130,7 +130,6 @@ class BenchItem:
         The target and mask go to ``out_hw`` (mask with nearest neighbours so it stays binary), the boxes
         follow the same cover-crop, references go to ``ref_hws``.
         """
-
         if len(ref_hws) != len(self.references):
             raise ValueError(f"{self.id}: {len(self.references)} references but {len(ref_hws)} sizes")
         oh, ow = (int(v) for v in out_hw)
@@ -269,7 +268,6 @@ class Benchmark(Sequence[BenchItem]):
 
 
 def _open_rgb(data: bytes, where: str) -> Image.Image:
-
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
@@ -326,7 +324,6 @@ class SyntheticBench(Benchmark):
         category_map: Any = "default",
         reference_order: str = "as_is",
     ) -> None:
-
         if reference_order not in ("as_is", "reversed"):
             raise ValueError(f"reference_order must be 'as_is' or 'reversed', got {reference_order!r}")
         self.reference_order = reference_order
@@ -374,7 +371,6 @@ class SyntheticBench(Benchmark):
         return list(range(num_refs))[::-1]
 
     def _reorder_texts(self, rec: dict[str, Any], num_refs: int) -> dict[str, Any]:
-
         order = self._new_order(num_refs)
         if order is not None:
             for key in ("instruction", "instruction_zh"):
@@ -387,11 +383,9 @@ class SyntheticBench(Benchmark):
         return uris + ([row["edit_mask"]] if row.get("edit_mask") else [])
 
     def _image_bytes(self, rec: dict[str, Any]) -> list[bytes]:
-
         return [resolve_uri(u, self.manifest.root) for u in self._uris(self.manifest.row(rec["row"]))]
 
     def _load(self, rec: dict[str, Any]) -> BenchItem:
-
         row = self.manifest.row(rec["row"])
         root = self.manifest.root
         boxes = row.get("object_boxes")

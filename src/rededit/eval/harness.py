@@ -286,7 +286,6 @@ class VLMScorer:
     gedit: bool = False
 
     def score(self, pred: torch.Tensor, p: Prepared) -> dict[str, Any]:
-
         images = {
             "source": tensor_to_pil(p.source) if p.source is not None else None,
             "reference": tensor_to_pil(p.refs[1]) if len(p.refs) > 1 else None,
@@ -406,7 +405,6 @@ def _metric_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Mean and defined-count of every numeric metric over rows; ``error_ratio`` as a ratio of means."""
-
     out: dict[str, Any] = {"n": len(rows)}
     if any(r.get("edit_region_error") is not None for r in rows):
         out.update(aggregate(rows))
@@ -504,7 +502,6 @@ def _build_scorers(cfg: DictConfig, bench: Any) -> tuple[Scorers, dict[str, Any]
 def _prompt_set(spec: str, bench: Any) -> Any:
     """``benchmark`` (the benchmark's own prompts.json, else the built-in set of its protocol), a built-in
     set name (``rededit_generic``, ``rededit_text``, ``imgedit``, ``gedit``) or a ``prompts.json`` path."""
-
     if spec == "benchmark":
         path = getattr(bench, "prompts_path", None)
         if path is not None:

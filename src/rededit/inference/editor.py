@@ -102,7 +102,6 @@ def load_editor(
     Raises:
         EditorLoadError: nothing usable at ``checkpoint``.
     """
-
     path = Path(checkpoint)
     if not path.exists():
         raise EditorLoadError(f"checkpoint not found: {path}")

@@ -231,7 +231,6 @@ class BaseStage(L.LightningModule):
     def load_backbone_from(self, path: str | Path, *, use_ema: bool = True) -> None:
         """Weights-only chaining from a previous stage (``stage.init_from``): a ``.ckpt`` file, a run folder
         (its ``checkpoints/last.ckpt``) or an export folder (``backbone.safetensors``)."""
-
         state, source = load_backbone_state(path, use_ema=use_ema)
         self.backbone.load_state_dict(state, strict=True)
         log.info("initialised backbone from %s (%s weights)", path, source)

@@ -80,7 +80,6 @@ def sharded_frozen_twin(stage: BaseStage, dtype: torch.dtype | None = None) -> t
     only in that every rank must call it (``fully_shard`` builds per-mesh state). Used for the DPO reference
     and the NFT old policy (``dtype=float32``: the EMA lerp writes into it in place).
     """
-
     plan = stage.parallel_plan()
     twin = meta_init(stage.backbone_factory, latent_channels=stage.vae.latent_channels)
     if dtype is not None:

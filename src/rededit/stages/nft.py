@@ -377,7 +377,6 @@ class NFTModule(BaseStage):
 
     def _load_old_shards(self) -> None:
         """Every rank reads its old-policy shards from the resumed DCP directory (``__nft_old__.*``)."""
-
         path = self.trainer.ckpt_path
         target = {
             "state_dict": {DCP_OLD_PREFIX + n: p.detach() for n, p in self.old_policy.named_parameters()}

@@ -142,7 +142,6 @@ class MiniLMSentenceEncoder:
     """Mean-pooled all-MiniLM-L6-v2 sentence vectors (the embedded default text encoder), ``[N, 384]``."""
 
     def __init__(self, path: str | None = None, max_length: int = 64):
-
         self._enc = MiniLMTextEncoder(path=path, max_length=max_length)
         self.embedder_id = self._enc.cache_id
 
@@ -184,7 +183,6 @@ class EngineImageEmbedder:
     long-tail image embedder (``encode_images`` on PIL images). Image→image only."""
 
     def __init__(self, embedder: Any):
-
         self.embedder = embedder
         cfg = embedder.config() if callable(getattr(embedder, "config", None)) else {}
         self.embedder_id = (
@@ -204,7 +202,6 @@ class CLIPJointEmbedder(EngineImageEmbedder):
     """
 
     def __init__(self, path: str | Path, input_size: int = 224, device: str = "cpu", max_length: int = 77):
-
         if not Path(path).is_dir():
             raise FileNotFoundError(f"CLIP model folder not found: {path} (no hub access: use a local copy)")
         super().__init__(CLIPEmbedder(path, input_size=input_size, device=device))
@@ -580,7 +577,6 @@ def build_image_index(
     uris: Sequence[str], root: str | Path, embedder: Any, out_dir: str | Path, batch_size: int = 64
 ) -> Path:
     """Embed a candidate pool of images (URIs resolved against ``root``) into a saved FAISS index."""
-
     uris = list(dict.fromkeys(uris))
     if not uris:
         raise ValueError("empty image pool")
@@ -672,7 +668,6 @@ def fill_gap(
     Raises:
         ValueError: ``task`` has no synthetic template, or ``n < 1``.
     """
-
     if task not in TASKS:
         raise ValueError(f"no synthetic template for task {task!r}; the template engine covers {list(TASKS)}")
     if n < 1:
@@ -722,7 +717,6 @@ def fill_from_report(
     Cluster gaps are reported for inspection (their dominant task is not necessarily what is missing), so
     only ``kind == "task"`` gaps are filled, each with ``need`` rows (capped at ``max_per_task``).
     """
-
     rep = json.loads(Path(report).read_text()) if not isinstance(report, dict) else report
     results = []
     for g in rep["gaps"]:

@@ -342,7 +342,6 @@ class TaskSplitStage(BaseEngineStage):
         self.drop_over_max = bool(drop_over_max)
 
     def process(self, table: pa.Table, ctx: StageContext) -> pa.Table:
-
         if self.column not in table.column_names:
             raise ValueError(f"{self.name}: partition {ctx.partition!r} has no column {self.column!r}")
         kept = kept_mask(table)

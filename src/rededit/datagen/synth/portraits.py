@@ -74,7 +74,6 @@ def make_portrait_corpus(
 
     Row ``i`` uses portrait ``i mod 3``; crops, mirrors, colour casts and blurs derive from (seed, row id).
     """
-
     manifest = synthesize(
         out_dir,
         n=rows,

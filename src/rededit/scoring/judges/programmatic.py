@@ -761,7 +761,6 @@ def success_rate_by_category(results: Iterable[Any], category_map: Any = None) -
         the map's order, then tasks without a category (``t2i``) and ``other``; ``n`` counts decided
         results, ``success_rate = passed / n`` (None when ``n = 0``).
     """
-
     cmap = load_category_map(category_map)
     rows: dict[str, dict[str, Any]] = defaultdict(
         lambda: {"n": 0, "passed": 0, "undecided": 0, "tasks": set()}
@@ -814,7 +813,6 @@ def bench_sample(
         aligned); one of another size (low-resolution restores, quarter turns) is resized to the
         evaluated size, a baseline only.
     """
-
     tw, th = int(row["target_width"]), int(row["target_height"])
     h, w = (th, tw) if size is None else (int(size[0]), int(size[1]))
 

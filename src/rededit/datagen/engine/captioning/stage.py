@@ -68,7 +68,6 @@ BackendSpec = Any  # a VLMJudge, a zero-argument factory returning one (Hydra ``
 
 def rule_user_like(concise: str, language: str, seed: int, row_id: str) -> str:
     """Rule-based user-like refinement: the synthetic corpus's help-seeking wrappers around ``concise``."""
-
     vp = concise.strip().rstrip(".。!！")
     if language == "en":
         vp = vp[:1].lower() + vp[1:] if not vp[:2].isupper() else vp
@@ -219,7 +218,6 @@ class CaptionStage(BaseEngineStage):
         self._ready = True
 
     def _cached_judge(self, judge, ctx: StageContext):
-
         cache = Path(self.cache_dir) if self.cache_dir else Path(ctx.stage_dir) / "cache"
         key = (id(judge), str(cache))
         if key not in self._cached:
@@ -237,7 +235,6 @@ class CaptionStage(BaseEngineStage):
         self, judge, ctx, kind, lang, images, fields, item_id, stats
     ) -> tuple[str | None, str, str | None]:
         """(text, source, error) of one templated call."""
-
         tpl = self._templates.get(kind, lang)
         prompt = tpl.render(**fields)
         imgs = [judge_rgb(im, self.max_image_area) for im in images]

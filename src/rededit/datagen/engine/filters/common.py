@@ -70,7 +70,6 @@ class PartitionMemo:
         self._store: dict[str, Any] = {}
 
     def get(self, table: pa.Table, compute: Callable[[], Any]) -> Any:
-
         cols = [c for c in ("id", "target", "references", "drop_reason") if c in table.column_names]
         key = table_hash(table.select(cols))
         if key not in self._store:
