@@ -207,11 +207,10 @@ class EditDataModule(L.LightningDataModule):
         return self._manifest
 
     def setup(self, stage: str | None = None) -> None:
-        if self._manifest is None:
-            self._manifest = Manifest.open(self.manifest_path, validate=True, check_files=self.validate_files)
+        manifest = self.manifest
         world_size, rank = self._dist()
         if self.train_sampler is None:
-            self.train_manifest = select_split(self._manifest, self.split)
+            self.train_manifest = select_split(manifest, self.split)
             self.train_sampler = self._build_sampler(
                 self.train_manifest, shuffle=True, world_size=world_size, rank=rank
             )
@@ -226,7 +225,7 @@ class EditDataModule(L.LightningDataModule):
                 stats.get("dropped", 0),
             )
         if self.val_split is not None and self.val_sampler is None:
-            self.val_manifest = select_split(self._manifest, self.val_split)
+            self.val_manifest = select_split(manifest, self.val_split)
             self.val_sampler = self._build_sampler(
                 self.val_manifest, shuffle=False, world_size=world_size, rank=rank
             )

@@ -51,6 +51,17 @@ class SkippedSample:
     key: SampleKey | None = None  # what the sampler asked for (a substitute is served at its shapes)
 
 
+def object_boxes_at(row: dict[str, Any], dst_hw: tuple[int, int]) -> torch.Tensor | None:
+    """A row's ``object_boxes`` (target pixels as the manifest states them) mapped through the cover-crop to
+    ``dst_hw``: ``[O, 4]`` float32, or None when the row has none. Training, the demo report and DPO pair
+    making map them alike, so region tokens see the same boxes everywhere."""
+    if not row.get("object_boxes"):
+        return None
+    boxes = np.asarray(row["object_boxes"], dtype=np.float32).reshape(-1, 4)
+    boxes = transform_boxes(boxes, (int(row["target_height"]), int(row["target_width"])), dst_hw)
+    return torch.from_numpy(np.ascontiguousarray(boxes, np.float32))
+
+
 class EditDataset(Dataset):
     """One manifest row → a dict of tensors at its bucket resolution.
 
@@ -159,8 +170,7 @@ class EditDataset(Dataset):
             sample["face_landmarks"] = torch.from_numpy(np.ascontiguousarray(pts, np.float32)).reshape(
                 -1, 5, 2
             )
-        if row.get("object_boxes"):
-            boxes = np.asarray(row["object_boxes"], dtype=np.float32).reshape(-1, 4)
-            boxes = transform_boxes(boxes, src_hw, (th, tw))
-            sample["object_boxes"] = torch.from_numpy(np.ascontiguousarray(boxes, np.float32))
+        boxes = object_boxes_at(row, (th, tw))  # the decoded size is the stated one (load_image checked it)
+        if boxes is not None:
+            sample["object_boxes"] = boxes
         return sample

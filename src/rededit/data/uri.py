@@ -60,15 +60,12 @@ def allow_outside_root(allowed: bool = True) -> None:
 @contextlib.contextmanager
 def outside_root_allowed_here() -> Iterator[None]:
     """Within the block, URIs may leave their root (paths the user typed on their own command line)."""
-    previous = os.environ.get(ALLOW_ENV)
-    os.environ[ALLOW_ENV] = "1"
+    previous = outside_root_allowed()
+    allow_outside_root(True)
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop(ALLOW_ENV, None)
-        else:
-            os.environ[ALLOW_ENV] = previous
+        allow_outside_root(previous)
 
 
 def check_inside(path: Path, root: str | Path, uri: str) -> Path:

@@ -29,13 +29,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from rededit.data.datamodule import select_split
-from rededit.data.images import load_image, transform_boxes
+from rededit.data.dataset import object_boxes_at
+from rededit.data.images import load_image
 from rededit.data.manifest import Manifest
 from rededit.data.schema import manifest_schema
 from rededit.data.uri import resolve_path, split_shard_uri
@@ -91,10 +91,7 @@ def sample_edits(
     src_hw = (int(row["target_height"]), int(row["target_width"]))
     (h, w), *ref_hws = sizes([src_hw] + [(im.height, im.width) for im in images])
     refs = [image_tensor(im, rh, rw)[0] for im, (rh, rw) in zip(images, ref_hws)]
-    boxes = None
-    if row.get("object_boxes"):
-        boxes = transform_boxes(np.asarray(row["object_boxes"], np.float32).reshape(-1, 4), src_hw, (h, w))
-        boxes = torch.from_numpy(np.ascontiguousarray(boxes, np.float32))
+    boxes = object_boxes_at(row, (h, w))
     requests = [
         EditRequest(
             id=row["id"], text=row_text(row), references=refs, hw=(h, w), object_boxes=boxes, sample=k

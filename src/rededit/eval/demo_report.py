@@ -43,7 +43,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from rededit.data.images import load_image, resize_to_bucket, to_tensor, transform_boxes
+from rededit.data.dataset import object_boxes_at
+from rededit.data.images import load_image, resize_to_bucket, to_tensor
 from rededit.data.manifest import Manifest
 from rededit.eval.text_following import colour_text_following
 from rededit.inference.edit_loop import EditRequest
@@ -109,13 +110,7 @@ def load_samples(manifest: Any, rows: Sequence[int], sizes) -> list[dict[str, An
             to_tensor(resize_to_bucket(load_image(uri, manifest.root), h, w))
             for uri, (h, w) in zip(row["references"], ref_hws)
         ]
-        boxes = None
-        if row.get("object_boxes"):  # target pixels → the target's bucket, as the training dataset maps them
-            src_hw = (int(row["target_height"]), int(row["target_width"]))
-            boxes = transform_boxes(
-                np.asarray(row["object_boxes"], np.float32).reshape(-1, 4), src_hw, (th, tw)
-            )
-            boxes = torch.from_numpy(np.ascontiguousarray(boxes, np.float32))
+        boxes = object_boxes_at(row, (th, tw))
         mask = None
         if row.get("edit_mask"):
             m_img = resize_to_bucket(load_image(row["edit_mask"], manifest.root, mode="L"), th, tw, "nearest")

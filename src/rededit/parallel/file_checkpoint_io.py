@@ -5,7 +5,7 @@ Lightning's ``TorchCheckpointIO`` writes through an fsspec transaction whose tem
 it is a copy into the final name, so a kill -9 or a full disk during the copy leaves a truncated
 ``last.ckpt`` that ``ckpt_path=auto`` then picks. :class:`AtomicCheckpointIO` serialises into a temporary
 file *beside* the checkpoint, fsyncs it and renames it into place: the final name only ever holds a
-complete file. :func:`intact_checkpoint` is the cheap check ``ckpt_path=auto`` uses on candidates.
+complete file. :func:`rededit.utils.run_id.intact_checkpoint` is the cheap check ``ckpt_path=auto`` uses on candidates.
 """
 
 from __future__ import annotations
@@ -18,9 +18,6 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from rededit.utils.io import atomic_path
-from rededit.utils.logging import get_logger
-
-log = get_logger(__name__)
 
 
 def _is_remote(path: Any) -> bool:
