@@ -20,7 +20,7 @@ Two measurements, each variant differing only in the consistency loss:
    pays.
 
 Variants: ``off`` (``loss/consistency=none``); ``face`` (every eligible sample, faces and σ < 0.9:
-``consistency_max_samples=null``); ``face-K`` (``consistency_max_samples=K``: φ on K draws ∝ λ_id(σ), weighted
+the loss group's default ``max_samples: null``); ``face-K`` (``stage.auxiliary_losses.loss_id.max_samples=K``: φ on K draws ∝ λ_id(σ), weighted
 so the loss stays unbiased; see :meth:`rededit.losses.consistency.ConsistencyLoss._draw`). ``demo_sft`` sets
 K = 1. The first ``--warmup`` steps are dropped; figures are medians.
 
@@ -145,9 +145,9 @@ class StepTimer(L.Callback):
 
 def fit_variant_overrides(max_samples: list[int]) -> dict[str, tuple[str, list[str]]]:
     """variant → (``loss/consistency`` choice, extra overrides) for the ``trainer.fit`` measurement."""
-    out = {"off": ("none", []), "face": ("face", ["consistency_max_samples=null"])}
+    out = {"off": ("none", []), "face": ("face", [])}
     for k in max_samples:
-        out[f"face-{k}"] = ("face", [f"consistency_max_samples={k}"])
+        out[f"face-{k}"] = ("face", [f"stage.auxiliary_losses.loss_id.max_samples={k}"])
     return out
 
 
