@@ -615,7 +615,8 @@ def evaluate(cfg: DictConfig, *, editor: Any = None, bench: Any = None) -> dict[
         {
             "checkpoint_sha256": ckpt_sha,
             "benchmark_hash": bench.benchmark_hash,
-            **{k: v for k, v in sampler.items() if k != "seeds"},
+            # Noise is drawn per item (inference.edit_loop.edit_seed): batching does not change an edit.
+            **{k: v for k, v in sampler.items() if k not in ("seeds", "batch_size", "chunk_size")},
         },
         bool(cfg.get("overwrite", False)),
     )
