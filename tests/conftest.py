@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO / "conf"
+from rededit.utils.paths import CONF_DIR  # noqa: E402
 
 # Overrides that keep a CPU training run tiny and quiet: a per-step CSV log, no rich progress bar
 # (it redraws per step on a 2-core box), no end-of-fit export unless a test asks for it.

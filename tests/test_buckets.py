@@ -13,9 +13,10 @@ import pytest
 
 from rededit.cli import data_buckets
 from rededit.data import buckets as buckets_mod
-from rededit.data.buckets import ResolutionSet, assign_buckets, conf_dir, load_bucket_config
+from rededit.data.buckets import ResolutionSet, assign_buckets, load_bucket_config
 from rededit.data.manifest import ManifestSizes
 from rededit.data.schema import manifest_schema
+from rededit.utils.paths import CONF_DIR
 
 
 def sizes_of(targets, refs_per_row, tasks=None) -> ManifestSizes:
@@ -73,7 +74,7 @@ def test_tokens_and_crop_loss():
 )
 def test_shipped_yaml_bucket_sets(name, lo, hi, ratios):
     cfg = load_bucket_config(name)
-    assert (conf_dir() / "data" / "buckets" / f"{name}.yaml").exists()
+    assert (CONF_DIR / "data" / "buckets" / f"{name}.yaml").exists()
     rs = ResolutionSet.from_config(cfg)
     assert rs.patch == int(cfg.get("patch", 16)) and (rs.resolutions % rs.patch == 0).all()
     assert rs.class_log_ratio.size == ratios  # distinct ratios left after patch rounding
@@ -83,7 +84,7 @@ def test_shipped_yaml_bucket_sets(name, lo, hi, ratios):
     err = np.abs(np.log(rs.resolutions[:, 1] / rs.resolutions[:, 0]) - rs.class_log_ratio[rs.ratio_class])
     assert err.max() < 0.2
     assert (
-        ResolutionSet.from_yaml(conf_dir() / "data" / "buckets" / f"{name}.yaml").resolutions.shape
+        ResolutionSet.from_yaml(CONF_DIR / "data" / "buckets" / f"{name}.yaml").resolutions.shape
         == rs.resolutions.shape
     )
 

@@ -83,11 +83,6 @@ def parse_area(area: str | int | float) -> int:
     return value
 
 
-def conf_dir() -> Path:
-    """The repository's ``conf/`` folder."""
-    return Path(CONF_DIR)
-
-
 class ResolutionSet:
     """The predefined resolution buckets ``S`` of eq. (1).
 
@@ -316,9 +311,9 @@ def load_bucket_config(name_or_path: str | Path) -> dict[str, Any]:
 
     path = Path(name_or_path)
     if not (path.suffix in (".yaml", ".yml") and path.exists()):
-        candidate = conf_dir() / "data" / "buckets" / f"{name_or_path}.yaml"
+        candidate = CONF_DIR / "data" / "buckets" / f"{name_or_path}.yaml"
         if not candidate.exists():
-            available = sorted(p.stem for p in (conf_dir() / "data" / "buckets").glob("*.yaml"))
+            available = sorted(p.stem for p in (CONF_DIR / "data" / "buckets").glob("*.yaml"))
             raise FileNotFoundError(
                 f"bucket set {str(name_or_path)!r} is neither a YAML file nor one of {available}"
             )
