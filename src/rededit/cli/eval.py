@@ -17,6 +17,7 @@ import time
 import hydra
 from omegaconf import DictConfig
 
+from rededit.cli import help as entry_help
 from rededit.eval.harness import evaluate
 from rededit.utils.config_checks import (
     ConfigError,
@@ -28,6 +29,7 @@ from rededit.utils.config_checks import (
 from rededit.utils.paths import CONF_DIR
 
 PROCESS_START = time.time()  # before Hydra creates out_dir
+entry_help.register()
 
 
 def main() -> None:

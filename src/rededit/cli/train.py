@@ -13,12 +13,14 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from rededit.cli import help as entry_help
 from rededit.train import PROCESS_START, run
 from rededit.utils.config_checks import ConfigError, remove_unstarted_run, report
 from rededit.utils.logging import get_logger
 from rededit.utils.paths import CONF_DIR
 
 log = get_logger(__name__)
+entry_help.register()
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
