@@ -94,8 +94,27 @@ def check_manifest(cfg: DictConfig, key: str = "data.manifest") -> None:
         raise ConfigError(f"{key}={value}: no such file{where}{hint}; {make}")
 
 
+# Trainer arguments that rededit.train.build passes itself, from their own config group: a value under
+# ``trainer.`` would be silently replaced (``+trainer.strategy=ddp`` trained on one process).
+TRAINER_KEYS_FROM_GROUPS = {
+    "strategy": "strategy=<option> (auto, ddp, fsdp2, hsdp, deepspeed_zero2, ...)",
+    "callbacks": "callbacks=<option> or callbacks.<name>.<key>=...",
+    "logger": "logger=[csv,wandb] or logger.<name>.<key>=...",
+    "plugins": "strategy=<option> (cluster plugins are chosen by rededit)",
+}
+
+
+def check_trainer_keys(cfg: DictConfig) -> None:
+    """Refuse ``trainer.<key>`` for the Trainer arguments that come from their own group."""
+    trainer = cfg.get("trainer") or {}
+    for key, instead in TRAINER_KEYS_FROM_GROUPS.items():
+        if key in trainer:
+            raise ConfigError(f"trainer.{key} is not read (it would be silently replaced): use {instead}")
+
+
 def check_train_config(cfg: DictConfig) -> None:
     """Everything :func:`rededit.train.run` can check before it writes a file."""
+    check_trainer_keys(cfg)
     check_numbers(cfg)
     if cfg.get("data") is not None:
         check_manifest(cfg)
