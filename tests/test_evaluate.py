@@ -343,3 +343,82 @@ def test_one_unreadable_item_is_recorded_and_the_run_goes_on(setup, editor, tmp_
     assert len(written) == N_BENCH - 1 and bad["id"] not in written
     assert result["systems"]["model"]["overall"]["n"] == N_BENCH - 1
     assert "1 item(s) could not be read" in (out / "table.md").read_text()
+
+
+class TaskScoredVLM:
+    """A judge backend whose three scores depend on the task named in the prompt; it insists on the
+    REDEdit-Bench protocol: exactly two images (source, result) whatever the prompt's wording."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.scores = {"add": 5, "stylize": 2, "extract": 3}
+        self.decoding: dict = {}
+
+    judge_id = "task-scored-vlm"
+
+    def generate(self, images, prompt: str) -> str:
+        self.calls += 1
+        assert len(images) == 2, f"the official scorer sends source + result, got {len(images)} images"
+        task = prompt.split("data rater for ", 1)[1].split(" ", 1)[0]
+        v = self.scores[task]
+        return f"Prompt Compliance: {v}\nVisual Naturalness: {v}\nPhysical & Detail Coherence: {v}"
+
+
+def _public_redbench(root: Path, tasks: list[str], tails: dict[str, str]) -> Path:
+    """A REDEdit-Bench folder in the public release's layout (our own fixture text): redbench.jsonl rows
+    ``{id, source, a_to_b_instructions, a_to_b_instructions_eng, task}``, source images only (no reference
+    image for any task) and a prompts.json per task."""
+    rows = []
+    for k, task in enumerate(tasks):
+        src = f"redbench/{task}/{task}-{k}.png"
+        (root / src).parent.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(k)
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / src)
+        rows.append(
+            {
+                "id": str(k + 1),
+                "source": src,
+                "a_to_b_instructions": "改",
+                "a_to_b_instructions_eng": f"Do a {task} edit",
+                "task": task,
+            }
+        )
+    (root / "redbench.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    default_tail = "Below are the images before and after editing:\n"
+    prompts = {
+        t: _REDEDIT_PROMPT.format(task=t).replace(default_tail, tails.get(t, default_tail))
+        for t in set(tasks)
+    }
+    (root / "prompts.json").write_text(json.dumps(prompts))
+    return root
+
+
+def test_redbench_public_layout_judges_every_task_and_aggregates_by_category(setup, editor, tmp_path) -> None:
+    """Issue 18: every `stylize` item was a judge failure ("item has no ['reference'] image"). The official
+    protocol sends source + result for every task; item = mean of dimensions, category = mean of items,
+    overall = mean of categories."""
+    tails = {
+        "stylize": "Below are the input, reference style, and styled output image:\n",
+        "extract": "Below is the extracted object image:\n",
+    }
+    root = _public_redbench(tmp_path / "rb", ["add", "add", "add", "stylize", "extract"], tails)
+    judge = f"judge={{backend:{{_target_:{__name__}.TaskScoredVLM}},prompts:benchmark,max_attempts:1}}"
+    cfg = _cfg(
+        setup,
+        tmp_path / "out",
+        judge,
+        bench=("eval/benchmark@benchmark=redbench", f"benchmark.folder={root}"),
+    )
+    result = evaluate(cfg, editor=editor)
+    model = result["systems"]["model"]
+    assert model["overall"]["vlm_failed"]["mean"] == 0.0, result["judge_failures"]
+    assert result["judge_failures"]["stats"]["failed"] == 0
+    cats = model["categories"]
+    assert cats["stylize"]["vlm_score"]["mean"] == pytest.approx(2.0)
+    assert cats["extract"]["vlm_score"]["mean"] == pytest.approx(3.0)
+    assert cats["add"]["vlm_score"]["mean"] == pytest.approx(5.0)
+    # Mean of the three categories (10/3), not of the five items (19/5).
+    assert model["overall"]["vlm_score"]["mean"] == pytest.approx(10 / 3)
+    assert model["overall"]["vlm_prompt_compliance"]["mean"] == pytest.approx(10 / 3)
+    assert result["systems"]["identity"]["overall"]["vlm_score"]["mean"] == pytest.approx(10 / 3)
+    assert "mean of the categories" in result["judge_aggregation"]

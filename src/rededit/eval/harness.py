@@ -26,7 +26,10 @@
    * programmatic judges on the synthetic bench (``success`` = passed, ``judge_score``;
      :mod:`rededit.scoring.judges.programmatic`);
    * the OCR metric (§4.2) on items with an OCR target when ``ocr`` names a backend;
-   * a VLM judge when ``judge`` is configured. A failed judge call is a failure, never a 0.
+   * a VLM judge when ``judge`` is configured. A failed judge call is a failure, never a 0. With a
+     benchmark's own ``prompts.json`` (REDEdit-Bench) the judge sees source + result for every task, and
+     judge scores aggregate as the benchmark's scorer does: item = mean of its dimensions, category = mean
+     of its items, overall = mean of the categories (:func:`summarize_by_category`).
 
    A metric whose module is missing is skipped with a warning and listed in ``metrics.json``.
 3. **Report** (all atomic): ``metrics.json`` (per category and overall; mean ± std over seeds; checkpoint
@@ -417,11 +420,33 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def is_judge_score(key: str) -> bool:
+    """A VLM judge score (``vlm_score``, ``vlm_<dimension>``), as opposed to its failure flag and counts."""
+    return key.startswith("vlm_") and key != "vlm_failed" and not key.endswith("_count")
+
+
+JUDGE_AGGREGATION = (
+    "item = mean of its judge dimensions; category = mean of its items; overall = mean of the categories "
+    "(REDEdit-Bench's official aggregation); failed calls are left out and counted in vlm_failed"
+)
+
+
 def summarize_by_category(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """:func:`summarize` per category and overall.
+
+    VLM judge scores follow the REDEdit-Bench aggregation (:data:`JUDGE_AGGREGATION`): their overall value is
+    the mean of the category means, so a category with many items weighs no more than one with few (the
+    benchmark's categories hold 47 to 156 items). Every other metric's overall value is the mean over items.
+    """
     groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for r in rows:
         groups[str(r["category"])].append(r)
-    return {"overall": summarize(rows), "categories": {c: summarize(groups[c]) for c in groups}}
+    cats = {c: summarize(groups[c]) for c in groups}
+    overall = summarize(rows)
+    for key in [k for k in overall if is_judge_score(k)]:
+        means = [float(st[key]) for st in cats.values() if st.get(key) is not None]
+        overall[key] = sum(means) / len(means) if means else None
+    return {"overall": overall, "categories": cats}
 
 
 def combine_seeds(per_seed: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
@@ -671,6 +696,7 @@ def evaluate(cfg: DictConfig, *, editor: Any = None, bench: Any = None) -> dict[
         "sampler": sampler,
         "versions": package_versions(),
         "skipped_metrics": scorers.skipped,
+        "judge_aggregation": JUDGE_AGGREGATION if scorers.vlm is not None else None,
         "categories": {c: display_category(c, cmap) for c in category_order(systems, cmap)},
         "systems": systems,
         "per_seed": {str(s): per_seed[s] for s in seeds},

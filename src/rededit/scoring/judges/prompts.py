@@ -7,6 +7,11 @@ Two sources of templates:
   named per task) and contains the ``<edit_prompt>`` placeholder. :func:`load_rededit_prompts` reads it;
   the dimension names and scale are taken from each prompt's "Example Response Format" lines, so the
   parser asks for exactly what the prompt asked for. The file is the user's; nothing of it ships here.
+  The benchmark's own scorer sends the judge two images for every task, the source and the result, even
+  where a prompt's last line speaks of a style reference (``stylize``) or of the extracted object alone
+  (``extract``); the public release has no reference images. Every template loaded from such a file
+  therefore asks for ``("source", "edited")`` (:data:`REDEDIT_BENCH_IMAGE_ROLES`), so our scores follow
+  the official protocol.
 * Built-in templates for the public GEdit (G_SC, G_PQ on 0–10, G_O = sqrt(G_SC·G_PQ)) and ImgEdit (1–5)
   protocols, the §4.2 text-editing judge (SuccessEdit, OverEdit, Style, Consistency) and a generic
   REDEdit-style judge. Their wording is OUR OWN, written for this project: they follow those
@@ -34,6 +39,7 @@ from rededit.scoring.judges.parsing import ParseResult, normalize_key, parse_sco
 __all__ = [
     "BUILTIN_PROMPT_SETS",
     "CANONICAL_DIMENSIONS",
+    "REDEDIT_BENCH_IMAGE_ROLES",
     "JudgeTemplate",
     "PromptSet",
     "builtin_prompt_set",
@@ -52,6 +58,8 @@ PLACEHOLDER = "<edit_prompt>"
 CANONICAL_DIMENSIONS = ("prompt_compliance", "visual_naturalness", "physical_detail_coherence")
 # Category spellings (report §4 Fig. 9, our configs) → prompts.json task keys.
 _TASK_ALIASES = {"bg": "background", "colour": "color", "style": "stylize", "lowlevelediting": "lowlevel"}
+# REDEdit-Bench's official scorer: source + result for every task (the public release has no reference).
+REDEDIT_BENCH_IMAGE_ROLES = ("source", "edited")
 
 
 def _snake(name: str) -> str:
@@ -225,18 +233,9 @@ _FORMAT_LINE = re.compile(
 )
 
 
-def _image_roles(text: str) -> tuple[str, ...]:
-    """The images a REDEdit prompt asks for, from its closing "Below are …" line."""
-    lines = [ln.strip().lower() for ln in text.strip().splitlines() if ln.strip()]
-    tail = lines[-1] if lines else ""
-    if "extracted object" in tail:
-        return ("edited",)
-    if "reference style" in tail or "style reference" in tail:
-        return ("source", "reference", "edited")
-    return ("source", "edited")
-
-
-def _rededit_template(task: str, text: str, origin: str, dimensions, scale) -> JudgeTemplate:
+def _rededit_template(
+    task: str, text: str, origin: str, dimensions, scale, image_roles: tuple[str, ...]
+) -> JudgeTemplate:
     found = [
         (m.group("name").strip(), float(m.group("lo")), float(m.group("hi")))
         for m in _FORMAT_LINE.finditer(text)
@@ -260,7 +259,7 @@ def _rededit_template(task: str, text: str, origin: str, dimensions, scale) -> J
         dimensions=dims,
         keys=tuple(keys),
         scale=tscale,
-        image_roles=_image_roles(text),
+        image_roles=tuple(image_roles),
         origin=origin,
     )
 
@@ -271,6 +270,7 @@ def load_rededit_prompts(
     dimensions: Sequence[str] | None = None,
     scale: tuple[float, float] = (1.0, 5.0),
     name: str = "rededit",
+    image_roles: Sequence[str] = REDEDIT_BENCH_IMAGE_ROLES,
 ) -> PromptSet:
     """Load a REDEdit-Bench ``prompts.json`` (``{task: prompt with <edit_prompt>}``) into a :class:`PromptSet`.
 
@@ -279,6 +279,8 @@ def load_rededit_prompts(
         dimensions: fallback score names for prompts whose response format lists none.
         scale: the scale of those fallback dimensions.
         name: the set's name.
+        image_roles: the images every template is sent with; the official protocol's source + result by
+            default, whatever a prompt's wording says (module docstring).
 
     Returns:
         one template per task; three-dimension prompts are stored under :data:`CANONICAL_DIMENSIONS`.
@@ -298,7 +300,9 @@ def load_rededit_prompts(
     for task, text in data.items():
         if not isinstance(text, str):
             raise ValueError(f"{p} task {task!r}: prompt must be a string, got {type(text).__name__}")
-        templates[task] = _rededit_template(task, text, f"{p.name}:{task}", dimensions, scale)
+        templates[task] = _rededit_template(
+            task, text, f"{p.name}:{task}", dimensions, scale, tuple(image_roles)
+        )
     return PromptSet(templates, name=name)
 
 
