@@ -26,6 +26,8 @@ from rededit.utils.config_checks import ConfigError, remove_unstarted_run
         ("optimizer.lr=-1", r"optimizer\.lr=-1: must be at least 0"),
         ("data.token_budget=0", r"data\.token_budget=0: must be at least 1"),
         ("data.manifest=null", r"data\.manifest is not set.*rededit-data synth"),
+        # A corpus that fills no batch used to "train" zero steps and exit 0.
+        ("data.token_budget=100000000", r"fill no batch of data\.token_budget=100000000"),
         # Lightning takes these from their own groups: a trainer.* value would be silently replaced.
         ("+trainer.strategy=ddp", r"trainer\.strategy is not read.*use strategy="),
         ("+trainer.logger=false", r"trainer\.logger is not read.*logger="),

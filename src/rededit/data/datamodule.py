@@ -24,6 +24,7 @@ from rededit.data.sampler import MultiConditionBucketSampler
 from rededit.data.text_choice import TextMix
 from rededit.data.text_conditioning import TextConditioner
 from rededit.data.uri import allow_outside_root as allow_outside_root_env
+from rededit.utils.config_checks import ConfigError
 from rededit.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -224,6 +225,14 @@ class EditDataModule(L.LightningDataModule):
                 stats.get("merged", 0),
                 stats.get("dropped", 0),
             )
+            if len(self.train_sampler) == 0:
+                # A fit over zero batches "finishes" at once and exits 0 having trained nothing.
+                raise ConfigError(
+                    f"data.manifest={self.manifest_path}: the {len(self.train_manifest)} rows of split "
+                    f"{self.split!r} fill no batch of data.token_budget={self.token_budget} on each of "
+                    f"{world_size} rank(s) ({stats.get('dropped', 0)} dropped as too few per bucket); add rows "
+                    "or lower data.token_budget"
+                )
         if self.val_split is not None and self.val_sampler is None:
             self.val_manifest = select_split(manifest, self.val_split)
             self.val_sampler = self._build_sampler(
