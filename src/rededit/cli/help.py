@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from rededit.utils.paths import CONF_DIR
 
 # Groups added on the command line with ``+group=option`` (not in the primary defaults list).
-ADDED_GROUPS = {"train": ("ablation", "hparams_search")}
+ADDED_GROUPS = {"train": ("ablation",)}
 # Folders of shared fragments that stage files include themselves; not a user choice.
 INTERNAL = {"stage/shared"}
 

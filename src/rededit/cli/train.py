@@ -23,8 +23,19 @@ log = get_logger(__name__)
 entry_help.register()
 
 
+def objective(metrics: dict[str, float], name: str | None) -> float | None:
+    """The value of the configured ``optimized_metric`` (what a Hydra sweeper such as Optuna minimises or
+    maximises; lightning-hydra-template's convention). A name that was never logged is an error that lists
+    what was, not a ``None`` the sweeper fails on later."""
+    if not name:
+        return None
+    if name not in metrics:
+        raise KeyError(f"optimized_metric={name} was not logged by this run; logged: {', '.join(sorted(metrics))}")
+    return float(metrics[name])
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
     try:
         result = run(cfg)
     except ConfigError as err:
@@ -32,6 +43,7 @@ def main(cfg: DictConfig) -> None:
         remove_unstarted_run(cfg.paths.output_dir, PROCESS_START)
         raise SystemExit(report(err, "rededit-train")) from None
     log.info("done: %s", result["metrics"])
+    return objective(result["metrics"], cfg.get("optimized_metric"))
 
 
 if __name__ == "__main__":
