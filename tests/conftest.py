@@ -52,6 +52,9 @@ def compose(overrides: Iterable[str] = (), output_dir: str | Path | None = None,
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
+    from rededit.utils.run_id import register_resolvers
+
+    register_resolvers()  # as rededit.train does on import: ${rededit.run_dir:...} in hydra.run.dir
     overrides = list(overrides)
     if output_dir is not None:
         overrides.append(f"paths.output_dir={output_dir}")

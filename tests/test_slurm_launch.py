@@ -39,8 +39,7 @@ def clean_env(monkeypatch):
 
 
 def _run_dir(tmp_path) -> tuple[str, str]:
-    cfg = compose([], tmp_path, keep_hydra=True)
-    return str(cfg.run_id), OmegaConf.to_container(cfg.hydra.run, resolve=True)["dir"]
+    return _run_dir_with(tmp_path)
 
 
 def test_run_id_is_stable_across_requeues_and_distinct_across_jobs(clean_env, tmp_path) -> None:
@@ -59,6 +58,30 @@ def test_local_run_id_is_the_start_time_and_matches_the_folder(clean_env, tmp_pa
     run_id, run_dir = _run_dir(tmp_path)
     assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", run_id)
     assert run_dir == f"outputs/runs/pretrain/{run_id}"
+
+
+def test_resuming_a_checkpoint_of_a_run_continues_in_that_run_folder(clean_env, tmp_path) -> None:
+    """``ckpt_path=<run>/checkpoints/last.ckpt`` used to resume into a new timestamped folder."""
+    register_resolvers()
+    run = tmp_path / "outputs" / "runs" / "sft" / "2026-01-01_00-00-00"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("stage_name: sft\n")
+    for ckpt in (
+        run / "checkpoints" / "last.ckpt",
+        run / "checkpoints" / "step0000100.ckpt",
+        run / "hpc_ckpt_3.ckpt",
+    ):
+        cfg = compose([f"ckpt_path={ckpt}"], tmp_path, keep_hydra=True)
+        assert OmegaConf.to_container(cfg.hydra.run, resolve=True)["dir"] == str(run), ckpt
+    # Not a rededit run folder (no config.yaml), auto, or no checkpoint: a new run folder as before.
+    for other in (tmp_path / "elsewhere" / "checkpoints" / "x.ckpt", "auto", "null"):
+        run_id, run_dir = _run_dir_with(tmp_path, f"ckpt_path={other}")
+        assert run_dir == f"outputs/runs/pretrain/{run_id}", other
+
+
+def _run_dir_with(tmp_path, *overrides: str) -> tuple[str, str]:
+    cfg = compose(list(overrides), tmp_path, keep_hydra=True)
+    return str(cfg.run_id), OmegaConf.to_container(cfg.hydra.run, resolve=True)["dir"]
 
 
 def test_wandb_id_follows_the_run_folder(clean_env, tmp_path) -> None:

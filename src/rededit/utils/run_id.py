@@ -25,7 +25,7 @@ from typing import Any
 
 from rededit.utils.logging import get_logger
 
-__all__ = ["AUTO", "intact_checkpoint", "register_resolvers", "resolve_ckpt_path", "wandb_id"]
+__all__ = ["AUTO", "intact_checkpoint", "register_resolvers", "resolve_ckpt_path", "run_dir_of", "wandb_id"]
 
 log = get_logger(__name__)
 AUTO = "auto"
@@ -42,12 +42,32 @@ def wandb_id(run_name: Any, output_dir: Any) -> str:
     return f"{name}-{digest}"
 
 
+def run_dir_of(ckpt_path: Any, default: Any) -> str:
+    """The run folder a resumed run continues in: the folder of ``ckpt_path`` when it is a checkpoint of a
+    rededit run (``<run>/checkpoints/<name>`` or Lightning's ``<run>/hpc_ckpt_<n>.ckpt``, beside that run's
+    ``config.yaml``), else ``default`` (a new run folder).
+
+    Without this, ``ckpt_path=<run>/checkpoints/last.ckpt`` resumed into a new timestamped folder and split
+    one run's logs and checkpoints across two folders.
+    """
+    if ckpt_path in (None, "", AUTO, "last", "hpc"):
+        return str(default)
+    path = Path(str(ckpt_path))
+    for run in (path.parent.parent, path.parent) if path.parent.name == "checkpoints" else (path.parent,):
+        if (run / "config.yaml").is_file() and (run != path.parent or path.name.startswith("hpc_ckpt_")):
+            return str(run)
+    return str(default)
+
+
 def register_resolvers() -> None:
-    """Register ``${rededit.wandb_id:<run_name>,<output_dir>}`` (idempotent)."""
+    """Register ``${rededit.wandb_id:<run_name>,<output_dir>}`` and ``${rededit.run_dir:<ckpt_path>,<default>}``
+    (idempotent)."""
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("rededit.wandb_id"):
         OmegaConf.register_new_resolver("rededit.wandb_id", wandb_id)
+    if not OmegaConf.has_resolver("rededit.run_dir"):
+        OmegaConf.register_new_resolver("rededit.run_dir", run_dir_of)
 
 
 def intact_checkpoint(path: str | Path) -> bool:
