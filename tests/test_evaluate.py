@@ -216,7 +216,11 @@ def test_vlm_judge_and_ocr_are_recorded(setup, editor, tmp_path, monkeypatch) ->
     from rededit.scoring.judges.prompts import builtin_prompt_set
 
     monkeypatch.setattr(ocr_module, "build_ocr_backend", lambda name, **kw: FakeOCR())
-    judge = f"judge={{backend:{{_target_:{__name__}.FakeVLM}},prompts:rededit_generic,max_attempts:1}}"
+    # A third of the calls fail here: allow that (the default limit, 0.05, would fail the run).
+    judge = (
+        f"judge={{backend:{{_target_:{__name__}.FakeVLM}},prompts:rededit_generic,max_attempts:1,"
+        "max_failure_rate:0.5}"
+    )
     out = tmp_path / "vlm"
     result = evaluate(_cfg(setup, out, judge, "ocr=fake"), editor=editor)
     assert result["judge_id"] == "fake-vlm"
@@ -271,7 +275,7 @@ def test_redbench_folder_with_its_own_judge_prompts(setup, editor, tmp_path) -> 
     (root / "prompts.json").write_text(json.dumps(prompts))
 
     out = tmp_path / "out"
-    judge = f"judge={{backend:{{_target_:{__name__}.FakeVLM}},prompts:benchmark,max_attempts:1}}"
+    judge = f"judge={{backend:{{_target_:{__name__}.FakeVLM}},prompts:benchmark,max_attempts:1,max_failure_rate:0.5}}"
     cfg = _cfg(setup, out, judge, bench=("eval/benchmark@benchmark=redbench", f"benchmark.folder={root}"))
     result = evaluate(cfg, editor=editor)
     assert result["benchmark"]["name"] == "redbench" and result["benchmark"]["n_items"] == 3
@@ -422,3 +426,71 @@ def test_redbench_public_layout_judges_every_task_and_aggregates_by_category(set
     assert model["overall"]["vlm_prompt_compliance"]["mean"] == pytest.approx(10 / 3)
     assert result["systems"]["identity"]["overall"]["vlm_score"]["mean"] == pytest.approx(10 / 3)
     assert "mean of the categories" in result["judge_aggregation"]
+
+
+def _closed_port_url() -> str:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def test_unreachable_judge_fails_before_the_first_item(setup, tmp_path, monkeypatch, capsys) -> None:
+    """Issue 18: a judge that refused connections was retried for every item and the run exited 0."""
+    url = _closed_port_url()
+    out = tmp_path / "e"
+    judge = (
+        "judge={backend:{_target_:rededit.scoring.judges.vlm.OpenAICompatibleJudge,"
+        f'base_url:"{url}",model:m}}}}'
+    )
+    argv = ["rededit-eval", f"checkpoint={setup['export']}", f"benchmark.manifest_path={setup['manifest']}"]
+    monkeypatch.setattr(sys, "argv", [*argv, f"out_dir={out}", "sampler.steps=1", judge])
+    GlobalHydra.instance().clear()
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code != 0
+    err = capsys.readouterr().err
+    assert f"{url}/chat/completions is unreachable" in err and "Traceback" not in err
+    assert not (out / "images").exists()  # nothing generated, nothing judged
+
+
+def test_judge_failure_rate_above_the_limit_fails_after_the_report(setup, editor, tmp_path) -> None:
+    from rededit.eval.harness import JudgeFailureRateError
+
+    out = tmp_path / "e"
+    judge = (
+        f"judge={{backend:{{_target_:{__name__}.FakeVLM,answer:'no scores here'}},prompts:rededit_generic,"
+        "max_attempts:1,max_failure_rate:0.5}"
+    )
+    with pytest.raises(
+        JudgeFailureRateError, match=r"failure rate 1\.000 .* above judge\.max_failure_rate=0\.5"
+    ):
+        evaluate(_cfg(setup, out, judge, "max_items=2", "metrics.reference_rows=false"), editor=editor)
+    m = json.loads((out / "metrics.json").read_text())  # the report is written first
+    assert m["judge_failures"]["failure_rate"] == 1.0 and m["judge_failures"]["max_failure_rate"] == 0.5
+    assert m["judge_failures"]["judged"] == 2
+    with pytest.raises(ValueError, match="max_failure_rate must be a number in"):
+        bad = judge.replace("max_failure_rate:0.5", "max_failure_rate:2")
+        evaluate(_cfg(setup, tmp_path / "bad", bad, "max_items=1"), editor=editor)
+
+
+def test_configured_metric_that_cannot_be_built_is_an_error(setup, editor, tmp_path, monkeypatch) -> None:
+    """Issue 18: `ocr=` or `judge=` that failed to build was a warning and the metric was left out."""
+    import rededit.scoring.ocr as ocr_module
+    from rededit.eval.harness import MetricUnavailableError
+
+    def missing(name, **kw):
+        raise ImportError("No module named 'easyocr'")
+
+    monkeypatch.setattr(ocr_module, "build_ocr_backend", missing)
+    out = tmp_path / "ocr"
+    with pytest.raises(MetricUnavailableError, match="ocr=easyocr was asked for but cannot be built"):
+        evaluate(_cfg(setup, out, "ocr=easyocr", "max_items=1"), editor=editor)
+    assert not (out / "images").exists()
+    out = tmp_path / "judge"
+    judge = "judge={backend:{_target_:no_such_package.Judge}}"
+    with pytest.raises(MetricUnavailableError, match=r"no_such_package\.Judge was asked for"):
+        evaluate(_cfg(setup, out, judge, "max_items=1"), editor=editor)
+    assert not (out / "images").exists()

@@ -369,3 +369,22 @@ def test_transformers_judge_tiny_model(tiny_qwen_dir, tmp_path):
         TransformersVLMJudge(tmp_path / "missing")
     with pytest.raises(ValueError, match="dtype"):
         TransformersVLMJudge(tiny_qwen_dir, dtype="float99")
+
+
+def test_openai_judge_reachability_check(server):
+    """Issue 18: a refused connection is named up front instead of being retried for every item."""
+    import socket
+
+    from rededit.scoring.judges.vlm import JudgeUnreachableError
+
+    _, url = server
+    OpenAICompatibleJudge(url, "m").check_reachable()  # any HTTP answer (here 501 to GET) is a server
+    OpenAICompatibleJudge.preflight(base_url=url, model="m")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dead = f"http://127.0.0.1:{port}/v1"
+    with pytest.raises(JudgeUnreachableError, match=f"{dead}/chat/completions is unreachable"):
+        OpenAICompatibleJudge.preflight(base_url=dead, model="m")
+    with pytest.raises(JudgeUnreachableError):
+        CachedJudge(OpenAICompatibleJudge(dead, "m"), "unused").check_reachable()

@@ -18,7 +18,8 @@ import hydra
 from omegaconf import DictConfig
 
 from rededit.cli import help as entry_help
-from rededit.eval.harness import evaluate
+from rededit.eval.harness import JudgeFailureRateError, MetricUnavailableError, evaluate
+from rededit.scoring.judges.vlm import JudgeUnreachableError
 from rededit.utils.config_checks import (
     ConfigError,
     check_eval_config,
@@ -33,8 +34,9 @@ entry_help.register()
 
 
 def main() -> None:
-    """Console entry point (``rededit-eval``; Hydra parses the command line). Missing or malformed settings
-    are reported as one sentence naming the key, exit code 2."""
+    """Console entry point (``rededit-eval``; Hydra parses the command line). Missing or malformed settings,
+    a configured metric that cannot be built and a judge endpoint that cannot be reached are reported as one
+    sentence, exit code 2; a judge failure rate above ``judge.max_failure_rate`` exits 1 after the report."""
     missing = missing_cli_keys(sys.argv[1:], ("checkpoint", "out_dir"))
     if missing:
         err = ConfigError(
@@ -50,7 +52,13 @@ def main() -> None:
         except ConfigError as err:
             remove_unstarted_run(cfg.out_dir, PROCESS_START, names=("eval.log", ".hydra"))  # Hydra's log only
             raise SystemExit(report(err, "rededit-eval")) from None
-        result = evaluate(cfg)
+        try:
+            result = evaluate(cfg)
+        except (MetricUnavailableError, JudgeUnreachableError) as err:
+            raise SystemExit(report(err, "rededit-eval")) from None
+        except JudgeFailureRateError as err:
+            print(f"rededit-eval: error: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
         sys.stdout.write(f"rededit-eval: {result['files']['table_md']}\n")
 
     _run()

@@ -31,7 +31,11 @@
      judge scores aggregate as the benchmark's scorer does: item = mean of its dimensions, category = mean
      of its items, overall = mean of the categories (:func:`summarize_by_category`).
 
-   A metric whose module is missing is skipped with a warning and listed in ``metrics.json``.
+   Every metric the user configured (``ocr``, ``judge``) is built, or its endpoint reached, before the first
+   edit is generated, and one that cannot be is an error; only a default-on metric whose optional module
+   is missing (``metrics.programmatic``) is skipped with a warning and listed in ``metrics.json``. A judge
+   whose endpoint stops answering stops the run; one whose failure rate (failed calls / judged edits) ends
+   above ``judge.max_failure_rate`` (default 0.05) fails the run after the report is written.
 3. **Report** (all atomic): ``metrics.json`` (per category and overall; mean ± std over seeds; checkpoint
    sha256, benchmark hash, judge id and prompt-template hash, sampler settings, package versions),
    ``table.md`` / ``table.csv`` (per category: model, identity, ground truth), ``chart.png``,
@@ -309,6 +313,8 @@ class VLMScorer:
             )
             scores = resp.scores if resp.ok else None
             if not scores:
+                if str(resp.error).startswith("backend:") and hasattr(self.judge, "check_reachable"):
+                    self.judge.check_reachable()  # a server that went away stops the run, not every item
                 return {"vlm_failed": 1.0, "vlm_error": str(resp.error)}
             out.update({f"vlm_{k}": float(v) for k, v in scores.items()})
         if self.gedit:
@@ -483,45 +489,109 @@ def combine_seeds(per_seed: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- runner
+class MetricUnavailableError(RuntimeError):
+    """A metric the user asked for (``ocr=``, ``judge=``) cannot be built: the evaluation stops before it
+    generates anything instead of reporting without it."""
+
+
+class JudgeFailureRateError(RuntimeError):
+    """More judge calls failed than ``judge.max_failure_rate`` allows; raised after the report is written."""
+
+
+DEFAULT_MAX_FAILURE_RATE = 0.05
+
+
 def _build_scorers(cfg: DictConfig, bench: Any) -> tuple[Scorers, dict[str, Any]]:
-    """Metric functions from the config; a missing optional module skips that metric with a warning."""
+    """Metric functions from the config, built before any edit is generated.
+
+    A metric the user configured (``ocr``, ``judge``) that cannot be built is an error
+    (:class:`MetricUnavailableError`); only a default-on metric whose optional module is missing
+    (``metrics.programmatic``) is skipped with a warning and listed in ``skipped_metrics``. The VLM judge is
+    only checked here (:func:`preflight_judge`: its class imports, its settings hold, its endpoint answers);
+    :func:`attach_judge` builds it after generation, so a local judge model never shares memory with the
+    editor.
+    """
     sc = Scorers(reference=bool(cfg.metrics.get("reference", True)))
     judge_info: dict[str, Any] = {"judge_id": None, "prompt_template_hash": None, "programmatic": None}
     if cfg.get("ocr"):
+        node = cfg.ocr
+        name = node if isinstance(node, str) else node.get("name")
         try:
             from rededit.scoring.ocr import build_ocr_backend
 
-            node = cfg.ocr
             if isinstance(node, str):
                 sc.ocr = build_ocr_backend(node)
             else:
                 kw = OmegaConf.to_container(node, resolve=True)
                 sc.ocr = build_ocr_backend(kw.pop("name"), **kw)
-        except ImportError as err:
-            log.warning("OCR metric skipped: %s", err)
-            sc.skipped["ocr"] = str(err)
+        except Exception as err:  # asked for by the user: never skipped
+            raise MetricUnavailableError(
+                f"ocr={name} was asked for but cannot be built ({type(err).__name__}: {err}); install its "
+                "extra (pip install -e .[ocr]) or drop ocr="
+            ) from err
     if cfg.metrics.get("programmatic", True) and bench.has_ground_truth:
         try:
             from rededit.scoring.judges.programmatic import judge
 
             sc.programmatic = judge
             judge_info["programmatic"] = "rededit.scoring.judges.programmatic"
-        except ImportError as err:
+        except ImportError as err:  # on by default: a missing optional module skips it
             log.warning("programmatic judges skipped: %s", err)
             sc.skipped["programmatic"] = str(err)
     if cfg.get("judge"):
-        node = OmegaConf.to_container(cfg.judge, resolve=True)
-        try:
-            sc.vlm = build_vlm_scorer(node, bench, Path(cfg.out_dir))
-        except ImportError as err:
-            log.warning("VLM judge skipped: %s", err)
-            sc.skipped["vlm"] = str(err)
-        else:
-            sc.vlm_reference_rows = bool(node.get("reference_rows", True))
-            judge_info["judge_id"] = sc.vlm.judge.judge_id
-            judge_info["prompt_template_hash"] = sc.vlm.prompts.set_hash
-            judge_info["judge_prompts"] = sc.vlm.prompts.describe()
+        preflight_judge(OmegaConf.to_container(cfg.judge, resolve=True))
     return sc, judge_info
+
+
+def max_failure_rate(node: Mapping[str, Any]) -> float:
+    """``judge.max_failure_rate`` (default :data:`DEFAULT_MAX_FAILURE_RATE`), checked to lie in [0, 1]."""
+    value = node.get("max_failure_rate", DEFAULT_MAX_FAILURE_RATE)
+    try:
+        rate = float(DEFAULT_MAX_FAILURE_RATE if value is None else value)
+    except (TypeError, ValueError):
+        rate = math.nan
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"judge.max_failure_rate must be a number in [0, 1], got {value!r}")
+    return rate
+
+
+def preflight_judge(node: Mapping[str, Any]) -> None:
+    """Check a ``judge`` node before anything is generated: a backend ``_target_`` that imports, a valid
+    ``max_failure_rate``, and the backend's own :meth:`~rededit.scoring.judges.vlm.VLMJudge.preflight` (an
+    OpenAI-compatible endpoint must answer: :class:`~rededit.scoring.judges.vlm.JudgeUnreachableError`
+    names it otherwise)."""
+    from hydra.utils import get_class
+
+    backend = node.get("backend")
+    if not isinstance(backend, Mapping) or not backend.get("_target_"):
+        raise ValueError(
+            "judge: needs a `backend` node with a _target_ (e.g. rededit.scoring.judges.vlm.OpenAICompatibleJudge)"
+        )
+    max_failure_rate(node)
+    target = str(backend["_target_"])
+    try:
+        cls = get_class(target)
+    except Exception as err:
+        raise MetricUnavailableError(
+            f"judge.backend._target_={target} was asked for but cannot be imported ({err})"
+        ) from err
+    check = getattr(cls, "preflight", None)
+    if callable(check):
+        check(**{k: v for k, v in backend.items() if not str(k).startswith("_")})
+
+
+def attach_judge(sc: Scorers, judge_info: dict[str, Any], cfg: DictConfig, bench: Any) -> None:
+    """Build the configured VLM judge into ``sc`` (after generation); a failure to build is an error."""
+    node = OmegaConf.to_container(cfg.judge, resolve=True)
+    try:
+        sc.vlm = build_vlm_scorer(node, bench, Path(cfg.out_dir))
+    except ImportError as err:
+        raise MetricUnavailableError(f"judge was asked for but cannot be built: {err}") from err
+    sc.vlm.judge.check_reachable()  # the endpoint may have gone away while the edits were generated
+    sc.vlm_reference_rows = bool(node.get("reference_rows", True))
+    judge_info["judge_id"] = sc.vlm.judge.judge_id
+    judge_info["prompt_template_hash"] = sc.vlm.prompts.set_hash
+    judge_info["judge_prompts"] = sc.vlm.prompts.describe()
 
 
 def _prompt_set(spec: str, bench: Any) -> Any:
@@ -562,11 +632,24 @@ def build_vlm_scorer(node: Mapping[str, Any], bench: Any, out_dir: Path) -> VLMS
     return VLMScorer(judge, prompts, gedit=prompts.name == "gedit")
 
 
-def _judge_failures(scorers: Scorers) -> dict[str, Any] | None:
+def judge_failure_rate(rows: Mapping[str, Any]) -> tuple[float | None, int]:
+    """Fraction of judged rows (model and reference rows) whose judge call failed, and how many were judged."""
+    flat = [r for seed_rows in rows["model"].values() for r in seed_rows]
+    flat += list(rows["identity"]) + list(rows["ground_truth"])
+    flags = [float(r["vlm_failed"]) for r in flat if r.get("vlm_failed") is not None]
+    return (sum(flags) / len(flags) if flags else None), len(flags)
+
+
+def _judge_failures(scorers: Scorers, rows: Mapping[str, Any], limit: float) -> dict[str, Any] | None:
     judge = scorers.vlm.judge if scorers.vlm is not None else None
-    if judge is None or not hasattr(judge, "stats"):
+    if judge is None:
         return None
-    return {"stats": dict(judge.stats), "failed": [dataclasses.asdict(f) for f in judge.failed][:1000]}
+    rate, judged = judge_failure_rate(rows)
+    out: dict[str, Any] = {"failure_rate": rate, "judged": judged, "max_failure_rate": limit}
+    if hasattr(judge, "stats"):
+        out["stats"] = dict(judge.stats)
+        out["failed"] = [dataclasses.asdict(f) for f in judge.failed][:1000]
+    return out
 
 
 def evaluate(cfg: DictConfig, *, editor: Any = None, bench: Any = None) -> dict[str, Any]:
@@ -602,6 +685,10 @@ def evaluate(cfg: DictConfig, *, editor: Any = None, bench: Any = None) -> dict[
         bench = instantiate(cfg.benchmark, _partial_=True)(
             category_map=cmap if cmap is not None else "default"
         )
+    # Every metric the user asked for is built (or its endpoint reached) before the editor is loaded and
+    # hours go into generation.
+    scorers, judge_info = _build_scorers(cfg, bench)
+    failure_limit = max_failure_rate(cfg.judge) if cfg.get("judge") else None
     device = cfg.get("device") or "auto"
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -664,7 +751,8 @@ def evaluate(cfg: DictConfig, *, editor: Any = None, bench: Any = None) -> dict[
     )
     log.info("generated %d new edits into %s", n_new, out_dir / "images")
 
-    scorers, judge_info = _build_scorers(cfg, bench)
+    if scorers.vlm is None and cfg.get("judge"):
+        attach_judge(scorers, judge_info, cfg, bench)
     rows, grid = score_edits(
         bench,
         out_dir,
@@ -692,7 +780,7 @@ def evaluate(cfg: DictConfig, *, editor: Any = None, bench: Any = None) -> dict[
         "benchmark": {**bench.describe(), "max_items": cfg.get("max_items")},
         **judge_info,
         "ocr_backend": repr(scorers.ocr) if scorers.ocr is not None else None,
-        "judge_failures": _judge_failures(scorers),
+        "judge_failures": _judge_failures(scorers, rows, failure_limit),
         "sampler": sampler,
         "versions": package_versions(),
         "skipped_metrics": scorers.skipped,
@@ -729,4 +817,12 @@ def evaluate(cfg: DictConfig, *, editor: Any = None, bench: Any = None) -> dict[
         samples=str(out_dir / "samples.json"),
     )
     log.info("rededit-eval: report in %s", out_dir / "table.md")
+    jf = result["judge_failures"]
+    if jf is not None and jf["failure_rate"] is not None and jf["failure_rate"] > jf["max_failure_rate"]:
+        raise JudgeFailureRateError(
+            f"judge failure rate {jf['failure_rate']:.3f} over {jf['judged']} judged edits is above "
+            f"judge.max_failure_rate={jf['max_failure_rate']:g}: the judge scores in {out_dir / 'table.md'} "
+            "rest on too few answers (the failed calls are listed in metrics.json judge_failures; answers "
+            "are cached, so a re-run asks only for the failed ones)"
+        )
     return {**json_safe(result), "files": files}

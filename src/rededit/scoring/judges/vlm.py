@@ -49,6 +49,7 @@ __all__ = [
     "JudgeError",
     "JudgeFailure",
     "JudgeResponse",
+    "JudgeUnreachableError",
     "OpenAICompatibleJudge",
     "TransformersVLMJudge",
     "VLMJudge",
@@ -74,6 +75,11 @@ class JudgeError(RuntimeError):
     def __init__(self, message: str, retryable: bool = True):
         super().__init__(message)
         self.retryable = retryable
+
+
+class JudgeUnreachableError(RuntimeError):
+    """The judge's endpoint cannot be reached at all (connection refused, unknown host, timed out): no item
+    could be judged, so an evaluation stops instead of retrying every item and reporting a failure rate of 1."""
 
 
 @dataclass(frozen=True)
@@ -170,6 +176,21 @@ class VLMJudge(abc.ABC):
     @abc.abstractmethod
     def generate(self, images: Sequence[Image.Image], prompt: str) -> str:
         """One backend call: the raw answer to ``prompt`` with ``images`` placed after the text."""
+
+    def check_reachable(self) -> None:
+        """Raise :class:`JudgeUnreachableError` when the backend cannot answer at all (a remote endpoint that
+        refuses connections); local backends have nothing to check."""
+        return None
+
+    @classmethod
+    def preflight(cls, **kwargs: object) -> None:
+        """Cheap checks of a backend's settings *before* it is built (an evaluation runs them before it spends
+        hours generating edits, and builds the judge, which may load a large model, only afterwards).
+
+        Args:
+            kwargs: the constructor's arguments, as configured.
+        """
+        return None
 
     def score(
         self,
@@ -322,6 +343,11 @@ class CachedJudge(VLMJudge):
     def generate(self, images: Sequence[Image.Image], prompt: str) -> str:
         self.stats["backend_calls"] += 1
         return self.judge.generate(images, prompt)
+
+    def check_reachable(self) -> None:
+        check = getattr(self.judge, "check_reachable", None)
+        if check is not None:
+            check()
 
     def failure_records(self) -> list[dict]:
         """The failed items as JSON-able dicts (for the run's ``judge_failures.json``)."""
@@ -591,6 +617,12 @@ class TransformersVLMJudge(VLMJudge):
         # keys); pass weights_id for a human-readable label such as "Qwen2.5-VL-72B-Instruct".
         self._judge_id = f"transformers:{fingerprint_folder(self.path)}:{dtype_name}{extra}"
 
+    @classmethod
+    def preflight(cls, **kwargs: object) -> None:
+        path = Path(str(kwargs.get("path")))
+        if not path.is_dir():
+            raise FileNotFoundError(f"judge model folder not found: {path}")
+
     @property
     def judge_id(self) -> str:
         return self._judge_id
@@ -693,6 +725,35 @@ class OpenAICompatibleJudge(VLMJudge):
     @property
     def judge_id(self) -> str:
         return f"openai-compatible:{self.model}" + (f"@{self.judge_version}" if self.judge_version else "")
+
+    @classmethod
+    def preflight(cls, **kwargs: object) -> None:
+        cls(**kwargs).check_reachable()  # building the client is free: no model is loaded
+
+    def check_reachable(self, timeout: float = 10.0) -> None:
+        """One ``GET <base_url>/models`` through the same opener (and proxy rules) as the judge calls: any HTTP
+        answer, even an error status, proves a server is listening; a transport failure raises.
+
+        Raises:
+            JudgeUnreachableError: naming the endpoint and the transport error.
+        """
+        url = self.url.removesuffix("/chat/completions") + "/models"
+        headers = {}
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        req = urllib.request.Request(url, headers=headers, method="GET")
+        try:
+            with self._opener.open(req, timeout=min(self.timeout, timeout)):
+                pass
+        except urllib.error.HTTPError:
+            return  # the server answered
+        except (urllib.error.URLError, TimeoutError, OSError, http.client.HTTPException) as err:
+            reason = getattr(err, "reason", err)
+            raise JudgeUnreachableError(
+                f"judge endpoint {self.url} is unreachable ({reason}): start the server or fix "
+                "judge.backend.base_url"
+            ) from err
 
     @property
     def decoding(self) -> dict:
