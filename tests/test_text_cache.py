@@ -306,3 +306,23 @@ def test_image_encoder_keys_follow_reference_content(tmp_path, capsys):
         encode_with_cache(enc, text, hashes[2:3], cache)  # c.png was never cached
     miss, _ = encode_with_cache(enc, text, hashes[2:3], cache, images=images[2:3], write_back=True)
     assert not torch.allclose(miss, hit) and len(cache) == 3
+
+
+def test_training_finds_the_cache_encode_text_writes_by_default(minilm, tmp_path, caplog):
+    """``encode-text`` without ``--cache`` writes beside the manifest and ``data.text_cache=auto`` (the
+    default) reads it; ``null`` with a cache there trains online and says so. Before, the README's
+    ``encode-text ... --cache outputs/data/text_cache`` then ``rededit-train`` silently ignored the cache."""
+    from rededit.data.text_cache import default_cache_dir, resolve_cache_dir
+
+    (tmp_path / "corpus").mkdir()
+    manifest = _manifest(tmp_path / "corpus" / "manifest.parquet")
+    assert resolve_cache_dir("auto", manifest) is None  # nothing there yet: online
+    args = ["encode-text", "--manifest", str(manifest), "--max-length", "32", "--no-validate"]
+    assert data_main(args) == 0
+    beside = default_cache_dir(manifest)
+    assert beside == tmp_path / "corpus" / "text_cache" and len(TextEmbeddingCache(beside)) > 0
+    assert resolve_cache_dir("auto", manifest) == str(beside)
+    assert resolve_cache_dir(tmp_path / "other", manifest) == str(tmp_path / "other")
+    with caplog.at_level("WARNING", logger="rededit"):
+        assert resolve_cache_dir(None, manifest) is None
+    assert "encoding every text online although" in caplog.text and str(beside) in caplog.text

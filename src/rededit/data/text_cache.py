@@ -52,6 +52,36 @@ FORMAT_VERSION = 1
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors$")
 
 
+AUTO = "auto"
+DEFAULT_DIRNAME = "text_cache"
+
+
+def default_cache_dir(manifest: str | Path) -> Path:
+    """Where ``rededit-data encode-text`` writes a manifest's cache unless told otherwise: ``text_cache/``
+    beside the manifest, so training finds it with ``data.text_cache=auto`` (the default)."""
+    return Path(manifest).parent / DEFAULT_DIRNAME
+
+
+def resolve_cache_dir(setting: str | Path | None, manifest: str | Path) -> str | None:
+    """The cache folder a run reads: ``setting`` itself, or for ``auto`` the manifest's
+    :func:`default_cache_dir` when it exists (else none: every text is encoded online).
+
+    A run told ``null`` while a cache sits beside its manifest says so once: it trains correctly (every
+    text is encoded online) but pays the encoder on every step.
+    """
+    beside = default_cache_dir(manifest)
+    if setting is None:
+        if beside.is_dir():
+            log.warning("data.text_cache=null: encoding every text online although %s holds a cache", beside)
+        return None
+    if str(setting) == AUTO:
+        if beside.is_dir():
+            log.info("text embeddings: the cache beside the manifest, %s (misses are encoded online)", beside)
+            return str(beside)
+        return None
+    return str(setting)
+
+
 def text_cache_key(
     cache_id: str, text: str, reference_hashes: Sequence[str], max_length: int, dtype: str
 ) -> str:
