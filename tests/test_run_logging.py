@@ -5,6 +5,9 @@ pipe, as in a SLURM ``.out`` file or CI) is shared by the tests below:
 
 * Hydra's job log ``<run>/train.log`` holds the run's rededit messages (the loggers propagate), and a rank
   above 0 is silenced by the rank-zero filter.
+* Outside a terminal the progress is periodic lines with step/total, loss, samples/s and ETA, written while
+  the run goes (not one frame at the end); the epoch display never shows a negative total; long data and
+  evaluation commands show their totals the same way.
 """
 
 from __future__ import annotations
@@ -61,3 +64,141 @@ def test_rank_above_zero_is_filtered(monkeypatch, caplog) -> None:
     log.info("asked for every rank", extra={"all_ranks": True})
     messages = [r.getMessage() for r in caplog.records if r.name == "rededit.test_rank_filter"]
     assert messages == ["from rank zero", "asked for every rank"]
+
+
+# ------------------------------------------------------------------------------------------------ progress
+def test_cli_run_outside_a_terminal_prints_progress_lines(cli_run) -> None:
+    run, proc = cli_run
+    lines = [ln for ln in proc.stdout.splitlines() if "train step: " in ln]
+    assert any(f"train step: 1/{STEPS} " in ln for ln in lines), proc.stdout[-2000:]
+    assert any(f"train step: {STEPS}/{STEPS} (100%)" in ln for ln in lines)
+    assert all("samples/s" in ln and "ETA" in ln and "loss " in ln for ln in lines)
+    assert "/-" not in proc.stdout and "\r" not in proc.stdout  # no negative epoch total, no redrawn frames
+    assert "train step: 1/" in (run / "train.log").read_text()  # the job log has the progress too
+
+
+def test_line_progress_is_written_while_training(tiny_module, tmp_path) -> None:
+    """Every step's line exists when that step ends (a later callback looks), not only after fit."""
+    import lightning as L
+
+    from conftest import tiny_loader, tiny_trainer
+    from rededit.callbacks.progress import LineProgressBar
+
+    bar = LineProgressBar(every_n_seconds=0)
+    seen: list[int] = []
+
+    class Look(L.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            seen.append(len(bar.lines))
+            assert bar.lines[-1].startswith(f"train step: {trainer.global_step}/6 ")
+
+    trainer = tiny_trainer(tmp_path, [bar, Look()], max_steps=6, enable_progress_bar=True)
+    trainer.fit(tiny_module(), train_dataloaders=tiny_loader(n=8, batch_size=2))
+    assert seen == [1, 2, 3, 4, 5, 6]
+    assert "epoch 1 " in bar.lines[-2] and "/-" not in " ".join(bar.lines)  # 4 batches/epoch, max_epochs=-1
+    assert "samples/s" in bar.lines[0] and "ETA" in bar.lines[0]
+    assert bar.lines[-1].startswith("training done: 6 steps")
+
+
+def test_epoch_display_has_no_negative_total(tmp_path) -> None:
+    import lightning as L
+
+    from rededit.callbacks.progress import LineProgressBar, RichBar, epoch_label, progress_bar
+
+    by_steps = L.Trainer(max_steps=50, max_epochs=-1, logger=False, default_root_dir=tmp_path)
+    by_epochs = L.Trainer(max_epochs=3, logger=False, default_root_dir=tmp_path)
+    assert epoch_label(by_steps, 1) == "Epoch 1"
+    assert epoch_label(by_epochs, 1) == "Epoch 1/2"
+    bar = RichBar()
+    bar._trainer = by_steps
+    assert bar._get_train_description(1).strip() == "Epoch 1"
+    assert isinstance(progress_bar("lines"), LineProgressBar) and isinstance(progress_bar("rich"), RichBar)
+    assert isinstance(progress_bar("auto"), LineProgressBar)  # pytest captures stdout: not a terminal
+
+
+def _progress_lines(caplog, prefix: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "rededit.progress" and r.getMessage().startswith(prefix)
+    ]
+
+
+def test_progress_outside_a_terminal_logs_lines_with_totals(caplog) -> None:
+    from rededit.utils.progress import Progress, track
+
+    caplog.set_level(logging.INFO, logger="rededit.progress")
+    seen = []
+    for _ in track(range(4), desc="count", unit="rows", every_s=0, terminal=False):
+        seen.append(len(_progress_lines(caplog, "count:")))  # lines so far, while the loop runs
+    assert seen == [0, 1, 2, 3]  # a line after every item (every_s=0), the last one at the end
+    lines = _progress_lines(caplog, "count:")
+    assert lines[0].startswith("count: 1/4 (25%) | ") and "rows/s" in lines[0] and "ETA" in lines[0]
+    assert lines[-1].startswith("count: 4/4 (100%)") and len(lines) == 4
+    with Progress(10, "resumed", every_s=3600, terminal=False, initial=6) as bar:
+        bar.update(4)
+    assert _progress_lines(caplog, "resumed:") == [_progress_lines(caplog, "resumed:")[0]]
+    assert _progress_lines(caplog, "resumed:")[0].startswith("resumed: 10/10 (100%)")
+
+
+def test_progress_in_a_terminal_is_a_tqdm_bar(caplog, capsys) -> None:
+    from rededit.utils.progress import track
+
+    caplog.set_level(logging.INFO, logger="rededit.progress")
+    assert list(track(range(3), desc="bar", terminal=True)) == [0, 1, 2]
+    assert not _progress_lines(caplog, "bar")  # no log lines: tqdm drew it
+    assert "3/3" in capsys.readouterr().err
+
+
+def test_long_commands_show_their_totals(tmp_path, monkeypatch, caplog) -> None:
+    """synth, encode-text and rededit-eval's generation log ``k/total`` lines outside a terminal."""
+    from rededit.cli.data_encode_text import encode_manifest
+    from rededit.data.manifest import Manifest
+    from rededit.data.text_cache import TextEmbeddingCache
+    from rededit.datagen.synth.writer import synthesize
+
+    monkeypatch.setenv("REDEDIT_PROGRESS_SECONDS", "0")
+    caplog.set_level(logging.INFO, logger="rededit.progress")
+    manifest = synthesize(tmp_path / "corpus", n=3, seed=0, bench_n=2, min_side=64, max_side=64)
+    synth = _progress_lines(caplog, "synth:")
+    assert synth[0].startswith("synth: 1/5 ") and synth[-1].startswith("synth: 5/5 (100%)")
+
+    class FakeEncoder:  # encode_manifest's interface; the real encoders are tested in test_text_encoder.py
+        cache_id, dtype_name, uses_images, max_length, dim = "fake", "float32", False, 8, 4
+
+        def encode_sequences(self, texts, images=None):
+            import torch
+
+            return [torch.zeros(2, 4) for _ in texts]
+
+    m = Manifest.open(manifest, validate=False)
+    encode_manifest(m, FakeEncoder(), TextEmbeddingCache(tmp_path / "cache", cache_id="fake"))
+    enc = _progress_lines(caplog, "encode-text:")
+    assert enc[0].startswith(f"encode-text: 1/{len(m)} ") and enc[-1].startswith(
+        f"encode-text: {len(m)}/{len(m)}"
+    )
+
+
+def test_eval_generation_shows_its_total(tmp_path, monkeypatch, caplog) -> None:
+    from conftest import untrained_tiny_export
+    from rededit.datagen.synth.writer import synthesize
+    from rededit.eval.benchmarks import SyntheticBench
+    from rededit.eval.harness import generate_edits
+    from rededit.inference.editor import load_editor
+    from rededit.inference.sizing import sizes_fn
+
+    monkeypatch.setenv("REDEDIT_PROGRESS_SECONDS", "0")
+    caplog.set_level(logging.INFO, logger="rededit.progress")
+    manifest = synthesize(tmp_path / "corpus", n=1, seed=0, bench_n=3, min_side=64, max_side=64)
+    editor = load_editor(untrained_tiny_export(tmp_path))
+    bench = SyntheticBench(manifest)
+    kwargs = dict(seeds=[0, 1], sizes=sizes_fn(editor, None), steps=1, cfg_scale=1.0, negative_prompt="")
+    assert generate_edits(editor, bench, tmp_path / "eval", batch_size=2, max_items=2, **kwargs) == 4
+    lines = _progress_lines(caplog, "generate:")
+    assert lines[0].startswith("generate: 1/4 (25%)") and lines[-1].startswith("generate: 4/4 (100%)")
+    caplog.clear()
+    assert (
+        generate_edits(editor, bench, tmp_path / "eval", batch_size=2, max_items=3, **kwargs) == 2
+    )  # resumed
+    lines = _progress_lines(caplog, "generate:")
+    assert lines[0].startswith("generate: 5/6 ") and lines[-1].startswith("generate: 6/6 (100%)")

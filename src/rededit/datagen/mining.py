@@ -38,6 +38,7 @@ from rededit.datagen.preference import (
 )
 from rededit.scoring.judges.programmatic import bench_sample
 from rededit.utils.logging import get_logger
+from rededit.utils.progress import track
 
 log = get_logger(__name__)
 
@@ -120,7 +121,7 @@ def mine_hard(
     counts = {"kept": 0, "scored": 0, "resumed": 0}
     n = len(src) if limit is None else min(len(src), int(limit))
     reward.eval()
-    for i in range(n):
+    for i in track(range(n), desc="mine-hard", unit="rows"):
         row = src.row(i)
         if row["id"] in done:
             counts["resumed"] += 1

@@ -45,6 +45,7 @@ from rededit.inference.sizing import editor_buckets, sizes_fn
 from rededit.scoring.judges.programmatic import JUDGES, bench_sample, judge
 from rededit.utils.io import atomic_path
 from rededit.utils.logging import get_logger
+from rededit.utils.progress import track
 
 log = get_logger(__name__)
 
@@ -186,7 +187,7 @@ def make_pairs(
     done = read_decisions(log_path)
     counts = {"kept": 0, "dropped": 0, "resumed": 0}
     n = len(src) if limit is None else min(len(src), int(limit))
-    for i in range(n):
+    for i in track(range(n), desc="make-pairs", unit="rows"):
         row = src.row(i)
         if row["id"] in done:
             counts["resumed"] += 1

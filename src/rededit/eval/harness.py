@@ -78,6 +78,7 @@ from rededit.scoring.judges.vlm import CachedJudge, g_overall
 from rededit.scoring.ocr_metric import ocr_scores
 from rededit.utils.io import atomic_write_text, json_safe, write_json
 from rededit.utils.logging import get_logger
+from rededit.utils.progress import Progress, track
 
 log = get_logger(__name__)
 
@@ -184,6 +185,8 @@ def generate_edits(
     out_dir = Path(out_dir)
     n = len(bench) if max_items is None else min(len(bench), int(max_items))
     written = 0
+    exists = sum(image_path(out_dir, s, bench.records[i]["id"]).is_file() for i in range(n) for s in seeds)
+    bar = Progress(n * len(seeds), "generate", unit="edits", initial=exists)  # totals, also outside a terminal
     for lo in range(0, n, chunk_size):
         window = list(range(lo, min(lo + chunk_size, n)))
         todo = {
@@ -198,12 +201,15 @@ def generate_edits(
         }
         for seed in seeds:
             requests = [edit_request(prep[i]) for i in todo[seed] if prep[i] is not None]
+            bar.update(len(todo[seed]) - len(requests))  # unreadable items: recorded in `failed`
             kwargs = dict(steps=steps, cfg_scale=cfg_scale, negative_prompt=negative_prompt)
             for batch, pred in iter_edits(editor, requests, seed=seed, batch_size=batch_size, **kwargs):
                 for j, k in enumerate(batch):
                     save_image(tensor_to_pil(pred[j]), image_path(out_dir, seed, requests[k].id))
                     written += 1
+                bar.update(len(batch))
             log.info("seed %d: %d new edits in items %d..%d", seed, len(requests), window[0], window[-1])
+    bar.close()
     return written
 
 
@@ -357,7 +363,7 @@ def score_edits(
     rows: dict[str, Any] = {"model": {s: [] for s in seeds}, "identity": [], "ground_truth": []}
     grid: dict[str, list[dict[str, Any]]] = defaultdict(list)
     missing = 0
-    for i in range(n):
+    for i in track(range(n), desc="score", unit="items"):
         p = prepare_or_record(bench, i, sizes, language, failed)
         if p is None:
             continue

@@ -47,7 +47,9 @@ TRUSTED_TARGETS = frozenset(
     }
 )
 # rededit functions a preset names as a `_target_` (everything else under rededit. must be a class).
-TRUSTED_REDEDIT_FUNCTIONS = frozenset({"rededit.parallel.parallelize.block_classes"})
+TRUSTED_REDEDIT_FUNCTIONS = frozenset(
+    {"rededit.parallel.parallelize.block_classes", "rededit.callbacks.progress.progress_bar"}
+)
 
 
 class UntrustedConfigError(ValueError):

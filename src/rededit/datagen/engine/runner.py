@@ -51,6 +51,7 @@ from rededit.datagen.engine.stage import (
 )
 from rededit.utils.io import atomic_path, atomic_write_text
 from rededit.utils.logging import get_logger
+from rededit.utils.progress import track
 
 log = get_logger(__name__)
 
@@ -338,17 +339,19 @@ class PipelineRunner:
         if not jobs:
             return
         if self.backend == "ray":
-            self._run_ray(stage, jobs)
+            self._run_ray(stage, jobs)  # Ray Data shows its own progress
         elif self.workers <= 1:
             stage.setup()
-            for job in jobs:
+            for job in track(jobs, desc=f"pipeline {stage.name}", unit="partitions"):
                 run_job(stage, job)
         else:
             blob = pickle.dumps(stage)
             ctx = get_context(self.mp_context)
             n = min(self.workers, len(jobs))
             with ProcessPoolExecutor(n, mp_context=ctx, initializer=_worker_init, initargs=(blob,)) as pool:
-                for _ in pool.map(_worker_run, jobs):
+                for _ in track(
+                    pool.map(_worker_run, jobs), len(jobs), f"pipeline {stage.name}", unit="partitions"
+                ):
                     pass
 
     def _run_ray(self, stage: EngineStage, jobs: list[PartitionJob]) -> None:

@@ -36,6 +36,7 @@ from rededit.datagen.synth.scene import BACKGROUND_KINDS, OBJECT_SIZE
 from rededit.datagen.synth.tasks import BUILDERS, TASKS, Sample, SynthConfig
 from rededit.utils.io import atomic_path, atomic_write_bytes
 from rededit.utils.logging import get_logger
+from rededit.utils.progress import Progress
 from rededit.utils.seeding import derive_seed, numpy_rng
 
 log = get_logger(__name__)
@@ -290,16 +291,18 @@ def synthesize(
     ]
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    if workers <= 1:
-        for k, job in enumerate(jobs):
-            rows.extend(_run_job(job))
-            if (k + 1) % 200 == 0:
-                log.info("synth: %d/%d samples (%.1f s)", k + 1, len(jobs), time.perf_counter() - t0)
-    else:
-        # spawn, not fork: the parent may hold torch / thread pools that do not survive a fork.
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            for part in pool.map(_run_job, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers) or 1))):
-                rows.extend(part)
+    with Progress(len(jobs), "synth", unit="samples") as bar:
+        if workers <= 1:
+            for job in jobs:
+                rows.extend(_run_job(job))
+                bar.update()
+        else:
+            # spawn, not fork: the parent may hold torch / thread pools that do not survive a fork.
+            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+                chunk = max(1, min(16, len(jobs) // (4 * workers) or 1))
+                for part in pool.map(_run_job, jobs, chunksize=chunk):
+                    rows.extend(part)
+                    bar.update()
     table = pa.Table.from_pylist(rows, schema=manifest_schema())
     path = out / MANIFEST_NAME
     with atomic_path(path) as tmp:
