@@ -19,7 +19,7 @@ Source residual (optional, ``source_residual=True``, x0-prediction only): the ne
 *change* ``x̂0 − z_ref1`` and the source latent of Picture 1 (resized to the target's latent grid when the
 shapes differ, zero for T2I) is added back. References still enter as tokens, so multi-reference editing
 is unchanged; the residual only makes "leave unedited pixels alone" the zero-output default, which a
-2.6M-parameter CPU model otherwise spends most of its budget learning (DEMO-FEASIBILITY.md). Off by
+2.6M-parameter CPU model otherwise spends most of its budget learning (docs/demo-design.md). Off by
 default and off in the ``qwen_image`` preset (Qwen-Image-Edit has no such path).
 
 Text masking: ``text_mask`` is passed as ``encoder_hidden_states_mask``; diffusers 0.42.1 turns it into a
@@ -97,7 +97,7 @@ class EditBackbone(nn.Module):
             checks that the preset agrees with the VAE.
         zero_cond_t: condition reference tokens on ``σ = 0`` (see module doc).
         prediction: ``"v"`` (default; what Qwen-Image is trained for) or ``"x0"``: the network output is read
-            as ``x̂0`` and converted to ``v = (x_t − x̂0) / max(σ, x0_sigma_min)`` (DEMO-FEASIBILITY: helps
+            as ``x̂0`` and converted to ``v = (x_t − x̂0) / max(σ, x0_sigma_min)`` (docs/demo-design.md: helps
             tiny CPU models whose token width exceeds the hidden width).
         x0_sigma_min: ``σ_min`` of the x0 conversion. Let ``σ_c = max(σ, σ_min)``; the output is
             ``v̂ = (x_t − x̂0)/σ_c``. Without the floor ``v̂`` and a v-space loss blow up as ``1/σ`` near clean
