@@ -8,6 +8,7 @@ pipe, as in a SLURM ``.out`` file or CI) is shared by the tests below:
 * Outside a terminal the progress is periodic lines with step/total, loss, samples/s and ETA, written while
   the run goes (not one frame at the end); the epoch display never shows a negative total; long data and
   evaluation commands show their totals the same way.
+* The resolved config reaches every logger as hyperparameters (``logs/hparams.yaml`` is not ``{}``).
 """
 
 from __future__ import annotations
@@ -202,3 +203,17 @@ def test_eval_generation_shows_its_total(tmp_path, monkeypatch, caplog) -> None:
     )  # resumed
     lines = _progress_lines(caplog, "generate:")
     assert lines[0].startswith("generate: 5/6 ") and lines[-1].startswith("generate: 6/6 (100%)")
+
+
+# ---------------------------------------------------------------------------------------- hyperparameters
+def test_resolved_config_is_logged_as_hyperparameters(cli_run) -> None:
+    import yaml
+
+    run, _ = cli_run
+    hparams = yaml.safe_load((run / "logs" / "hparams.yaml").read_text())
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert hparams["optimizer"]["lr"] == config["optimizer"]["lr"] == 1.0e-4
+    assert (
+        hparams["trainer"]["max_steps"] == STEPS and hparams["data"]["manifest"] == config["data"]["manifest"]
+    )
+    assert hparams["paths"]["output_dir"] == str(run)  # resolved, not ${hydra:runtime.output_dir}

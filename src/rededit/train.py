@@ -27,6 +27,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from rededit.callbacks.ema import EMA
+from rededit.callbacks.loggers import log_config
 from rededit.callbacks.preemption import PreemptionCheckpoint
 from rededit.parallel.file_checkpoint_io import AtomicCheckpointIO
 from rededit.parallel.parallelize import full_state_dict, is_sharded
@@ -174,6 +175,7 @@ def _run(cfg: DictConfig, out_dir: Path, progress: dict[str, Any]) -> dict[str, 
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     model, datamodule, trainer = build(cfg)
+    log_config(trainer, cfg, model, datamodule)  # hparams.yaml, TensorBoard HPARAMS, the wandb run config
     progress["trainer"] = trainer
     # ckpt_path=auto: this run folder's last.ckpt if any (a requeued job resumes itself). weights_only:
     # a checkpoint is data, never code (issue 7, safety).
