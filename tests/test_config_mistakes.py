@@ -118,3 +118,17 @@ def test_rededit_eval_cli_names_missing_settings(tmp_path) -> None:
     assert r.returncode == 2, r.stderr[-2000:]
     assert "benchmark.manifest_path not set" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "e2").exists()
+
+
+def test_unstarted_run_cleanup_takes_back_the_empty_parents_hydra_made(tmp_path, monkeypatch) -> None:
+    """A first run that fails left ``outputs/runs/<run_name>/`` behind, empty."""
+    import time
+
+    since = time.time() - 1
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "keep").mkdir(parents=True)  # the user's: outputs/ stays
+    run_dir = tmp_path / "outputs" / "runs" / "demo_pretrain" / "2026-01-01_00-00-00"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("x")
+    assert remove_unstarted_run(run_dir, since)
+    assert not (tmp_path / "outputs" / "runs").exists() and (tmp_path / "outputs" / "keep").is_dir()

@@ -168,6 +168,9 @@ def remove_unstarted_run(out_dir: str | os.PathLike, since: float, names: Sequen
     Nothing is removed when the folder holds a checkpoint (a resumed run's folder is the user's work) or
     anything besides those files and the run lock.
 
+    Parents left empty by that, below the working directory (``outputs/runs/<run_name>`` of a first run),
+    are removed too.
+
     Returns:
         whether ``out_dir`` itself was removed.
     """
@@ -194,4 +197,12 @@ def remove_unstarted_run(out_dir: str | os.PathLike, since: float, names: Sequen
         out.rmdir()  # only if empty
     except OSError:
         return False
+    # Hydra made the parents too (outputs/runs/<run_name>/): take back those left empty, below the cwd.
+    cwd, parent = Path.cwd().resolve(), out.resolve().parent
+    while parent != cwd and cwd in parent.parents:
+        try:
+            parent.rmdir()  # only if empty
+        except OSError:
+            break
+        parent = parent.parent
     return True
