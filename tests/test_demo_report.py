@@ -86,3 +86,60 @@ def test_loss_csv_reading_and_errors(setup, tmp_path) -> None:
     assert (tmp_path / "l.png").stat().st_size > 0
     with pytest.raises(FileNotFoundError):
         read_loss_csv(tmp_path / "missing")
+
+
+def test_demo_report_and_rededit_eval_give_the_same_numbers(setup, tmp_path) -> None:
+    """Issue 18: the demo report and rededit-eval disagreed on one checkpoint (PSNR outside 19.90 vs 23.03 dB).
+    On the same items (first k per task), seed and steps, every per-edit and per-task number is the same."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from rededit.eval.demo_report import build_demo_report
+    from rededit.eval.harness import evaluate
+    from rededit.inference.editor import load_editor
+    from rededit.utils.paths import CONF_DIR
+
+    editor = load_editor(setup["export"])
+    demo = build_demo_report(editor, setup["manifest"], tmp_path / "demo", max_per_task=2, steps=2, seed=0)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "eval",
+            overrides=[
+                f"checkpoint={setup['export']}",
+                f"benchmark.manifest_path={setup['manifest']}",
+                "benchmark.max_per_task=2",
+                f"out_dir={tmp_path / 'eval'}",
+                "sampler.steps=2",
+                "sampler.seeds=[0]",
+                "metrics.reference_rows=false",
+            ],
+        )
+    result = evaluate(cfg, editor=editor)
+    rows = {r["id"]: r for r in json.loads((tmp_path / "eval" / "samples.json").read_text())}
+    keys = (
+        "psnr_outside",
+        "edit_region_error",
+        "identity_error",
+        "error_ratio",
+        "psnr",
+        "ssim",
+        "l1",
+        "success",
+    )
+
+    def same(a, b) -> bool:
+        return (a is None and b is None) or (
+            a is not None and b is not None and a == pytest.approx(b, rel=1e-9)
+        )
+
+    assert {s["id"] for s in demo["samples"]} == set(rows)
+    assert any(s["psnr_outside"] is not None for s in demo["samples"])
+    for s in demo["samples"]:
+        for k in keys:
+            assert same(s.get(k), rows[s["id"]].get(k)), (s["id"], k, s.get(k), rows[s["id"]].get(k))
+    categories = result["systems"]["model"]["categories"]
+    for task, st in demo["tasks"].items():
+        (category,) = {r["category"] for r in rows.values() if r["task"] == task}
+        for k in keys:
+            assert same(st.get(k), categories[category][k]["mean"]), (task, k)

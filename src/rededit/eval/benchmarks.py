@@ -63,6 +63,7 @@ __all__ = [
     "REDEditBench",
     "SyntheticBench",
     "safe_id",
+    "synthetic_item",
 ]
 
 _SAFE = re.compile(r"[^A-Za-z0-9._/-]")
@@ -386,25 +387,15 @@ class SyntheticBench(Benchmark):
         return [resolve_uri(u, self.manifest.root) for u in self._uris(self.manifest.row(rec["row"]))]
 
     def _load(self, rec: dict[str, Any]) -> BenchItem:
-        row = self.manifest.row(rec["row"])
-        root = self.manifest.root
-        boxes = row.get("object_boxes")
-        refs = [load_image(u, root) for u in row["references"]]
-        order = self._new_order(len(refs))
-        if order is not None:
-            refs = [refs[j] for j in order]
-        item = BenchItem(
+        item = synthetic_item(self.manifest, rec["row"], self.category_of(rec["task"]))
+        order = self._new_order(len(item.references))
+        item = dataclasses.replace(
+            item,
             id=rec["id"],
-            task=rec["task"],
-            category=self.category_of(rec["task"]),
             instruction=rec["instruction"],
             instruction_zh=rec["instruction_zh"],
-            references=refs,
-            target=load_image(row["target"], root),
-            edit_mask=load_image(row["edit_mask"], root, mode="L") if row.get("edit_mask") else None,
-            ocr_target=row.get("ocr_target"),
-            object_boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4) if boxes else None,
-            meta={"source": row.get("source"), "manifest_row": rec["row"], "reference_order": order},
+            references=item.references if order is None else [item.references[j] for j in order],
+            meta={**item.meta, "reference_order": order},
         )
         if self._rs is None:
             return item
@@ -414,6 +405,34 @@ class SyntheticBench(Benchmark):
             for s in self._rs.resolutions[self._rs.assign(np.asarray(hw, dtype=np.int64))]
         ]
         return item.resized(dst[0], dst[1:])
+
+
+def synthetic_item(manifest: Manifest, i: int, category: str | None = None) -> BenchItem:
+    """Row ``i`` of a synthetic manifest as a :class:`BenchItem` at native sizes (what :class:`SyntheticBench`
+    yields before its optional reference reordering and bucket resize), for callers that pick their own rows:
+    the demo report and the training sample grids score the same items as ``rededit-eval`` through it.
+
+    Args:
+        manifest: the opened manifest.
+        i: row index.
+        category: the item's category (default: its task).
+    """
+    row = manifest.row(i)
+    root = manifest.root
+    boxes = row.get("object_boxes")
+    return BenchItem(
+        id=safe_id(row["id"]),
+        task=str(row["task"]),
+        category=category or str(row["task"]),
+        instruction=row.get("instruction") or "",
+        instruction_zh=row.get("instruction_zh"),
+        references=[load_image(u, root) for u in row["references"]],
+        target=load_image(row["target"], root),
+        edit_mask=load_image(row["edit_mask"], root, mode="L") if row.get("edit_mask") else None,
+        ocr_target=row.get("ocr_target"),
+        object_boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4) if boxes else None,
+        meta={"source": row.get("source"), "manifest_row": i, "reference_order": None},
+    )
 
 
 # ------------------------------------------------------------------------------------------- REDEdit

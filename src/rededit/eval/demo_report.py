@@ -7,8 +7,12 @@
 :func:`build_demo_report` edits up to ``max_per_task`` rows of every task of the ``bench`` split with the
 editor (through the edit loop of :mod:`rededit.inference.edit_loop`, every image cover-resized to the bucket its sample maps to in the
 editor's training bucket set, ``data.buckets``, eq. (1) of the report via
-:meth:`~rededit.data.buckets.ResolutionSet.assign`), scores them with :mod:`rededit.scoring.edit_metrics`, and
-writes into ``out_dir`` (each file atomically):
+:meth:`~rededit.data.buckets.ResolutionSet.assign`), and scores them with ``rededit-eval``'s own code: items
+are prepared by :func:`rededit.eval.harness.prepare`, each edit is scored as its saved 8-bit image by
+:func:`rededit.eval.harness.score_one` (:func:`rededit.scoring.edit_metrics.reference_metrics` and the
+programmatic judge) and aggregated by :func:`rededit.eval.harness.summarize`, so a task's numbers here equal
+``rededit-eval``'s for the same items (``benchmark.max_per_task`` = ``--max-per-task``, same seed and steps).
+It writes into ``out_dir`` (each file atomically):
 
 * ``grid.png``: rows = samples (``grid_per_task`` of every task), columns source (Picture 1; blank for
   text-to-image) | instruction | edit | ground truth;
@@ -30,10 +34,8 @@ outside ≥ 25 dB (global edits, whose mask is the whole image, are checked on t
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
-import textwrap
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -41,19 +43,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
-from rededit.data.dataset import object_boxes_at
-from rededit.data.images import load_image, resize_to_bucket, to_tensor
+from rededit.data.images import to_tensor
 from rededit.data.manifest import Manifest
+from rededit.eval.benchmarks import synthetic_item
+from rededit.eval.harness import Scorers, prepare, score_one, summarize
+from rededit.eval.tables import render_grid
 from rededit.eval.text_following import colour_text_following
 from rededit.inference.edit_loop import EditRequest
 from rededit.inference.edit_loop import run_edits as run_edit_loop
 from rededit.inference.editor import EditorLoadError, load_editor
 from rededit.inference.images import save_image, tensor_to_pil
 from rededit.inference.sizing import editor_buckets, sizes_fn
-from rededit.scoring.edit_metrics import METRIC_KEYS, aggregate, aggregate_by_task, edit_metrics
-from rededit.scoring.judges.programmatic import bench_sample, judge
+from rededit.scoring.judges.programmatic import judge
 from rededit.utils.io import atomic_path, atomic_write_text, json_safe, write_json
 from rededit.utils.logging import get_logger
 
@@ -89,44 +91,25 @@ def select_rows(manifest: Any, split: str, max_per_task: int) -> list[int]:
     return rows
 
 
-def _instruction(row: Mapping[str, Any]) -> str:
-    for col in ("instruction", "caption", "caption_original"):
-        if row.get(col):
-            return str(row[col])
-    return ""
-
-
 def load_samples(manifest: Any, rows: Sequence[int], sizes) -> list[dict[str, Any]]:
-    """Bench rows as tensors at their bucket sizes (target, references, mask ``[1, 1, H, W]`` or None)."""
+    """Bench rows prepared exactly as ``rededit-eval`` prepares its items
+    (:func:`rededit.eval.benchmarks.synthetic_item` → :func:`rededit.eval.harness.prepare`: the same resize,
+    mask, boxes, instruction and identity baseline), as sample dicts: ``id``, ``task``, ``text``, ``target``,
+    ``references``, ``mask`` ``[1, H, W]`` or None, ``boxes``, ``key`` and ``prepared`` (the harness's item)."""
     samples = []
     for i in rows:
-        row = manifest.row(i)
-        hw = [(row["target_height"], row["target_width"])]
-        hw += list(zip(row["reference_heights"], row["reference_widths"]))
-        dst = [tuple(int(v) for v in s) for s in sizes(hw)]
-        (th, tw), ref_hws = dst[0], dst[1:]
-        target = to_tensor(resize_to_bucket(load_image(row["target"], manifest.root), th, tw))
-        refs = [
-            to_tensor(resize_to_bucket(load_image(uri, manifest.root), h, w))
-            for uri, (h, w) in zip(row["references"], ref_hws)
-        ]
-        boxes = object_boxes_at(row, (th, tw))
-        mask = None
-        if row.get("edit_mask"):
-            m_img = resize_to_bucket(load_image(row["edit_mask"], manifest.root, mode="L"), th, tw, "nearest")
-            mask = (to_tensor(m_img, mask=True) > 0.5).float()
+        p = prepare(synthetic_item(manifest, i), sizes)
         samples.append(
             {
-                "id": row["id"],
-                "task": row["task"],
-                "text": _instruction(row),
-                "target": target,
-                "references": refs,
-                "mask": mask,
-                "boxes": boxes,
-                "key": (row["task"], (th, tw), tuple(ref_hws)),
-                "row": row,
-                "root": manifest.root,
+                "id": p.item.id,
+                "task": p.item.task,
+                "text": p.text,
+                "target": p.target,
+                "references": p.refs,
+                "mask": p.mask,
+                "boxes": p.item.object_boxes,
+                "key": (p.item.task, p.hw, tuple(tuple(r.shape[1:]) for r in p.refs)),
+                "prepared": p,
             }
         )
     return samples
@@ -174,112 +157,12 @@ def run_edits(
         s["pred"] = pred
     if not score:
         return
-    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    # rededit-eval's scoring of one edit (reference metrics, programmatic judge; text without OCR), on the
+    # edit as rededit-eval reads it back: its 8-bit PNG. Same item, same edit, same numbers.
+    scorers = Scorers(reference=True, programmatic=judge)
     for s in samples:
-        groups[s["key"]].append(s)
-    for (_, (h, w), _), group in groups.items():
-        for lo in range(0, len(group), batch_size):
-            batch = group[lo : lo + batch_size]
-            pred = torch.stack([s["pred"] for s in batch])
-            gt = torch.stack([s["target"] for s in batch])
-            masks = [s["mask"] if s["mask"] is not None else torch.ones(1, h, w) for s in batch]
-            # Identity baseline only where Picture 1 has the target's bucket shape.
-            refs0 = [s["references"][0] for s in batch] if batch[0]["references"] else []
-            source = torch.stack(refs0) if refs0 and refs0[0].shape == gt.shape[1:] else None
-            m = edit_metrics(pred, gt, torch.stack(masks), source=source)
-            for j, s in enumerate(batch):
-                s["metrics"] = {k: float(m[k][j]) for k in METRIC_KEYS}
-                s["metrics"]["success"] = _judged(pred[j], s, (h, w))
-
-
-def _rate(values: Sequence[float]) -> tuple[float | None, int]:
-    """Mean of the decided values (NaN = undecided) and how many there were."""
-    vals = [v for v in values if math.isfinite(v)]
-    return (sum(vals) / len(vals) if vals else None), len(vals)
-
-
-def _judged(pred: torch.Tensor, sample: Mapping[str, Any], hw: tuple[int, int]) -> float:
-    """The synthetic bench's programmatic judge on one edit: 1.0 pass, 0.0 fail, NaN undecided (or no row).
-
-    Text is judged without OCR here (region closeness on the glyph mask); ``rededit-eval`` reads it with OCR.
-    """
-    if sample.get("row") is None:
-        return math.nan
-    result = judge(pred, bench_sample(sample["row"], sample["root"], hw), None)
-    return float(result.passed) if result.defined else math.nan
-
-
-# -------------------------------------------------------------------------------------------- grid
-def _font(size: int, bold: bool = False) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    import matplotlib
-
-    path = (
-        Path(matplotlib.get_data_path())
-        / "fonts"
-        / "ttf"
-        / ("DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf")
-    )
-    return ImageFont.truetype(str(path), size) if path.is_file() else ImageFont.load_default()
-
-
-def _wrap(text: str, font: Any, width: int) -> list[str]:
-    lines: list[str] = []
-    for para in text.splitlines() or [""]:
-        line = ""
-        for word in para.split():
-            trial = f"{line} {word}".strip()
-            if font.getlength(trial) <= width or not line:
-                line = trial
-            else:
-                lines.append(line)
-                line = word
-        lines.append(line)
-    return lines
-
-
-def _fit(x: torch.Tensor | None, cell: int) -> Image.Image:
-    """Image tensor scaled (nearest: tiny images stay readable) to fit a ``cell × cell`` white square."""
-
-    canvas = Image.new("RGB", (cell, cell), "white")
-    if x is None:
-        return canvas
-    img = tensor_to_pil(x)
-    s = cell / max(img.size)
-    img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.Resampling.NEAREST)
-    canvas.paste(img, ((cell - img.width) // 2, (cell - img.height) // 2))
-    return canvas
-
-
-def render_grid(
-    samples: Sequence[Mapping[str, Any]], *, cell: int = 112, text_width: int = 260
-) -> Image.Image:
-    """Rows = samples; columns: source (Picture 1 or blank) | task + instruction | edit | ground truth."""
-    pad, header = 4, 22
-    font, bold = _font(11), _font(12, bold=True)
-    widths = [cell, text_width, cell, cell]
-    total_w = sum(widths) + pad * (len(widths) + 1)
-    grid = Image.new("RGB", (total_w, header + len(samples) * (cell + pad) + pad), "white")
-    draw = ImageDraw.Draw(grid)
-    xs = np.cumsum([pad] + [w + pad for w in widths[:-1]]).tolist()
-    for x, title in zip(xs, ("Picture 1", "instruction", "edit", "ground truth")):
-        draw.text((x, 4), title, fill="black", font=bold)
-    for r, s in enumerate(samples):
-        y = header + r * (cell + pad)
-        grid.paste(_fit(s["references"][0] if s["references"] else None, cell), (xs[0], y))
-        grid.paste(_fit(s.get("pred"), cell), (xs[2], y))
-        grid.paste(_fit(s["target"], cell), (xs[3], y))
-        m = s.get("metrics", {})
-        ratio, po = m.get("error_ratio"), m.get("psnr_outside")
-        stats = f"ratio {ratio:.2f}" if ratio is not None and math.isfinite(ratio) else ""
-        if po is not None and math.isfinite(po):
-            stats += f"  PSNR out {po:.1f} dB"
-        draw.text((xs[1], y), f"{s['task']}  {stats}".strip(), fill=(160, 0, 0), font=bold)
-        lines = _wrap(s["text"], font, text_width)
-        max_lines = (cell - 16) // 13
-        if len(lines) > max_lines:
-            lines = [*lines[: max_lines - 1], textwrap.shorten(" ".join(lines[max_lines - 1 :]), 40) + " …"]
-        draw.multiline_text((xs[1], y + 16), "\n".join(lines), fill="black", font=font, spacing=2)
-    return grid
+        saved = to_tensor(tensor_to_pil(s["pred"]))
+        s["metrics"] = score_one(saved, s["prepared"], scorers)
 
 
 # ------------------------------------------------------------------------------------------ curves
@@ -559,9 +442,11 @@ def build_demo_report(
         ),
     )
     per_sample = [{"id": s["id"], "task": s["task"], **s["metrics"]} for s in samples]
-    tasks = aggregate_by_task(per_sample)
+    by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in per_sample:
+        by_task[r["task"]].append(r)
+    tasks = {task: summarize(by_task[task]) for task in sorted(by_task)}  # rededit-eval's aggregation
     for task, st in tasks.items():
-        st["success"], st["success_count"] = _rate([r["success"] for r in per_sample if r["task"] == task])
         st["goal"] = goal_check(task, st)
     result: dict[str, Any] = {
         "settings": {
@@ -579,7 +464,7 @@ def build_demo_report(
             "buckets": buckets,
         },
         "tasks": tasks,
-        "overall": aggregate(per_sample),
+        "overall": summarize(per_sample),
         "text_following": following,
         "goal": goal_summary(tasks, following),
         "samples": json_safe(per_sample),

@@ -58,13 +58,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rededit.data.images import resize_to_bucket, to_tensor
-from rededit.eval.demo_report import render_grid
 from rededit.eval.provenance import check_generation_settings, checkpoint_hash, package_versions
 from rededit.eval.tables import (
     category_order,
     display_category,
     plot_chart,
     render_csv,
+    render_grid,
     render_markdown,
 )
 from rededit.flow.path import QWEN_IMAGE_SCHEDULER
@@ -72,7 +72,7 @@ from rededit.inference.edit_loop import EditRequest, iter_edits
 from rededit.inference.editor import load_editor
 from rededit.inference.images import save_image, tensor_to_pil
 from rededit.inference.sizing import bucket_max_area, editor_buckets, sizes_fn
-from rededit.scoring.edit_metrics import METRIC_KEYS, aggregate, edit_metrics, to_unit
+from rededit.scoring.edit_metrics import METRIC_KEYS, aggregate, reference_metrics
 from rededit.scoring.judges.prompts import BUILTIN_PROMPT_SETS, builtin_prompt_set, load_rededit_prompts
 from rededit.scoring.judges.vlm import CachedJudge, g_overall
 from rededit.scoring.ocr_metric import ocr_scores
@@ -186,7 +186,9 @@ def generate_edits(
     n = len(bench) if max_items is None else min(len(bench), int(max_items))
     written = 0
     exists = sum(image_path(out_dir, s, bench.records[i]["id"]).is_file() for i in range(n) for s in seeds)
-    bar = Progress(n * len(seeds), "generate", unit="edits", initial=exists)  # totals, also outside a terminal
+    bar = Progress(
+        n * len(seeds), "generate", unit="edits", initial=exists
+    )  # totals, also outside a terminal
     for lo in range(0, n, chunk_size):
         window = list(range(lo, min(lo + chunk_size, n)))
         todo = {
@@ -246,16 +248,7 @@ def score_one(pred: torch.Tensor, p: Prepared, scorers: Scorers, *, use_vlm: boo
     out: dict[str, Any] = {}
     it = p.item
     if scorers.reference and p.target is not None:
-        from torchmetrics.functional.image import structural_similarity_index_measure
-
-        src = p.source[None] if p.source is not None else None
-        m = edit_metrics(pred[None], p.target[None], p.mask[None] if p.mask is not None else None, source=src)
-        out.update({k: float(v[0]) for k, v in m.items()})
-        out["ssim"] = float(
-            structural_similarity_index_measure(
-                to_unit(pred[None]).float(), to_unit(p.target[None]).float(), data_range=1.0
-            )
-        )
+        out.update(reference_metrics(pred, p.target, p.mask, p.source))
     if scorers.programmatic is not None and p.target is not None:
         try:
             res = scorers.programmatic(pred, _judge_sample(p), ocr=scorers.ocr)

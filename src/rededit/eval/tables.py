@@ -1,16 +1,22 @@
-"""The benchmark report's tables and chart: per category, the model beside the identity baseline and the
-ground truth (``table.md``, ``table.csv``, ``chart.png``)."""
+"""The benchmark report's tables and figures: per category, the model beside the identity baseline and the
+ground truth (``table.md``, ``table.csv``, ``chart.png``), and the edit grids shared by ``rededit-eval``, the
+demo report and the training sample grids (:func:`render_grid`)."""
 
 from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Mapping
+import math
+import textwrap
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
 
+from rededit.inference.images import tensor_to_pil
 from rededit.utils.io import atomic_path
 
 SYSTEMS = ("model", "identity", "ground_truth")
@@ -184,3 +190,76 @@ def plot_chart(systems: Mapping[str, Any], cmap: Any, out_png: Path) -> Path:
     finally:
         plt.close(fig)
     return out_png
+
+
+# -------------------------------------------------------------------------------------------- grids
+def _font(size: int, bold: bool = False) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    import matplotlib
+
+    path = (
+        Path(matplotlib.get_data_path())
+        / "fonts"
+        / "ttf"
+        / ("DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf")
+    )
+    return ImageFont.truetype(str(path), size) if path.is_file() else ImageFont.load_default()
+
+
+def _wrap(text: str, font: Any, width: int) -> list[str]:
+    lines: list[str] = []
+    for para in text.splitlines() or [""]:
+        line = ""
+        for word in para.split():
+            trial = f"{line} {word}".strip()
+            if font.getlength(trial) <= width or not line:
+                line = trial
+            else:
+                lines.append(line)
+                line = word
+        lines.append(line)
+    return lines
+
+
+def _fit(x: torch.Tensor | None, cell: int) -> Image.Image:
+    """Image tensor scaled (nearest: tiny images stay readable) to fit a ``cell × cell`` white square."""
+
+    canvas = Image.new("RGB", (cell, cell), "white")
+    if x is None:
+        return canvas
+    img = tensor_to_pil(x)
+    s = cell / max(img.size)
+    img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.Resampling.NEAREST)
+    canvas.paste(img, ((cell - img.width) // 2, (cell - img.height) // 2))
+    return canvas
+
+
+def render_grid(
+    samples: Sequence[Mapping[str, Any]], *, cell: int = 112, text_width: int = 260
+) -> Image.Image:
+    """Rows = samples; columns: source (Picture 1 or blank) | task + instruction | edit | ground truth."""
+    pad, header = 4, 22
+    font, bold = _font(11), _font(12, bold=True)
+    widths = [cell, text_width, cell, cell]
+    total_w = sum(widths) + pad * (len(widths) + 1)
+    grid = Image.new("RGB", (total_w, header + len(samples) * (cell + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    xs = np.cumsum([pad] + [w + pad for w in widths[:-1]]).tolist()
+    for x, title in zip(xs, ("Picture 1", "instruction", "edit", "ground truth")):
+        draw.text((x, 4), title, fill="black", font=bold)
+    for r, s in enumerate(samples):
+        y = header + r * (cell + pad)
+        grid.paste(_fit(s["references"][0] if s["references"] else None, cell), (xs[0], y))
+        grid.paste(_fit(s.get("pred"), cell), (xs[2], y))
+        grid.paste(_fit(s["target"], cell), (xs[3], y))
+        m = s.get("metrics", {})
+        ratio, po = m.get("error_ratio"), m.get("psnr_outside")
+        stats = f"ratio {ratio:.2f}" if ratio is not None and math.isfinite(ratio) else ""
+        if po is not None and math.isfinite(po):
+            stats += f"  PSNR out {po:.1f} dB"
+        draw.text((xs[1], y), f"{s['task']}  {stats}".strip(), fill=(160, 0, 0), font=bold)
+        lines = _wrap(s["text"], font, text_width)
+        max_lines = (cell - 16) // 13
+        if len(lines) > max_lines:
+            lines = [*lines[: max_lines - 1], textwrap.shorten(" ".join(lines[max_lines - 1 :]), 40) + " …"]
+        draw.multiline_text((xs[1], y + 16), "\n".join(lines), fill="black", font=font, spacing=2)
+    return grid

@@ -8,7 +8,11 @@ The issue's quality bar for the demo editor (held-out bench split, every edit ta
 * **PSNR outside the edit region** between ``pred`` and ``gt``; goal ``≥ 25 dB``.
 
 plus the MagicBrush / Emu Edit pixel metrics over the whole image (``l1`` = mean absolute difference,
-``l2`` = mean squared difference) and full-image PSNR.
+``l2`` = mean squared difference), full-image PSNR and SSIM.
+
+:func:`reference_metrics` is the one per-edit computation behind every report that scores edits against a
+ground truth (``rededit-eval`` through :func:`rededit.eval.harness.score_one`, the demo report, the training
+sample grids), so the same edit gets the same numbers everywhere.
 
 Conventions: inputs are ``[B, 3, H, W]`` in [-1, 1] (the VAE range); every metric is computed on images
 mapped to [0, 1] (the MagicBrush/Emu Edit protocol), so PSNR uses ``data_range = 1`` (equivalently data
@@ -30,7 +34,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
-from torchmetrics.functional.image import peak_signal_noise_ratio
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 PSNR_CAP = 100.0
 _MSE_FLOOR = 10 ** (-PSNR_CAP / 10)  # PSNR = 10·log10(1 / MSE) ≤ PSNR_CAP on [0, 1] images
@@ -147,6 +151,36 @@ def edit_metrics(
         out["identity_psnr_outside"] = masked_psnr(source, gt, 1 - mask)
     out["error_ratio"] = out["edit_region_error"] / out["identity_error"]
     return {k: out[k] for k in METRIC_KEYS}
+
+
+def reference_metrics(
+    pred: torch.Tensor,
+    gt: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    source: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Every reference metric of one edit: :func:`edit_metrics` (:data:`METRIC_KEYS`, NaN where undefined)
+    plus ``ssim`` (torchmetrics, data range 1 on [0, 1] images).
+
+    Args:
+        pred: the edit ``[3, H, W]`` in [-1, 1], as it is saved (8-bit) when it is compared with a saved one.
+        gt: the ground truth ``[3, H, W]`` in [-1, 1].
+        mask: edit region ``[1, H, W]`` in {0, 1}; ``None`` = the whole image.
+        source: the identity baseline's image ``[3, H, W]`` (Picture 1 at the output size) or ``None``.
+    """
+    m = edit_metrics(
+        pred[None],
+        gt[None],
+        mask[None] if mask is not None else None,
+        source[None] if source is not None else None,
+    )
+    out = {k: float(v[0]) for k, v in m.items()}
+    out["ssim"] = float(
+        structural_similarity_index_measure(
+            to_unit(pred[None]).float(), to_unit(gt[None]).float(), data_range=1.0
+        )
+    )
+    return out
 
 
 def _finite_mean(values: list[float]) -> tuple[float | None, int]:
