@@ -38,6 +38,6 @@ def log_config(trainer: L.Trainer, cfg: DictConfig | Mapping[str, Any], *modules
     for module in modules:
         if module is not None and not getattr(module, "hparams_initial", None):
             module._log_hyperparams = False  # Lightning's switch (save_hyperparameters(logger=False) sets it)
-    for lg in trainer.loggers:
+    for lg in getattr(trainer, "loggers", ()):  # a stand-in trainer (tests) may have none
         lg.log_hyperparams(params)
     return params
