@@ -1,4 +1,5 @@
-"""The ``sample_images`` callback writes edit grids of held-out samples during training."""
+"""The ``sample_images`` callback writes edit grids of held-out samples during training (PNG files, and images in
+TensorBoard / wandb when those loggers are on)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,13 @@ from PIL import Image
 
 from conftest import FAST, compose, read_step_metric, train_overrides
 from rededit.train import run
+
+try:
+    import tensorboard  # noqa: F401  (the .[tensorboard] extra)
+
+    TENSORBOARD = True
+except ImportError:
+    TENSORBOARD = False
 
 
 def test_sample_grids_are_written_every_n_steps_and_at_the_end(tiny_corpus, tmp_path) -> None:
@@ -22,10 +30,20 @@ def test_sample_grids_are_written_every_n_steps_and_at_the_end(tiny_corpus, tmp_
         "callbacks.sample_images.every_n_steps=2",
         "callbacks.sample_images.steps=2",
     ]
+    if TENSORBOARD:  # the grids also go to TensorBoard (make venv installs the extra)
+        overrides.append("logger=[csv,tensorboard]")
     cfg = compose(overrides, tmp_path)
     run(cfg)
     grids = sorted(p.name for p in (tmp_path / "samples").glob("*.png"))
     assert grids == ["step0000002.png", "step0000003.png"]
+    if TENSORBOARD:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0}).Reload()
+        images = events.Images("samples/grid")
+        assert [im.step for im in images] == [2, 3]
+        with Image.open(tmp_path / "samples" / grids[-1]) as img:
+            assert (images[-1].width, images[-1].height) == img.size
     with Image.open(tmp_path / "samples" / grids[-1]) as img:
         assert img.width > 300 and img.height > 100
     # Training-time validation numbers: per-category judge success and preservation, logged and saved.
@@ -34,6 +52,50 @@ def test_sample_grids_are_written_every_n_steps_and_at_the_end(tiny_corpus, tmp_
     assert any(k.startswith("val/success_") for k in scores)
     logged = read_step_metric(tmp_path, "val/success")
     assert 2 in logged and all(0.0 <= v <= 1.0 for v in logged.values())
+
+
+def test_grids_go_to_the_image_loggers_only() -> None:
+    """``log_image`` sends a grid to TensorBoard (``add_image``) and wandb (``log_image``), never to CSV; fake
+    loggers of the real classes, so this holds without either package installed."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+    from rededit.callbacks.loggers import log_image
+
+    calls: list[tuple] = []
+
+    class FakeTB(TensorBoardLogger):
+        def __init__(self) -> None:
+            pass
+
+        @property
+        def experiment(self):
+            return SimpleNamespace(
+                add_image=lambda tag, img, global_step, dataformats: calls.append(
+                    ("tb", tag, img.shape, global_step, dataformats)
+                )
+            )
+
+    class FakeWandb(WandbLogger):
+        def __init__(self) -> None:
+            pass
+
+        def log_image(self, key, images, step=None, **kwargs) -> None:
+            calls.append(("wandb", key, images[0].size, step, kwargs["caption"]))
+
+    class FakeCSV(CSVLogger):
+        def __init__(self) -> None:
+            pass
+
+    grid = Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8))
+    trainer = SimpleNamespace(loggers=[FakeCSV(), FakeTB(), FakeWandb()])
+    assert log_image(trainer, "samples/grid", grid, 7, caption="step 7") == ["tensorboard", "wandb"]
+    assert calls == [
+        ("tb", "samples/grid", (20, 30, 3), 7, "HWC"),
+        ("wandb", "samples/grid", (30, 20), 7, ["step 7"]),
+    ]
 
 
 @pytest.mark.slow

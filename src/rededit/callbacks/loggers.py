@@ -5,6 +5,8 @@
   The stages keep no ``save_hyperparameters`` of their own (their arguments are built objects, not settings),
   so Lightning's own hyperparameter call at fit start is switched off instead of logging an empty set over
   this one.
+* :func:`log_image`: a picture (the sample grids of :mod:`rededit.callbacks.sample_images`) to every logger
+  that can show one (TensorBoard, wandb); the CSV logger cannot and is skipped.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
+import numpy as np
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from rededit.utils.logging import get_logger
@@ -41,3 +45,21 @@ def log_config(trainer: L.Trainer, cfg: DictConfig | Mapping[str, Any], *modules
     for lg in getattr(trainer, "loggers", ()):  # a stand-in trainer (tests) may have none
         lg.log_hyperparams(params)
     return params
+
+
+def log_image(trainer: L.Trainer, key: str, image: Any, step: int, caption: str | None = None) -> list[str]:
+    """Log a PIL image (or ``[H, W, 3]`` uint8 array) to the TensorBoard and wandb loggers of ``trainer``.
+
+    Returns:
+        the names of the loggers that received it.
+    """
+    array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+    sent = []
+    for lg in trainer.loggers:
+        if isinstance(lg, TensorBoardLogger):
+            lg.experiment.add_image(key, array, global_step=step, dataformats="HWC")
+            sent.append("tensorboard")
+        elif isinstance(lg, WandbLogger):
+            lg.log_image(key=key, images=[image], step=step, caption=[caption] if caption else None)
+            sent.append("wandb")
+    return sent

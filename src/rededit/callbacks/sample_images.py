@@ -4,9 +4,11 @@ preservation numbers (``val/success_<category>``, ``val/edit_ratio``, ``val/psnr
 
 Uses the EMA weights when the EMA callback is active (swapped in and out around the sampling, never
 across a checkpoint write), a fixed seed, and the same batching/metrics as the demo report, so the
-grids of one run are comparable step to step. Every rank runs the sampler (under FSDP2/HSDP, FSDP1 or
-ZeRO-3 each backbone forward is a collective: all ranks must take part, and under DDP the other ranks would
-only wait at the next collective anyway); rank 0 alone scores, writes the files (atomically) and logs.
+grids of one run are comparable step to step. Each grid is a PNG under ``samples/`` and, when those
+loggers are on, an image (``samples/grid``) in TensorBoard and wandb. Every rank runs the sampler (under
+FSDP2/HSDP, FSDP1 or ZeRO-3 each backbone forward is a collective: all ranks must take part, and under DDP
+the other ranks would only wait at the next collective anyway); rank 0 alone scores, writes the files
+(atomically) and logs.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import lightning as L
 
 from rededit.callbacks.ema import EMA
+from rededit.callbacks.loggers import log_image
 from rededit.eval.demo_report import load_samples, render_grid, run_edits, select_rows
 from rededit.scoring.categories import load_category_map
 from rededit.scoring.judges.programmatic import bench_sample, judge
@@ -109,8 +112,11 @@ class SampleImages(L.Callback):
             Path(self.out_dir or Path(trainer.default_root_dir) / "samples")
             / f"step{trainer.global_step:07d}.png"
         )
+        grid = render_grid(self._samples)
         with atomic_path(out) as tmp:
-            render_grid(self._samples).save(tmp, format="PNG")
+            grid.save(tmp, format="PNG")
+        # TensorBoard / wandb, when those loggers are on (the CSV logger cannot show images).
+        log_image(trainer, "samples/grid", grid, trainer.global_step, caption=f"step {trainer.global_step}")
         scores = self._scores(trainer)
         self.history.append({"step": float(trainer.global_step), **scores})
         with atomic_path(out.with_suffix(".json")) as tmp:
