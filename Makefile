@@ -9,6 +9,8 @@ STAMP := $(VENV)/.installed
 EXTRAS ?= dev,face,ocr,engine,slurm,deepspeed,optuna,tensorboard
 DEMO_DIR ?= outputs/demo
 DEMO_N ?= 6000
+# Bench items per task of the demo report and of rededit-eval: the same items, so their numbers agree.
+DEMO_PER_TASK ?= 16
 # The demo's simpler world (experiments/demo/README.md): 64×64 pictures, at most 2 large shapes, solid or gradient
 # backgrounds, signs only in the text task, English texts (the embedded MiniLM encoder is English-only).
 DEMO_WORLD ?= --min-side 64 --max-side 64 --max-objects 2 --backgrounds solid,gradient --object-size 0.3,0.45 \
@@ -41,9 +43,9 @@ demo: $(STAMP) ## build the synthetic corpus, train the tiny editor (one stage) 
 	$(BIN)/rededit-data encode-text --manifest $(DEMO_DIR)/corpus/manifest.parquet --cache $(DEMO_DIR)/text_cache
 	$(BIN)/rededit-train experiment=demo $(DEMO_DATA) hydra.run.dir=$(DEMO_DIR)
 	$(BIN)/python -m rededit.eval.demo_report --checkpoint $(DEMO_DIR)/export --manifest $(DEMO_DIR)/corpus/manifest.parquet \
-		--out $(DEMO_DIR) --max-per-task 16 --runs demo=$(DEMO_DIR)
+		--out $(DEMO_DIR) --max-per-task $(DEMO_PER_TASK) --runs demo=$(DEMO_DIR)
 	$(BIN)/rededit-eval checkpoint=$(DEMO_DIR)/export benchmark.manifest_path=$(DEMO_DIR)/corpus/manifest.parquet \
-		benchmark.max_per_task=8 out_dir=$(DEMO_DIR)/eval
+		benchmark.max_per_task=$(DEMO_PER_TASK) out_dir=$(DEMO_DIR)/eval
 	@echo "demo: see $(DEMO_DIR)/report.md, $(DEMO_DIR)/grid.png, $(DEMO_DIR)/loss_curves.png, $(DEMO_DIR)/eval/table.md"
 
 test: $(STAMP) ## run the default test tier (what CI runs)

@@ -138,21 +138,29 @@ def run_edits(
     negative_prompt: str | None = None,
     batch_size: int = 8,
     score: bool = True,
+    chunk_size: int = 64,
 ) -> None:
     """Fill ``sample["pred"]`` (``[3, H, W]`` in [-1, 1]) and ``sample["metrics"]`` through the edit loop
     (:func:`rededit.inference.edit_loop.run_edits`: per-item noise, object boxes passed).
 
-    ``score=False`` fills ``pred`` only (edits with a changed instruction have no ground truth to score).
+    Samples are edited ``chunk_size`` at a time in batches of ``batch_size``, as ``rededit-eval`` does with
+    its defaults (``sampler.chunk_size``, ``sampler.batch_size``): each item's noise is its own, but which items
+    share a batch (and their text padding) still moves float rounding, so the same batching gives
+    bit-identical edits, hence identical numbers. ``score=False`` fills ``pred`` only (edits with a changed
+    instruction have no ground truth to score).
     """
-    preds = run_edit_loop(
-        editor,
-        [edit_request(s) for s in samples],
-        seed=seed,
-        batch_size=batch_size,
-        steps=steps,
-        cfg_scale=cfg,
-        negative_prompt=negative_prompt,
-    )
+    requests = [edit_request(s) for s in samples]
+    preds = []
+    for lo in range(0, len(requests), chunk_size):
+        preds += run_edit_loop(
+            editor,
+            requests[lo : lo + chunk_size],
+            seed=seed,
+            batch_size=batch_size,
+            steps=steps,
+            cfg_scale=cfg,
+            negative_prompt=negative_prompt,
+        )
     for s, pred in zip(samples, preds):
         s["pred"] = pred
     if not score:
