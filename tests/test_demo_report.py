@@ -13,7 +13,14 @@ pytest.importorskip("diffusers")
 from conftest import untrained_tiny_export
 from rededit.data.manifest import Manifest
 from rededit.datagen.synth.writer import synthesize
-from rededit.eval.demo_report import goal_check, main, plot_loss_curves, read_loss_csv
+from rededit.eval.demo_report import (
+    LOSS_CAPTION,
+    goal_check,
+    loss_columns,
+    main,
+    plot_loss_curves,
+    read_loss_csv,
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +65,7 @@ def test_demo_report_writes_every_file_for_every_bench_task(setup, tmp_path) -> 
     assert metrics["goal"]["passed"] == 0 and metrics["goal"]["checked"] == len(bench_tasks - {"t2i"})
     report = (out / "report.md").read_text()
     assert "FAIL" in report and all(f"| {t} |" in report for t in bench_tasks)
+    assert LOSS_CAPTION in report  # the loss plot says how to read it
 
     grid = Image.open(out / "grid.png")
     shown = sum(min(2, metrics["tasks"][t]["n"]) for t in bench_tasks)
@@ -143,3 +151,44 @@ def test_demo_report_and_rededit_eval_give_the_same_numbers(setup, tmp_path) -> 
         (category,) = {r["category"] for r in rows.values() if r["task"] == task}
         for k in keys:
             assert same(st.get(k), categories[category][k]["mean"]), (task, k)
+
+
+def _log(run, with_val: bool):
+    """A Lightning CSV log of 40 steps with per-σ-bin losses, and (optionally) validation every 20 steps."""
+    run.mkdir(parents=True)
+    cols = ["epoch", "step", "train/loss_step", "train/loss_tbin0_step", "train/loss_tbin1_step"]
+    cols += ["train/loss_epoch", "train/loss_tbin0_epoch", "train/loss_tbin1_epoch"]
+    cols += ["val/loss", "val/loss_tbin0", "val/loss_tbin1"] if with_val else []
+    lines = [",".join(cols)]
+    for s in range(40):
+        row = {"epoch": "0", "step": str(s), "train/loss_step": f"{1 + (s % 7 == 0) * 20}"}
+        row["train/loss_tbin0_step"] = f"{30 - s / 2}"  # low σ: large, falling
+        row["train/loss_tbin1_step"] = f"{1 - s / 80}"
+        lines.append(",".join(row.get(c, "") for c in cols))
+        if with_val and s % 20 == 19:
+            val = {
+                "epoch": "0",
+                "step": str(s),
+                "val/loss": "0.9",
+                "val/loss_tbin0": "20",
+                "val/loss_tbin1": "0.5",
+            }
+            lines.append(",".join(val.get(c, "") for c in cols))
+    (run / "metrics.csv").write_text("\n".join(lines) + "\n")
+    return run / "metrics.csv"
+
+
+def test_loss_curves_per_sigma_bin_and_validation_when_logged(tmp_path) -> None:
+    """Issue 18: the demo's loss plot showed one rising, spiky total with no explanation. It now draws the loss
+    per σ bin (train/loss_tbin*) and val/loss where the run validated, with a caption."""
+    with_val = _log(tmp_path / "a" / "logs", with_val=True)
+    without = _log(tmp_path / "b" / "logs", with_val=False)
+    found = loss_columns(tmp_path / "a")
+    assert set(found) == {"total", "tbin0", "tbin1", "val", "val_tbin0", "val_tbin1"}
+    steps, values = found["tbin0"]
+    assert steps.tolist() == list(range(40)) and values[0] == pytest.approx(30.0)
+    assert found["val"][0].tolist() == [19, 39] and found["val"][1].tolist() == [0.9, 0.9]
+    assert set(loss_columns(without)) == {"total", "tbin0", "tbin1"}  # no validation: nothing missing
+    png = plot_loss_curves({"with validation": with_val, "without": without}, tmp_path / "loss.png")
+    assert Image.open(png).height > 2 * 300  # one panel per run, and the caption
+    assert "σ" in LOSS_CAPTION and "val/loss" in LOSS_CAPTION

@@ -494,3 +494,40 @@ def test_configured_metric_that_cannot_be_built_is_an_error(setup, editor, tmp_p
     with pytest.raises(MetricUnavailableError, match=r"no_such_package\.Judge was asked for"):
         evaluate(_cfg(setup, out, judge, "max_items=1"), editor=editor)
     assert not (out / "images").exists()
+
+
+def test_chart_plots_headline_metrics_not_an_all_zero_success_panel(tmp_path) -> None:
+    """Issue 18: chart.png spent half its area on a success panel where model and identity were both 0 and
+    left out the headline metrics."""
+    from rededit.eval.tables import chart_panels, plot_chart
+
+    def block(**values):
+        return {"n": 4, **{k: {"mean": v, "std": None} for k, v in values.items()}}
+
+    def system(**per_cat):
+        cats = {c: block(**v) for c, v in per_cat.items()}
+        return {"overall": block(), "categories": cats}
+
+    systems = {
+        "model": system(
+            add={"success": 0.0, "edit_region_error": 0.10, "psnr_outside": 21.0, "ssim": 0.7},
+            color={"success": 0.0, "edit_region_error": 0.20, "psnr_outside": 19.0, "ssim": 0.6},
+        ),
+        "identity": system(
+            add={"success": 0.0, "edit_region_error": 0.15, "psnr_outside": 30.0, "ssim": 0.8},
+            color={"success": 0.0, "edit_region_error": 0.25, "psnr_outside": 31.0, "ssim": 0.8},
+        ),
+        "ground_truth": system(
+            add={"success": 1.0, "edit_region_error": 0.0, "psnr_outside": 100.0, "ssim": 1.0},
+            color={"success": 1.0, "edit_region_error": 0.0, "psnr_outside": 100.0, "ssim": 1.0},
+        ),
+    }
+    panels, notes = chart_panels(systems)
+    assert panels == ["edit_region_error", "psnr_outside", "ssim"]
+    assert notes == ["programmatic success: model = identity (0) in every category, not drawn"]
+    # A success rate that tells the model from the identity baseline is a headline metric again.
+    systems["model"]["categories"]["add"]["success"]["mean"] = 0.5
+    assert chart_panels(systems)[0][0] == "success"
+    png = plot_chart(systems, None, tmp_path / "chart.png")
+    img = Image.open(png)
+    assert img.width > img.height  # panels side by side, not one tall column

@@ -24,7 +24,9 @@ It writes into ``out_dir`` (each file atomically):
 * ``report.md``: the per-task table with the goal check (ratio ≤ 0.5 and PSNR outside ≥ 25 dB) and the demo
   issue's goals (:func:`goal_summary`: ≥ 7 tasks incl. ≥ 4 object-level at the per-task goal, every ratio
   < 0.9, text-following ≥ 0.7, object-level success ≥ 0.5, T2I success ≥ 0.3);
-* ``loss_curves.png`` (when Lightning CSV logs are given): ``train/loss_step`` against ``step``.
+* ``loss_curves.png`` (when Lightning CSV logs are given): the loss per σ bin (``train/loss_tbin*``), the
+  total training loss and the validation loss (``val/loss``, when the run validated) against ``step``, with a
+  caption on how to read them (:func:`plot_loss_curves`).
 
 Goal check per edit task: ``ratio ≤ 0.5`` and, where the task has pixels outside its edit region, mean PSNR
 outside ≥ 25 dB (global edits, whose mask is the whole image, are checked on the ratio alone and marked
@@ -35,7 +37,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+import textwrap
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -174,37 +178,102 @@ def run_edits(
 
 
 # ------------------------------------------------------------------------------------------ curves
+def _csv_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "logs" / "metrics.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"no Lightning CSV log at {path}")
+    return path
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    import csv
+
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def _series(rows: Sequence[Mapping[str, str]], column: str) -> tuple[np.ndarray, np.ndarray]:
+    steps, values = [], []
+    for rec in rows:
+        if rec.get(column) not in ("", None):
+            steps.append(int(float(rec["step"])))
+            values.append(float(rec[column]))
+    return np.asarray(steps), np.asarray(values)
+
+
 def read_loss_csv(path: str | os.PathLike, column: str = LOSS_COLUMN) -> tuple[np.ndarray, np.ndarray]:
     """``(steps, values)`` of the rows of a Lightning CSV log that have ``column``.
 
     Args:
         path: ``metrics.csv`` or a run folder (then ``<run>/logs/metrics.csv``).
     """
-    import csv
+    path = _csv_path(path)
+    fields, rows = _read_csv(path)
+    if column not in fields or "step" not in fields:
+        raise ValueError(f"{path}: needs columns 'step' and {column!r}, has {fields}")
+    return _series(rows, column)
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / "logs" / "metrics.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"no Lightning CSV log at {path}")
-    steps, values = [], []
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        if column not in (reader.fieldnames or []) or "step" not in (reader.fieldnames or []):
-            raise ValueError(f"{path}: needs columns 'step' and {column!r}, has {reader.fieldnames}")
-        for rec in reader:
-            if rec[column] not in ("", None):
-                steps.append(int(float(rec["step"])))
-                values.append(float(rec[column]))
-    return np.asarray(steps), np.asarray(values)
+
+def _pick(fields: Sequence[str], name: str) -> str | None:
+    """The CSV column of a logged metric: ``name_step`` (logged per step and per epoch), else ``name``."""
+    return next((c for c in (f"{name}_step", name, f"{name}_epoch") if c in fields), None)
+
+
+def loss_columns(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The loss curves of a Lightning CSV log: ``total`` (``train/loss``), ``tbin<k>`` (``train/loss_tbin<k>``,
+    the unweighted flow-matching error of the samples whose σ fell in bin k of K equal bins), ``val``
+    (``val/loss``) and ``val_tbin<k>``; a curve the run did not log is left out (validation is optional)."""
+    path = _csv_path(path)
+    fields, rows = _read_csv(path)
+    if "step" not in fields:
+        raise ValueError(f"{path}: needs a 'step' column, has {fields}")
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    bins = sorted({int(m.group(1)) for f in fields if (m := re.match(r"^train/loss_tbin(\d+)", f))})
+    names = {"total": "train/loss", "val": "val/loss"}
+    names.update({f"tbin{k}": f"train/loss_tbin{k}" for k in bins})
+    val_bins = sorted({int(m.group(1)) for f in fields if (m := re.match(r"^val/loss_tbin(\d+)", f))})
+    names.update({f"val_tbin{k}": f"val/loss_tbin{k}" for k in val_bins})
+    for key, name in names.items():
+        column = _pick(fields, name)
+        if column is not None:
+            steps, values = _series(rows, column)
+            if steps.size:
+                out[key] = (steps, values)
+    return out
+
+
+LOSS_CAPTION = (
+    "Training loss per noise level σ: each coloured curve is the flow-matching error of the samples whose σ "
+    "fell in that bin (train/loss_tbin*, faint: logged values, solid: moving average), so it compares like "
+    "with like; a falling curve is learning. The grey total (train/loss) averages whichever σ each batch drew, "
+    "with the loss weighting applied: the error differs by orders of magnitude between low and high σ, so the "
+    "total jumps whenever a batch draws low-σ samples, and it can rise while every bin falls when the σ mix, "
+    "the edit-region weight or the learning rate changes. Dots: held-out validation loss (val/loss), when the "
+    "run validated."
+)
+
+
+def _smoothed(
+    ax: Any, steps: np.ndarray, values: np.ndarray, colour: Any, name: str, lw: float = 1.6
+) -> None:
+    """Logged values (faint) and their moving average (solid, labelled)."""
+    ax.plot(steps, values, color=colour, alpha=0.25, lw=0.7)
+    k = max(1, min(50, steps.size // 10))
+    smooth = np.convolve(values, np.ones(k) / k, mode="valid")
+    ax.plot(steps[k - 1 :], smooth, color=colour, lw=lw, label=name)
 
 
 def plot_loss_curves(
     csv_paths: Mapping[str, str | os.PathLike], out_png: str | os.PathLike, *, strict: bool = False
 ) -> Path:
-    """Plot ``train/loss_step`` against ``step`` for each labelled CSV log (raw, faint, and a moving average).
+    """One panel per labelled CSV log: the loss per σ bin (:func:`loss_columns`, raw faint and a moving
+    average), the total training loss (grey) and the validation loss when it was logged, with a caption that
+    says how to read them (:data:`LOSS_CAPTION`).
 
-    A log without the column (Lightning writes step values every ``log_every_n_steps``, so a very short run
+    A log without loss values (Lightning writes step values every ``log_every_n_steps``, so a very short run
     has none) is skipped with a warning and named on the plot, so a report is still written; with
     ``strict`` it raises instead. A missing file always raises.
     """
@@ -213,40 +282,50 @@ def plot_loss_curves(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    missing = []
+    curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for label, path in csv_paths.items():
+        try:
+            found = loss_columns(path)
+        except ValueError as err:
+            if strict:
+                raise
+            log.warning("loss curves: skipping %s: %s", label, err)
+            found = {}
+        if strict and not any(k == "total" or k.startswith("tbin") for k in found):
+            raise ValueError(f"{path}: no {LOSS_COLUMN} or train/loss_tbin* values")
+        curves[label] = found
+    n = max(1, len(curves))
+    caption = textwrap.fill(LOSS_CAPTION, 150)
+    caption_h = 0.13 * (caption.count("\n") + 1) + 0.15  # inches below the panels
+    fig, axes = plt.subplots(n, 1, figsize=(8, 3.4 * n + caption_h), dpi=100, squeeze=False)
     try:
-        for label, path in csv_paths.items():
-            try:
-                steps, values = read_loss_csv(path)
-            except ValueError as err:
-                if strict:
-                    raise
-                log.warning("loss curves: skipping %s: %s", label, err)
-                steps = values = np.zeros(0)
-            if steps.size == 0:
-                missing.append(label)
-                continue
-            (line,) = ax.plot(steps, values, alpha=0.3, lw=0.8)
-            k = max(1, min(50, steps.size // 10))
-            smooth = np.convolve(values, np.ones(k) / k, mode="valid")
-            ax.plot(steps[k - 1 :], smooth, color=line.get_color(), lw=1.6, label=f"{label} (mean of {k})")
-        if missing:
-            ax.text(
-                0.5,
-                0.5,
-                f"no {LOSS_COLUMN} values: {', '.join(missing)}",
-                transform=ax.transAxes,
-                ha="center",
-            )
-        ax.set_xlabel("step")
-        ax.set_ylabel(LOSS_COLUMN)
-        if ax.lines and all(v > 0 for ln in ax.lines for v in ln.get_ydata()):
-            ax.set_yscale("log")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
+        for ax, (label, found) in zip(axes[:, 0], curves.items()):
+            bins = sorted(int(k[4:]) for k in found if k.startswith("tbin"))
+            nbins = (max(bins) + 1) if bins else 0
+            colours = plt.cm.viridis(np.linspace(0.0, 0.9, max(1, nbins)))
+
+            for b in bins:
+                name = f"σ ∈ [{b / nbins:.2f}, {(b + 1) / nbins:.2f})"
+                _smoothed(ax, *found[f"tbin{b}"], colours[b], name)
+            if "total" in found:
+                _smoothed(ax, *found["total"], "0.45", "total (train/loss)", lw=1.0)
+            if "val" in found:
+                ax.plot(*found["val"], "o", color="black", ms=4, label="validation (val/loss)")
+            for b in bins:
+                if f"val_tbin{b}" in found:
+                    ax.plot(*found[f"val_tbin{b}"], "o", color=colours[b], ms=3, mec="black", mew=0.5)
+            if not found:
+                ax.text(0.5, 0.5, f"{label}: no loss values logged", transform=ax.transAxes, ha="center")
+            ax.set_title(label, fontsize=10)
+            ax.set_xlabel("step")
+            ax.set_ylabel("loss")
+            if ax.lines and all(v > 0 for ln in ax.lines for v in np.asarray(ln.get_ydata(), float)):
+                ax.set_yscale("log")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7, ncol=2)
+            ax.grid(alpha=0.3)
+        fig.text(0.01, 0.005, caption, fontsize=7, ha="left", va="bottom")
+        fig.tight_layout(rect=(0, caption_h / (3.4 * n + caption_h), 1, 1))
         with atomic_path(out_png) as tmp:
             fig.savefig(tmp, format="png")
     finally:
@@ -381,7 +460,7 @@ def render_markdown(result: Mapping[str, Any], *, loss_png: str | None, grid_png
         f"![edits]({grid_png})",
     ]
     if loss_png:
-        lines += ["", f"![loss curves]({loss_png})"]
+        lines += ["", f"![loss curves]({loss_png})", "", LOSS_CAPTION]
     return "\n".join(lines) + "\n"
 
 

@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from rededit.inference.images import tensor_to_pil
+from rededit.scoring.edit_metrics import PSNR_CAP
 from rededit.utils.io import atomic_path
 
 SYSTEMS = ("model", "identity", "ground_truth")
@@ -36,7 +37,20 @@ TABLE_METRICS: tuple[tuple[str, str, str], ...] = (
     ("l1", "L1", ".4f"),
     ("l2", "L2", ".4f"),
 )
-CHART_METRICS = ("success", "ocr_score", "vlm_score", "ssim", "psnr_outside", "psnr")
+# Headline metrics of the chart, in panel order: (key, title, which direction is better).
+CHART_METRICS: tuple[tuple[str, str, str], ...] = (
+    ("vlm_score", "VLM judge score", "higher"),
+    ("ocr_score", "OCR score", "higher"),
+    ("success", "programmatic success", "higher"),
+    ("edit_region_error", "edit-region L1", "lower"),
+    ("psnr_outside", "PSNR outside the edit (dB)", "higher"),
+    ("ssim", "SSIM", "higher"),
+)
+# Scored against the ground truth itself: the ground-truth row is perfect by construction.
+REFERENCE_METRICS = frozenset(
+    {"edit_region_error", "identity_error", "error_ratio", "psnr_outside", "psnr", "ssim", "l1", "l2"}
+)
+SYSTEM_COLOURS = {"model": "tab:blue", "identity": "tab:gray", "ground_truth": "tab:green"}
 
 
 def _cell(stat: Any, fmt: str) -> str:
@@ -140,51 +154,129 @@ def render_csv(systems: Mapping[str, Any], cmap: Any) -> str:
     return buf.getvalue()
 
 
+def _mean(systems: Mapping[str, Any], name: str, cat: str, metric: str) -> float | None:
+    st = systems.get(name, {}).get("categories", {}).get(cat, {}).get(metric)
+    return float(st["mean"]) if isinstance(st, Mapping) and st.get("mean") is not None else None
+
+
+def chart_panels(systems: Mapping[str, Any], cmap: Any = None) -> tuple[list[str], list[str]]:
+    """The headline metrics :func:`plot_chart` draws, and one-line notes on the ones it leaves out.
+
+    A metric gets a panel when some category has a value for it, unless the model and the identity baseline
+    have the same value in every category (e.g. a success rate of 0 for both): such a panel tells nothing a
+    note cannot, so the note says it.
+    """
+    panels, notes = [], []
+    cats = category_order(systems, cmap)
+    for key, title, _ in CHART_METRICS:
+        model = [_mean(systems, "model", c, key) for c in cats]
+        if all(v is None for v in model):
+            continue
+        if "identity" in systems:
+            ident = [_mean(systems, "identity", c, key) for c in cats]
+            pairs = [(m, i) for m, i in zip(model, ident) if m is not None or i is not None]
+            if pairs and all(m is not None and i is not None and abs(m - i) <= 1e-9 for m, i in pairs):
+                values = sorted({round(m, 3) for m, _ in pairs})
+                shown = f"{values[0]:g}" if len(values) == 1 else "equal values"
+                notes.append(f"{title}: model = identity ({shown}) in every category, not drawn")
+                continue
+        panels.append(key)
+    return panels, notes
+
+
 def plot_chart(systems: Mapping[str, Any], cmap: Any, out_png: Path) -> Path:
-    """Grouped bars per category (model with std error bars, identity, ground truth) for headline metrics."""
+    """Per-category headline metrics (:func:`chart_panels`): grouped bars of the model (mean ± std over seeds)
+    beside the identity baseline and, on judged metrics, the ground truth; one panel per metric, with the
+    direction that is better in its title. On reference metrics (L1, PSNR, SSIM against the ground truth) the
+    ground truth is perfect by construction and is not drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cats = category_order(systems, cmap)
-    cols = {c[0]: c[1] for c in _columns(systems)}
-    metrics = [m for m in CHART_METRICS if m in cols][:2] or ["n"]
+    panels, notes = chart_panels(systems, cmap)
+    titles = {k: (t, better) for k, t, better in CHART_METRICS}
+    if not panels:
+        panels, titles["n"] = ["n"], ("items", "")
+    ncols = 1 if len(panels) == 1 else 2
+    nrows = math.ceil(len(panels) / ncols)
+    panel_w = max(5.0, 0.55 * len(cats) + 1.5)
     fig, axes = plt.subplots(
-        len(metrics), 1, figsize=(max(6, 0.9 * len(cats) + 2), 3.2 * len(metrics)), dpi=100, squeeze=False
+        nrows, ncols, figsize=(panel_w * ncols, 3.0 * nrows + 1.4), dpi=100, squeeze=False
     )
+    top_in, bottom_in = 0.55, (0.35 if notes else 0.0)  # inches for the title + legend, and the notes
     try:
         x = np.arange(len(cats))
-        names = [s for s in SYSTEMS if s in systems]
-        width = 0.8 / max(1, len(names))
-        for ax, metric in zip(axes[:, 0], metrics):
-            for k, name in enumerate(names):
+        for ax in axes.flat[len(panels) :]:
+            ax.axis("off")
+        for ax, metric in zip(axes.flat, panels):
+            names = [
+                s
+                for s in SYSTEMS
+                if s in systems and not (s == "ground_truth" and metric in REFERENCE_METRICS)
+            ]
+            width = 0.8 / max(1, len(names))
+            values: dict[str, tuple[list[float], list[float]]] = {}
+            for name in names:
                 means, errs = [], []
                 for c in cats:
-                    st = systems[name]["categories"].get(c, {}).get(metric)
-                    if metric == "n":
-                        st = {"mean": systems[name]["categories"].get(c, {}).get("n")}
-                    means.append(
-                        st.get("mean") if isinstance(st, Mapping) and st.get("mean") is not None else np.nan
-                    )
-                    errs.append(
-                        st.get("std") if isinstance(st, Mapping) and st.get("std") is not None else 0.0
-                    )
+                    block = systems[name]["categories"].get(c, {})
+                    st = {"mean": block.get("n")} if metric == "n" else block.get(metric)
+                    ok = isinstance(st, Mapping)
+                    means.append(st["mean"] if ok and st.get("mean") is not None else np.nan)
+                    errs.append(st["std"] if ok and st.get("std") is not None else 0.0)
+                values[name] = means, errs
+            # PSNR of identical pixels is capped at 100 dB: such bars would flatten every other one, so the
+            # axis stops above the largest real value and the capped bars are labelled.
+            capped = metric.startswith("psnr")
+            real = [v for m, _ in values.values() for v in m if np.isfinite(v) and v < PSNR_CAP - 1e-6]
+            top = max(real) * 1.3 if capped and real else None
+            for k, name in enumerate(names):
+                means, errs = values[name]
+                xs = x + (k - (len(names) - 1) / 2) * width
+                shown = [min(v, top) if top is not None and np.isfinite(v) else v for v in means]
                 ax.bar(
-                    x + (k - (len(names) - 1) / 2) * width,
-                    means,
+                    xs,
+                    shown,
                     width,
-                    yerr=errs,
+                    yerr=errs if any(errs) else None,
                     capsize=2,
+                    color=SYSTEM_COLOURS[name],
                     label=SYSTEM_LABELS[name],
                 )
-            ax.set_xticks(x, [display_category(c, cmap) for c in cats], rotation=30, ha="right")
-            ax.set_ylabel(cols.get(metric, metric))
+                for xi, v in zip(xs, means):
+                    if top is not None and np.isfinite(v) and v >= PSNR_CAP - 1e-6:
+                        ax.text(
+                            xi, 0.97 * top, "100: identical", rotation=90, ha="center", va="top", fontsize=6
+                        )
+            if top is not None:
+                ax.set_ylim(0, top)
+            title, better = titles[metric]
+            ax.set_title(f"{title}" + (f" ({better} is better)" if better else ""), fontsize=10)
+            ax.set_xticks(x, [display_category(c, cmap) for c in cats], rotation=30, ha="right", fontsize=8)
             ax.grid(axis="y", alpha=0.3)
-        axes[0, 0].legend(
-            fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.02), ncol=len(names), frameon=False
+        height = fig.get_figheight()
+        handles = {lab: h for ax in axes.flat for h, lab in zip(*ax.get_legend_handles_labels(), strict=True)}
+        fig.suptitle(
+            "Per category: the model (mean ± std over seeds) against returning Picture 1 unchanged (identity) "
+            "and the benchmark's own target (ground truth)",
+            fontsize=9,
+            y=1 - 0.08 / height,
+            va="top",
         )
-        fig.tight_layout()
+        fig.legend(
+            handles.values(),
+            handles.keys(),
+            loc="upper center",
+            bbox_to_anchor=(0.5, 1 - 0.32 / height),
+            ncol=len(handles),
+            frameon=False,
+            fontsize=8,
+        )
+        if notes:
+            fig.text(0.01, 0.08 / height, "; ".join(notes), fontsize=8, ha="left", va="bottom")
+        fig.tight_layout(rect=(0, bottom_in / height, 1, 1 - top_in / height))
         with atomic_path(out_png) as tmp:
             fig.savefig(tmp, format="png")
     finally:
