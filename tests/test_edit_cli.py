@@ -107,16 +107,20 @@ def test_cli_edit_with_two_images_and_t2i(tiny, tmp_path) -> None:
     args = ["--checkpoint", str(tiny["export"]), "--image", str(a), "--image", str(b)]
     rc = main([*args, "--instruction", "Insert the object of Picture 2 into Picture 1.", "--out", str(out)])
     assert rc == 0
-    # 96x64 (area 6144) is capped to the 64² training bucket area, aspect kept, sides multiples of 8.
-    assert Image.open(out).size == (72, 48)
+    # The output keeps Picture 1's size (issue 18: 96x64 came back as 72x48, the bucket area cap).
+    assert Image.open(out).size == (96, 64)
     assert not list(out.parent.glob(".*.tmp"))
+    # --max-area writes the generated size: 96x64 (area 6144) capped to 4096 px, aspect kept, sides of 8.
+    capped = tmp_path / "out" / "capped.png"
+    rc = main([*args, "--instruction", "x", "--out", str(capped), "--max-area", "4096"])
+    assert rc == 0 and Image.open(capped).size == (72, 48)
 
     t2i = tmp_path / "t2i.png"
     rc = main(["--checkpoint", str(tiny["export"]), "--instruction", "a red circle", "--out", str(t2i)])
     assert rc == 0 and Image.open(t2i).size == (64, 64)
     t2i_sized = tmp_path / "t2i_sized.jpg"
     rc = main([*args[:2], "--instruction", "x", "--out", str(t2i_sized), "--height", "32", "--width", "50"])
-    assert rc == 0 and Image.open(t2i_sized).size == (48, 32)
+    assert rc == 0 and Image.open(t2i_sized).size == (50, 32)  # generated at 48x32, written as asked
     assert Image.open(t2i_sized).format == "JPEG"
 
 
@@ -175,3 +179,30 @@ def test_fit_size() -> None:
     assert fit_size(3, 3, 8, None) == (8, 8)
     h, w = fit_size(640, 960, 16, 512 * 512)
     assert h % 16 == 0 and w % 16 == 0 and h * w <= 512 * 512 and abs(w / h - 1.5) < 0.1
+
+
+def test_cli_generates_at_the_editor_size_and_writes_the_input_size(tiny, tmp_path, monkeypatch) -> None:
+    """The edit is generated at the size the editor works at (the training buckets' area, sides multiples of
+    its token size) and resized back to Picture 1's size, which is never a multiple of 8 here."""
+    import rededit.cli.edit as cli
+
+    seen = []
+    real = cli.edit_batch
+
+    def spy(editor, requests, **kw):
+        seen.extend(r.hw for r in requests)
+        out = real(editor, requests, **kw)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(cli, "edit_batch", spy)
+    a = _png(tmp_path / "a.png", 99, 61, 0)
+    out = tmp_path / "o.png"
+    argv = ["--checkpoint", str(tiny["export"]), "--image", str(a), "--instruction", "x", "--out", str(out)]
+    assert main([*argv, "--steps", "1"]) == 0
+    hw, pred = seen
+    assert hw == fit_size(61, 99, 8, 64 * 64) == (48, 80)  # the 64² training area, sides multiples of 8
+    assert Image.open(out).size == (99, 61)
+    generated = Image.fromarray(((pred[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+    back = generated.resize((99, 61), Image.Resampling.LANCZOS)
+    assert np.abs(np.asarray(Image.open(out), np.int16) - np.asarray(back, np.int16)).max() <= 1

@@ -13,8 +13,10 @@ Image sizes: the backbone needs sides that are multiples of ``m = vae.downsample
 (:func:`rededit.data.images.resize_to_bucket`) to its own size rounded to ``m``; an image whose area
 exceeds the cap is first scaled down (aspect kept) to the cap. The cap is the largest area of the
 training bucket set (``data.buckets`` of the saved config: the resolutions the editor has seen; 64² px for
-the CPU demo) or ``--max-area``; without either, 1024² px (report Table 1, SFT). The output size defaults
-to Picture 1's (adjusted) size; ``--height/--width`` override it (rounded to ``m``).
+the CPU demo) or ``--max-area``; without either, 1024² px (report Table 1, SFT). The edit is generated at
+Picture 1's adjusted size and **written at Picture 1's own size** (resized back), so the output can replace
+the input; ``--max-area`` writes the generated size instead, and ``--height/--width`` ask for another
+output size (generated at it rounded to ``m``, written at exactly it). Text-to-image defaults to 64².
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import sys
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from rededit.data.images import ImageDecodeError, load_image
 from rededit.data.uri import outside_root_allowed_here
@@ -59,7 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--height", type=int, default=None, help="output height (default: Picture 1's, or 64)")
     p.add_argument("--width", type=int, default=None, help="output width (default: Picture 1's, or 64)")
-    p.add_argument("--max-area", type=int, default=None, help="pixel-area cap (default: training buckets)")
+    p.add_argument(
+        "--max-area",
+        type=int,
+        default=None,
+        help="generate at most this many pixels and write the generated size (default: generate at the "
+        "training buckets' largest area and write Picture 1's size)",
+    )
     p.add_argument("--raw", action="store_true", help="use the raw instead of the EMA weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
@@ -95,18 +104,31 @@ def main(argv: list[str] | None = None) -> int:
     ref_sizes = [fit_size(im.height, im.width, m, max_area) for im in images]
     if ref_sizes:
         height, width = ref_sizes[0]
+        out_hw = (images[0].height, images[0].width)
     else:
         height = width = DEFAULT_T2I_SIZE
+        out_hw = (height, width)
+    # The output keeps Picture 1's size: a user edits *their* image and expects it back at its size (to
+    # replace the input, stack it with masks or layers). The edit itself is generated at Picture 1's size
+    # rounded to m and capped to the training buckets' largest area, then resized back: generating at the
+    # input's own size would leave the resolutions the editor was trained on (quality drops) and grow memory
+    # with the photo (a 12 MP photo is ~47k tokens at m = 16). diffusers' QwenImageEditPlusPipeline likewise
+    # generates at a size of its own (~1024² px at the input's aspect). rededit-eval does not go through this
+    # CLI and keeps its bucket sizes (the resolutions every benchmark number is measured at).
+    if args.max_area is not None:
+        out_hw = (height, width)  # the user asked for the generation size
     if args.height is not None or args.width is not None:
-        height, width = fit_size(args.height or height, args.width or width, m, None)
+        out_hw = (args.height or out_hw[0], args.width or out_hw[1])
+        height, width = fit_size(out_hw[0], out_hw[1], m, None)
     references = [image_tensor(im, h, w)[0] for im, (h, w) in zip(images, ref_sizes)]
     log.info(
-        "%s at %dx%d (HxW; sides multiples of %d), references %s",
+        "%s generated at %dx%d (HxW; sides multiples of %d), references %s; written at %dx%d",
         "edit" if references else "text-to-image",
         height,
         width,
         m,
         ref_sizes,
+        *out_hw,
     )
     request = EditRequest(id="", text=args.instruction, references=references, hw=(height, width))
     out = edit_batch(
@@ -117,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg_scale=args.cfg,
         negative_prompt=args.negative_prompt,
     )
-    path = save_image(tensor_to_pil(out[0]), args.out)
+    result = tensor_to_pil(out[0])
+    if result.size != (out_hw[1], out_hw[0]):
+        result = result.resize((out_hw[1], out_hw[0]), Image.Resampling.LANCZOS)
+    path = save_image(result, args.out)
     log.info("wrote %s", path)
     return 0
 
