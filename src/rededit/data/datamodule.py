@@ -3,6 +3,12 @@
 Lightning's distributed sampler must be off (``Trainer(use_distributed_sampler=False)``): the bucket
 sampler shards by rank itself, and its state (seed, epoch, cursor) rides in the checkpoint through
 torchdata's ``StatefulDataLoader`` (docs/architecture.md: rank 0's copy restores every rank).
+
+Validation rows (``val_split``): ``"holdout"`` holds ``val_holdout`` rows out of the training split
+(:func:`hold_out`: drawn from the seed alone, never trained on), a manifest split name takes that split, and
+None serves no validation loader. Validation batches are fixed (:class:`ValidationBatchSampler`): the same
+rows in the same batches at every validation, whatever the training step, so ``val/loss`` compares across
+steps (the stage draws each sample's noise and σ from its id, :meth:`BaseStage._draw`).
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import lightning as L
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -27,6 +35,7 @@ from rededit.data.text_conditioning import TextConditioner
 from rededit.data.uri import allow_outside_root as allow_outside_root_env
 from rededit.utils.config_checks import ConfigError
 from rededit.utils.logging import get_logger
+from rededit.utils.seeding import numpy_rng
 
 log = get_logger(__name__)
 
@@ -91,6 +100,111 @@ class SampleKeyBatchSampler:
         self.bucket_sampler.load_state_dict(state)
 
 
+class ValidationBatchSampler:
+    """Fixed validation batches of :class:`SampleKey`: every row once (or a little padding, below).
+
+    Rows are grouped by bucket (one shape per image position), each bucket cut into batches of at most its
+    training batch size ``b = floor(C / L)`` (a partial last batch is kept: nothing is dropped), and the
+    batches ordered by a shuffle drawn from the seed alone, so the first ``trainer.limit_val_batches`` of
+    them mix buckets and tasks. Step ``s`` gives rank ``r`` batch ``s·W + r``. Every rank must run the same
+    number of steps, so while the batch count is not a multiple of ``W`` the largest batch is split in two;
+    if that is not enough (fewer rows than ranks) batches from the start are repeated, as Lightning's
+    distributed sampler pads. Keys carry epoch 0 and step 0: a sample's per-sample choices (its instruction
+    variant) depend on its row alone, not on the batching or the world size.
+
+    Args:
+        assignment: the validation rows' buckets.
+        token_budget: ``C``, as in training.
+        world_size / rank: data-parallel ranks.
+        seed: the batch order's seed.
+        max_batch_size: optional cap on ``b``.
+    """
+
+    def __init__(
+        self,
+        assignment: BucketAssignment,
+        *,
+        token_budget: int,
+        world_size: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        max_batch_size: int | None = None,
+    ):
+        tokens, counts = assignment.bucket_tokens, assignment.bucket_counts
+        over = np.nonzero((tokens > token_budget) & (counts > 0))[0]
+        if over.size:
+            raise ConfigError(
+                f"{int(counts[over].sum())} validation sample(s) need up to {int(tokens[over].max())} tokens, "
+                f"more than data.token_budget={token_budget}: raise it or use a bucket set with smaller resolutions"
+            )
+        bs = np.maximum(1, int(token_budget) // np.maximum(tokens, 1))
+        if max_batch_size is not None:
+            bs = np.minimum(bs, int(max_batch_size))
+        batches: list[tuple[int, list[int]]] = []
+        for bucket in range(assignment.num_buckets):
+            rows = np.nonzero(assignment.bucket_of_row == bucket)[0].tolist()
+            size = int(bs[bucket])
+            batches += [(bucket, rows[lo : lo + size]) for lo in range(0, len(rows), size)]
+        order = numpy_rng(seed, "validation_batches").permutation(len(batches))
+        batches = [batches[i] for i in order]
+        while batches and len(batches) % world_size:
+            i = max(range(len(batches)), key=lambda k: len(batches[k][1]))
+            bucket, rows = batches[i]
+            if len(rows) < 2:
+                break
+            half = len(rows) // 2
+            batches[i : i + 1] = [(bucket, rows[:half]), (bucket, rows[half:])]
+        self.padded = (-len(batches)) % world_size if batches else 0
+        batches += [batches[k % len(batches)] for k in range(self.padded)]
+        self._batches = batches[int(rank) :: int(world_size)]
+        self._shapes = {b: assignment.bucket_shapes(b) for b, _ in self._batches}
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        for bucket, rows in self._batches:
+            shapes = self._shapes[bucket]
+            target, refs = tuple(shapes["target"]), tuple(tuple(r) for r in shapes["references"])
+            yield [SampleKey(row=r, epoch=0, step=0, target_hw=target, ref_hws=refs) for r in rows]
+
+
+def holdout_count(val_holdout: float, rows: int) -> int:
+    """Rows ``val_holdout`` asks for out of ``rows``: a fraction in (0, 1) rounds up, a whole number >= 1 counts."""
+    try:
+        v = float(val_holdout)
+    except (TypeError, ValueError):
+        v = -1.0
+    if not v > 0 or (v >= 1 and v != int(v)):
+        raise ConfigError(
+            f"data.val_holdout must be a fraction in (0, 1) or a whole row count >= 1, got {val_holdout}"
+        )
+    return max(1, int(np.ceil(v * rows))) if v < 1 else int(v)
+
+
+def hold_out(manifest: Manifest, val_holdout: float, seed: int) -> tuple[Manifest, Manifest]:
+    """``(training rows, held-out rows)`` of ``manifest``: disjoint, together every row.
+
+    The held-out rows are drawn without replacement from ``numpy_rng(seed, "val_holdout")`` over the row
+    positions: the same seed and manifest give the same split on every rank, machine, world size and resume.
+
+    Raises:
+        ConfigError: the hold-out would leave no training row.
+    """
+    n = holdout_count(val_holdout, len(manifest))
+    if n >= len(manifest):
+        raise ConfigError(
+            f"data.val_holdout={val_holdout} holds out {n} of the {len(manifest)} training rows of "
+            f"{manifest.path}, leaving none to train on: lower it, or validate on a split (data.val_split=<name>)"
+        )
+    picked = np.sort(numpy_rng(seed, "val_holdout").choice(len(manifest), size=n, replace=False))
+    keep = np.ones(len(manifest), dtype=bool)
+    keep[picked] = False
+    train = Manifest(manifest.table.filter(pa.array(keep)), root=manifest.root, path=manifest.path)
+    held = Manifest(manifest.table.take(pa.array(picked)), root=manifest.root, path=manifest.path)
+    return train, held
+
+
 def select_split(manifest: Manifest, split: str | None) -> Manifest:
     """Rows of ``split`` (all rows when ``split`` is None or the manifest has no ``split`` column)."""
     if split is None or not manifest.has("split"):
@@ -109,7 +223,11 @@ class EditDataModule(L.LightningDataModule):
         buckets: bucket set, a ``conf/data/buckets`` node (``areas``/``ratios``/``patch``/``task_groups``)
             or the name of one (``"tiny"``, ``"ct"``).
         token_budget: visual tokens per device and step, ``C`` of §3.2.
-        split / val_split: manifest ``split`` values for training and validation (None: all rows / no val).
+        split: manifest ``split`` of the training rows (None: all rows).
+        val_split: validation rows: ``"holdout"`` (``val_holdout`` of the training split, never trained on),
+            a manifest ``split`` value, or None (no validation loader).
+        val_holdout: with ``val_split="holdout"``: a fraction in (0, 1) of the training split (rounded up,
+            at least one row) or a row count; drawn from ``seed`` (:func:`hold_out`).
         text_mix: Table 1 caption mixture and §2.5.2 instruction styles (:class:`TextMix` fields).
         sia: Stochastic Instruction Alignment settings (:class:`SIAConfig` fields); None disables it.
         text_encoder: optional frozen :class:`~rededit.models.text_encoder.TextEncoder`; when given, batches
@@ -127,6 +245,7 @@ class EditDataModule(L.LightningDataModule):
         seed: int = 0,
         split: str | None = "train",
         val_split: str | None = None,
+        val_holdout: float = 0.01,
         max_batch_size: int | None = None,
         small_bucket_policy: str = "merge",
         task_weights: Mapping[str, float] | None = None,
@@ -150,6 +269,7 @@ class EditDataModule(L.LightningDataModule):
         self.token_budget = int(token_budget)
         self.seed = int(seed)
         self.split, self.val_split = split, val_split
+        self.val_holdout = val_holdout
         self.max_batch_size = max_batch_size
         self.small_bucket_policy = small_bucket_policy
         self.task_weights = dict(task_weights) if task_weights else None
@@ -168,7 +288,7 @@ class EditDataModule(L.LightningDataModule):
         self._world_size, self._rank = world_size, rank
         self.resset = ResolutionSet.from_config(self.bucket_cfg)
         self.train_sampler: SampleKeyBatchSampler | None = None
-        self.val_sampler: SampleKeyBatchSampler | None = None
+        self.val_sampler: ValidationBatchSampler | None = None
         self._manifest: Manifest | None = None
 
     # ------------------------------------------------------------------ setup
@@ -208,11 +328,26 @@ class EditDataModule(L.LightningDataModule):
             self._manifest = Manifest.open(self.manifest_path, validate=True, check_files=self.validate_files)
         return self._manifest
 
-    def setup(self, stage: str | None = None) -> None:
+    def _split_rows(self) -> None:
+        """``train_manifest`` and ``val_manifest`` (None without validation rows), once."""
+        if hasattr(self, "train_manifest"):
+            return
         manifest = self.manifest
+        train = select_split(manifest, self.split)
+        val = None
+        if self.val_split == "holdout":
+            train, val = hold_out(train, self.val_holdout, self.seed)
+        elif self.val_split is not None:
+            try:
+                val = select_split(manifest, self.val_split)
+            except ValueError as err:
+                raise ConfigError(f"data.val_split={self.val_split!r}: {err}") from None
+        self.train_manifest, self.val_manifest = train, val
+
+    def setup(self, stage: str | None = None) -> None:
+        self._split_rows()
         world_size, rank = self._dist()
         if self.train_sampler is None:
-            self.train_manifest = select_split(manifest, self.split)
             self.train_sampler = self._build_sampler(
                 self.train_manifest, shuffle=True, world_size=world_size, rank=rank
             )
@@ -234,10 +369,27 @@ class EditDataModule(L.LightningDataModule):
                     f"{world_size} rank(s) ({stats.get('dropped', 0)} dropped as too few per bucket); add rows "
                     "or lower data.token_budget"
                 )
-        if self.val_split is not None and self.val_sampler is None:
-            self.val_manifest = select_split(manifest, self.val_split)
-            self.val_sampler = self._build_sampler(
-                self.val_manifest, shuffle=False, world_size=world_size, rank=rank
+        if self.val_manifest is not None and self.val_sampler is None:
+            assignment = assign_buckets(
+                self.val_manifest.sizes(), self.resset, task_groups=self.bucket_cfg.get("task_groups")
+            )
+            self.val_sampler = ValidationBatchSampler(
+                assignment,
+                token_budget=self.token_budget,
+                world_size=world_size,
+                rank=rank,
+                seed=self.seed,
+                max_batch_size=self.max_batch_size,
+            )
+            held = self.val_split == "holdout"
+            log.info(
+                "validation data: %d rows (%s), %d batches per rank%s",
+                len(self.val_manifest),
+                f"held out of split {self.split!r}" if held else f"split {self.val_split!r}",
+                len(self.val_sampler),
+                f" ({self.val_sampler.padded} repeated for {world_size} ranks)"
+                if self.val_sampler.padded
+                else "",
             )
 
     # ------------------------------------------------------------------ loaders
@@ -276,9 +428,13 @@ class EditDataModule(L.LightningDataModule):
         return self._loader(self.train_manifest, self.train_sampler, sia=True)
 
     def val_dataloader(self) -> StatefulDataLoader | list:
+        """Lightning asks for it only when validation runs (``trainer.limit_val_batches > 0``)."""
         if self.val_split is None:
+            log.info("validation is off (data.val_split=null): this run logs no val/loss")
             return []
         if self.val_sampler is None:
             self.setup("validate")
+        if len(self.val_sampler) == 0:  # rows always give a batch; an empty loader must never pass silently
+            raise ConfigError(f"data.val_split={self.val_split!r} gives no validation batch")
         # Validation sees the instruction as written: no reference shuffling or dropping.
         return self._loader(self.val_manifest, self.val_sampler, sia=False)

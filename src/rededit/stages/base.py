@@ -10,7 +10,9 @@ Rectified flow (§3.3): ``x_t = (1 − σ) x_0 + σ ε``, velocity target ``v = 
 
 Randomness: noise and σ derive from (seed, epoch, data step, rank) — the data step comes with the batch
 from the bucket sampler, so gradient accumulation never repeats noise and a resumed run draws exactly
-what the uninterrupted run would have drawn.
+what the uninterrupted run would have drawn. Validation draws each sample's σ and noise from (seed, sample
+id) alone, without the curriculum, and weights regions with the starting α: a sample's ``val/loss`` term is
+the same function of the weights at every validation, on any batching or world size.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from rededit.parallel import ParallelPlan, load_full_state, meta_init, paralleli
 from rededit.stages.checkpoints import load_backbone_state
 from rededit.utils.logging import get_logger
 from rededit.utils.module_tree import hidden_from_tree
-from rededit.utils.seeding import torch_generator
+from rededit.utils.seeding import derive_seed, torch_generator
 
 log = get_logger(__name__)
 
@@ -258,7 +260,10 @@ class BaseStage(L.LightningModule):
 
     # ------------------------------------------------------------------ randomness
     def _draw(self, batch: Mapping[str, Any], x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(σ ``[B]``, ε ``[B, C, h, w]``) from (seed, epoch, data step, rank)."""
+        """(σ ``[B]``, ε ``[B, C, h, w]``) from (seed, epoch, data step, rank); in eval mode (validation)
+        from (seed, sample id) only (:meth:`_draw_fixed`)."""
+        if not self.training:
+            return self._draw_fixed(batch, x0)
         micro_step = int(batch["epoch"]) * STEPS_PER_EPOCH_STRIDE + int(batch["step"])
         rank, world = self.global_rank, self.trainer.world_size if self._trainer is not None else 1
         seq_len = (x0.shape[-2] // self.backbone.patch_size) * (x0.shape[-1] // self.backbone.patch_size)
@@ -273,6 +278,18 @@ class BaseStage(L.LightningModule):
         gen = torch_generator(self.seed, "noise", micro_step, rank)
         eps = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(x0.device)
         return sigma.to(x0.device), eps
+
+    def _draw_fixed(self, batch: Mapping[str, Any], x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validation's (σ, ε): per sample, from (seed, sample id); σ from the stage's timestep distribution
+        (shift included, curriculum not), so ``val/loss`` and ``val/loss_tbin*`` compare across steps."""
+        seq_len = (x0.shape[-2] // self.backbone.patch_size) * (x0.shape[-1] // self.backbone.patch_size)
+        sigmas, noise = [], []
+        for sample_id in batch["ids"]:
+            step = derive_seed("validation", str(sample_id)) % (1 << 31)
+            sigmas.append(self.timesteps.sample(1, step=step, seed=self.seed, seq_len=seq_len))
+            gen = torch_generator(self.seed, "validation_noise", str(sample_id))
+            noise.append(torch.randn(x0.shape[1:], generator=gen, dtype=torch.float32))
+        return torch.cat(sigmas).to(x0.device), torch.stack(noise).to(x0.device)
 
     # ------------------------------------------------------------------ loss
     def flow_loss(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -298,8 +315,8 @@ class BaseStage(L.LightningModule):
     def region_weight_now(self) -> float:
         """α at this optimizer step: ``region_weight``, annealed (cosine) to ``region_weight_final`` at max_steps."""
         a0, a1 = self.region_weight, self.region_weight_final
-        if a0 == a1 or self._trainer is None or int(self.trainer.max_steps) <= 0:
-            return a0
+        if a0 == a1 or not self.training or self._trainer is None or int(self.trainer.max_steps) <= 0:
+            return a0  # validation: the starting α at every step (val/loss stays comparable)
         progress = min(1.0, self.global_step / int(self.trainer.max_steps))
         return a1 + (a0 - a1) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -310,16 +327,26 @@ class BaseStage(L.LightningModule):
 
     def _log_tbins(self, split: str, sigma: torch.Tensor, mse: torch.Tensor) -> None:
         bins = (sigma.detach().clamp(0, 1 - 1e-6) * self.num_tbins).long()
+        train = split == "train"
         for k in range(self.num_tbins):
             sel = bins == k
-            if sel.any():
+            if train and sel.any():
                 self.log(
                     f"{split}/loss_tbin{k}",
                     mse[sel].mean(),
-                    on_step=split == "train",
+                    on_step=True,
                     on_epoch=True,
                     batch_size=int(sel.sum()),
                 )
+            elif not train and (sel.any() or self._multi_rank()):
+                # Validation means are reduced across ranks (sync_dist), which needs every rank to log every
+                # key: with several ranks an empty bin is logged too, with weight 0.
+                n = int(sel.sum())
+                value = mse[sel].mean() if n else mse.new_zeros(())
+                self.log(f"{split}/loss_tbin{k}", value, on_epoch=True, batch_size=n, sync_dist=True)
+
+    def _multi_rank(self) -> bool:
+        return self._trainer is not None and self.trainer.world_size > 1
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_fit_start(self) -> None:
@@ -345,7 +372,7 @@ class BaseStage(L.LightningModule):
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         loss, parts = self.compute_loss(batch)
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(batch["ids"]))
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(batch["ids"]), sync_dist=True)
         self._log_tbins("val", parts["sigma"], parts["mse"])
         return loss
 
