@@ -138,3 +138,38 @@ def test_validation_data_that_cannot_work_is_a_config_error(tiny_corpus, tmp_pat
     cfg = compose(train_overrides(tiny_corpus, override, "debug=fast_dev_run"), tmp_path / "run")
     with pytest.raises(ConfigError, match=message):
         run(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(900)
+def test_two_rank_validation_reduces_every_bin(tiny_corpus, tmp_path) -> None:
+    """2 ranks (DDP) where σ bins are empty on one rank: every logged value is a finite mean over both ranks
+    (Lightning's sync_dist needs every key on every rank and truncates the integer sample counts)."""
+    import csv
+
+    from test_strategies_multiprocess import launch
+
+    overrides = [
+        "experiment=demo_pretrain",
+        "backbone.transformer_config.num_layers=2",
+        "data.token_budget=256",
+        "data.val_holdout=5",
+        f"data.manifest={tiny_corpus}",
+        "strategy=ddp",
+        "trainer.devices=2",
+        "trainer.max_steps=2",
+        "trainer.log_every_n_steps=1",
+        "trainer.val_check_interval=1",
+        "trainer.limit_val_batches=3",
+        "~callbacks.progress",
+        "export_dir=null",
+    ]
+    proc = launch(tmp_path, overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with (tmp_path / "logs" / "metrics.csv").open(newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("val/loss")]
+    assert len(rows) == 2
+    for r in rows:
+        vals = {k: float(v) for k, v in r.items() if k.startswith("val/loss") and v}
+        assert len(vals) >= 3 and np.isfinite(list(vals.values())).all(), vals

@@ -325,28 +325,21 @@ class BaseStage(L.LightningModule):
         per_sample, parts = self.flow_loss(batch)
         return per_sample.mean(), parts
 
+    def _tbins(self, sigma: torch.Tensor) -> torch.Tensor:
+        return (sigma.detach().clamp(0, 1 - 1e-6) * self.num_tbins).long()
+
     def _log_tbins(self, split: str, sigma: torch.Tensor, mse: torch.Tensor) -> None:
-        bins = (sigma.detach().clamp(0, 1 - 1e-6) * self.num_tbins).long()
-        train = split == "train"
+        bins = self._tbins(sigma)
         for k in range(self.num_tbins):
             sel = bins == k
-            if train and sel.any():
+            if sel.any():
                 self.log(
                     f"{split}/loss_tbin{k}",
                     mse[sel].mean(),
-                    on_step=True,
+                    on_step=split == "train",
                     on_epoch=True,
                     batch_size=int(sel.sum()),
                 )
-            elif not train and (sel.any() or self._multi_rank()):
-                # Validation means are reduced across ranks (sync_dist), which needs every rank to log every
-                # key: with several ranks an empty bin is logged too, with weight 0.
-                n = int(sel.sum())
-                value = mse[sel].mean() if n else mse.new_zeros(())
-                self.log(f"{split}/loss_tbin{k}", value, on_epoch=True, batch_size=n, sync_dist=True)
-
-    def _multi_rank(self) -> bool:
-        return self._trainer is not None and self.trainer.world_size > 1
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_fit_start(self) -> None:
@@ -370,11 +363,38 @@ class BaseStage(L.LightningModule):
         self._log_tbins("train", parts["sigma"], parts["mse"])
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums: torch.Tensor | None = None
+
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         loss, parts = self.compute_loss(batch)
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=len(batch["ids"]), sync_dist=True)
-        self._log_tbins("val", parts["sigma"], parts["mse"])
+        # Sums and counts of val/loss and each σ bin, reduced over ranks once at the end of validation: a bin
+        # may be empty on a rank (Lightning's sync_dist needs every rank to log every key, and its mean
+        # truncates the integer sample counts).
+        n, k = len(batch["ids"]), self.num_tbins
+        bins, mse = self._tbins(parts["sigma"]), parts["mse"].detach().float()
+        sums = torch.zeros(2 + 2 * k, device=mse.device)
+        sums[0], sums[1] = loss.detach().float() * n, n
+        for j in range(k):
+            sel = bins == j
+            sums[2 + j], sums[2 + k + j] = mse[sel].sum(), sel.sum()
+        self._val_sums = sums if getattr(self, "_val_sums", None) is None else self._val_sums + sums
         return loss
+
+    def on_validation_epoch_end(self) -> None:
+        """``val/loss`` and ``val/loss_tbin*``: sample-weighted means over every rank's validation batches."""
+        k = self.num_tbins
+        sums = getattr(self, "_val_sums", None)
+        sums = torch.zeros(2 + 2 * k, device=self.device) if sums is None else sums
+        if self._trainer is not None:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        # Identical on every rank after the reduction: sync_dist's mean changes nothing (and keeps Lightning quiet).
+        if sums[1] > 0:
+            self.log("val/loss", sums[0] / sums[1], prog_bar=True, sync_dist=True)
+        for j in range(k):
+            if sums[2 + k + j] > 0:
+                self.log(f"val/loss_tbin{j}", sums[2 + j] / sums[2 + k + j], sync_dist=True)
+        self._val_sums = None
 
     def configure_optimizers(self) -> Any:
         self._load_deferred_init_from()  # runs after materialisation, before a resumed checkpoint loads
