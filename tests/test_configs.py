@@ -189,6 +189,22 @@ def _check_hydra_launcher(cfg: DictConfig, option: str) -> None:
     )  # tests/test_slurm_launch.py
 
 
+def _check_hparams_search(cfg: DictConfig, option: str) -> None:
+    # The sweeper lives in the hydra node: compose it again with it (the sweep itself: tests/test_sweeps.py).
+    full = compose([f"hparams_search={option}"], keep_hydra=True)
+    assert full.hydra.sweeper._target_.startswith("hydra_plugins.hydra_optuna_sweeper.")
+    assert full.hydra.sweeper.params and cfg.optimized_metric
+
+
+def _check_hydra_help(cfg: DictConfig, option: str) -> None:
+    # The template asks rededit.cli.help for the groups (tests/test_entry_help.py runs --help itself).
+    from rededit.cli import help as entry_help
+
+    entry_help.register()
+    template = compose([f"hydra/help={option}"], keep_hydra=True).hydra.help.template
+    assert "experiment: " in template and "eval/benchmark" not in template
+
+
 CHECKS: dict[str, Callable[[DictConfig, str], None]] = {
     "stage": _check_stage,
     "backbone": _check_backbone,
@@ -206,6 +222,8 @@ CHECKS: dict[str, Callable[[DictConfig, str], None]] = {
     "reward": _check_reward,
     "loss/consistency": _check_loss_consistency,
     "hydra/launcher": _check_hydra_launcher,
+    "hydra/help": _check_hydra_help,
+    "hparams_search": _check_hparams_search,
 }
 SINGLE_OPTION = {"paths", "hydra", "data"}  # one option each, composed by every test here
 CASES = [(group, option) for group in CHECKS for option in _options(group)]

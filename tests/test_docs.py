@@ -61,6 +61,8 @@ def test_every_strategy_named_in_docs_and_comments_exists() -> None:
     named = re.compile(r"(?<![\w.])strategy=([A-Za-z_][\w]*)")
     wrong = []
     for p in _tracked_text_files():
+        if p.name == "test_docs.py":
+            continue
         for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1):
             for m in named.finditer(line):
                 # In Python files only comments and quoted command lines, not keyword arguments.

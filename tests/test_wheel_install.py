@@ -60,14 +60,14 @@ def test_wheel_installs_and_trains_from_an_empty_folder(tmp_path) -> None:
 
     bindir = venv / "bin"
     _run(
-        [str(bindir / "rededit-data"), "synth", "--out", "corpus", "--n", "12", "--seed", "0",
+        [str(bindir / "rededit-data"), "synth", "--out", "corpus", "--n", "24", "--seed", "0",
          "--min-side", "64", "--max-side", "64", "--zh-prob", "0"],
         cwd=work,
         env=env,
     )  # fmt: skip
     run = _run(
         [str(bindir / "rededit-train"), "experiment=demo_pretrain", "debug=fast_dev_run",
-         "data.manifest=corpus/manifest.parquet", "data.text_cache=null", "hydra.run.dir=run"],
+         "data.manifest=corpus/manifest.parquet", "data.token_budget=512", "hydra.run.dir=run"],
         cwd=work,
         env=env,
     )  # fmt: skip

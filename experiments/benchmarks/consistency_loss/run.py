@@ -69,7 +69,7 @@ def compose_cfg(
         f"data.manifest={manifest}",
         f"paths.output_dir={out_dir}",
         "export_dir=null",
-        *([] if logger else ["~logger"]),
+        *([] if logger else ["logger=[]"]),
         *overrides,
     ]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -95,7 +95,7 @@ def compose_cfg(
     if text_cache is not None:
         args.append(f"data.text_cache={text_cache}")
     if logger == "none":
-        args.append("~logger")
+        args.append("logger=[]")
     elif logger != "csv":
         args.append(f"logger={logger}")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

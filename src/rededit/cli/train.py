@@ -30,7 +30,9 @@ def objective(metrics: dict[str, float], name: str | None) -> float | None:
     if not name:
         return None
     if name not in metrics:
-        raise KeyError(f"optimized_metric={name} was not logged by this run; logged: {', '.join(sorted(metrics))}")
+        raise KeyError(
+            f"optimized_metric={name} was not logged by this run; logged: {', '.join(sorted(metrics))}"
+        )
     return float(metrics[name])
 
 
