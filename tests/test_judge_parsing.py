@@ -411,6 +411,10 @@ def test_builtin_prompt_sets():
     generic = builtin_prompt_set("rededit_generic").template("Motion")
     assert generic.keys == CANONICAL_DIMENSIONS
     assert generic.parse("指令遵循：5\n视觉自然度：4\n物理与细节一致性：4").ok  # Chinese aliases
+    # A text-to-image row has no Picture 1: its template asks for the one generated image (it used to be a
+    # judge failure on every t2i item of the synthetic bench, "item has no ['source'] image").
+    t2i = builtin_prompt_set("rededit_generic").template("t2i")
+    assert t2i.image_roles == ("edited",) and t2i.keys == CANONICAL_DIMENSIONS and "one image" in t2i.text
     hashes = {builtin_prompt_set(n).set_hash for n in BUILTIN_PROMPT_SETS}
     assert len(hashes) == len(BUILTIN_PROMPT_SETS)
     with pytest.raises(KeyError):

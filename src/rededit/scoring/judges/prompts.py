@@ -397,6 +397,24 @@ Visual Naturalness: <1-5>
 Physical & Detail Coherence: <1-5>
 """
 
+# Text-to-image rows of a mixed bench (no Picture 1): the same three ratings on the one generated image.
+_REDEDIT_GENERIC_T2I = """You are grading an image generated from a text description.
+You will see one image. The description was:
+"<edit_prompt>"
+
+Rate three aspects, each an integer from 1 (worst) to 5 (best):
+Prompt Compliance - does the image show everything the description asks for, and nothing that contradicts it?
+Visual Naturalness - is the image coherent as a whole (style, lighting, colour, edges)?
+Physical & Detail Coherence - are geometry, contact, shadows and fine details plausible?
+The second and third ratings should not be higher than the first.
+
+Answer in this format:
+Reason: one short sentence.
+Prompt Compliance: <1-5>
+Visual Naturalness: <1-5>
+Physical & Detail Coherence: <1-5>
+"""
+
 _CN_ALIASES = (
     ("Prompt Compliance", ("指令遵循", "指令符合度")),
     ("Visual Naturalness", ("视觉自然度",)),
@@ -445,16 +463,27 @@ def rededit_text_prompt_set() -> PromptSet:
 
 
 def rededit_generic_prompt_set() -> PromptSet:
-    """One REDEdit-style template (our wording) for every task; scores under :data:`CANONICAL_DIMENSIONS`."""
+    """One REDEdit-style template (our wording) for every edit task, and its one-image form for ``t2i`` rows
+    (no Picture 1 to show); scores under :data:`CANONICAL_DIMENSIONS`."""
+    names = ("Prompt Compliance", "Visual Naturalness", "Physical & Detail Coherence")
     t = JudgeTemplate(
         _REDEDIT_GENERIC,
-        ("Prompt Compliance", "Visual Naturalness", "Physical & Detail Coherence"),
+        names,
         CANONICAL_DIMENSIONS,
         (1.0, 5.0),
         origin=_OURS + "rededit_generic",
         aliases=_CN_ALIASES,
     )
-    return PromptSet({}, name="rededit_generic", default=t)
+    t2i = JudgeTemplate(
+        _REDEDIT_GENERIC_T2I,
+        names,
+        CANONICAL_DIMENSIONS,
+        (1.0, 5.0),
+        ("edited",),
+        origin=_OURS + "rededit_generic_t2i",
+        aliases=_CN_ALIASES,
+    )
+    return PromptSet({"t2i": t2i}, name="rededit_generic", default=t)
 
 
 BUILTIN_PROMPT_SETS = {
