@@ -202,7 +202,8 @@ class FakeVLM:
 
     def generate(self, images, prompt: str) -> str:
         self.calls += 1
-        assert "<edit_prompt>" not in prompt and len(images) == 2
+        assert "<edit_prompt>" not in prompt
+        assert len(images) == (1 if "generated from a text description" in prompt else 2)  # t2i: no source
         return "I'm sorry, I can't help with that." if self.calls % 3 == 0 else self.answer
 
 
