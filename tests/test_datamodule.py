@@ -7,6 +7,7 @@ per epoch, tokens stay within the budget, and a mid-epoch resume reproduces the 
 
 from __future__ import annotations
 
+import argparse
 import shutil
 from pathlib import Path
 
@@ -247,3 +248,45 @@ def test_a_manifest_path_outside_its_folder_is_a_bad_sample_unless_allowed(corpu
     allowed = _dm(bad_dir / "manifest.parquet", 0, world=1, allow_outside_root=True)
     assert os.environ.get(ALLOW_ENV) == "1"
     assert not [sid for b in allowed.train_dataloader() for sid in b["skipped"]]
+
+
+def test_every_data_command_takes_allow_outside_root(corpus, tmp_path, monkeypatch):
+    """encode-text, shard, make-pairs, mine-hard ... read manifests too: a pairs manifest (absolute paths) needed
+    ``REDEDIT_ALLOW_OUTSIDE_ROOT`` set by hand. Every ``rededit-data`` command takes ``--allow-outside-root``."""
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rededit.cli.data import COMMANDS, build_parser
+    from rededit.cli.data import main as data_main
+    from rededit.data.uri import ALLOW_ENV
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name in COMMANDS:
+        command = sub.choices[name.replace("_", "-")]
+        assert any("--allow-outside-root" in a.option_strings for a in command._actions), name
+    # validate through the entry point: a manifest naming another folder's images by absolute path (what
+    # make-pairs writes) is a problem (exit 1), and passes with the flag.
+    absolute = tmp_path / "pairs"
+    absolute.mkdir()
+    table = pq.read_table(corpus)
+    root = corpus.parent
+
+    def absolute_uri(u):
+        return None if u is None else str(root / u)
+
+    for col in ("target", "edit_mask"):
+        if col in table.column_names:
+            values = [absolute_uri(u) for u in table.column(col).to_pylist()]
+            table = table.set_column(table.column_names.index(col), col, pa.array(values, pa.string()))
+    refs = [[absolute_uri(u) for u in r] for r in table.column("references").to_pylist()]
+    table = table.set_column(
+        table.column_names.index("references"), "references", pa.array(refs, pa.list_(pa.string()))
+    )
+    pq.write_table(table, absolute / "manifest.parquet")
+    monkeypatch.delenv(ALLOW_ENV, raising=False)
+    assert data_main(["validate", str(absolute / "manifest.parquet")]) == 1
+    assert data_main(["validate", str(absolute / "manifest.parquet"), "--allow-outside-root"]) == 0
+    assert os.environ.get(ALLOW_ENV) == "1"

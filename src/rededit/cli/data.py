@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from rededit.data.uri import allow_outside_root
+
 COMMANDS = (
     # corpus and payloads (§2.3, §3.2)
     "synth",
@@ -34,11 +36,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         importlib.import_module(f"rededit.cli.data_{name}").add_parser(sub)
+    for command in sub.choices.values():  # every command reads manifests someone may have handed over
+        if not any("--allow-outside-root" in a.option_strings for a in command._actions):
+            command.add_argument(
+                "--allow-outside-root",
+                action="store_true",
+                help="accept image URIs that are absolute or leave the manifest's folder (refused by default: "
+                "a manifest may come from anyone; make-pairs and mine-hard write absolute paths)",
+            )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.allow_outside_root:  # process-wide, inherited by workers (rededit.data.uri)
+        allow_outside_root(True)
     return int(args.func(args) or 0)
 
 

@@ -12,7 +12,6 @@ import pyarrow as pa
 
 from rededit.cli.args import int_at_least
 from rededit.data.manifest import Manifest
-from rededit.data.uri import allow_outside_root
 from rededit.data.validate import validate_manifest_report
 
 _non_negative = int_at_least(0)
@@ -43,8 +42,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.allow_outside_root:
-        allow_outside_root(True)
     try:
         manifest = Manifest.open(args.manifest, validate=False)
     except FileNotFoundError as e:
