@@ -244,8 +244,9 @@ def test_presets_instantiate_consistently(tmp_path) -> None:
         instantiate(cfg)()
     cfg.expected_config = {"num_layers": 2, "axes_dims_rope": [4, 6, 6]}
     loaded = instantiate(cfg)()
-    assert loaded.zero_cond_t and loaded.gradient_checkpointing
-    ref = _backbone(zero_cond_t=True)
+    # zero_cond_t is the folder's (saved off here), not forced on by the preset (issue 19)
+    assert not loaded.zero_cond_t and loaded.gradient_checkpointing
+    ref = _backbone(zero_cond_t=False)
     x, references, sigma, text, mask = _inputs()
     with torch.no_grad():
         torch.testing.assert_close(
@@ -271,3 +272,77 @@ def test_zero_init_with_source_residual_starts_at_returning_picture_1() -> None:
     assert bb.transformer.proj_out.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="source_residual"):
         _backbone(prediction="v", source_residual=True)
+
+
+def _variant_folder(root, zero_cond_t: bool):
+    """A pipeline-shaped folder: model_index.json, transformer/ (tiny, with or without zero_cond_t as 2511 / 2509
+    write it) and scheduler/ (a config with a marker value)."""
+    import json
+
+    from tiny_pipeline import QWEN_SCHEDULER_CONFIG, build_transformer
+
+    build_transformer(zero_cond_t).save_pretrained(root / "transformer")
+    (root / "scheduler").mkdir()
+    sched = {"_class_name": "FlowMatchEulerDiscreteScheduler", **QWEN_SCHEDULER_CONFIG, "max_shift": 0.77}
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "QwenImageEditPlusPipeline"}))
+    return root
+
+
+def _variant_cfg(preset: str, folder):
+    """conf/backbone/<preset> composed (defaults list applied), pointed at ``folder``, architecture keys of the
+    20B model dropped from expected_config (the folder holds a tiny transformer), the variant's own kept."""
+    from omegaconf import OmegaConf
+
+    from conftest import compose
+
+    composed = compose(
+        [f"backbone={preset}", f"backbone.pretrained_path={folder}", "backbone.torch_dtype=float32"]
+    )
+    cfg = OmegaConf.create(OmegaConf.to_container(composed.backbone))
+    cfg.expected_config = {k: v for k, v in cfg.expected_config.items() if k == "zero_cond_t"}
+    return cfg
+
+
+def test_variant_presets_read_the_folder_and_refuse_a_mismatch(tmp_path, caplog) -> None:
+    """Issue 19: the folder's zero_cond_t wins (2509: off, 2511: on) and a preset that disagrees with the folder
+    is an error naming the key, the folder's config file and both values, raised before any weight is read."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    f2509 = _variant_folder(tmp_path / "edit2509", zero_cond_t=False)
+    f2511 = _variant_folder(tmp_path / "edit2511", zero_cond_t=True)
+
+    assert instantiate(_variant_cfg("qwen_image_edit_2509", f2509))().zero_cond_t is False
+    b2511 = instantiate(_variant_cfg("qwen_image_edit_2511", f2511))()
+    assert b2511.zero_cond_t is True and all(blk.zero_cond_t for blk in b2511.transformer.transformer_blocks)
+    # the generic preset forces nothing: each folder's value
+    assert instantiate(_variant_cfg("qwen_image", f2511))().zero_cond_t is True
+    assert instantiate(_variant_cfg("qwen_image", f2509))().zero_cond_t is False
+    # the pipeline folder and its scheduler config come along (the Euler sampler reads them)
+    assert b2511.pipeline_folder == f2511 and b2511.scheduler_config["max_shift"] == 0.77
+
+    with pytest.raises(ValueError) as err:
+        instantiate(_variant_cfg("qwen_image_edit_2509", f2511))()
+    msg = str(err.value)
+    assert "zero_cond_t" in msg and str(f2511 / "transformer" / "config.json") in msg
+    assert (
+        "expects zero_cond_t=False" in msg and "has zero_cond_t=True" in msg and "qwen_image_edit_2509" in msg
+    )
+    with pytest.raises(ValueError, match=r"expects zero_cond_t=True .* has zero_cond_t=False"):
+        instantiate(_variant_cfg("qwen_image_edit_2511", f2509))()
+    # checked from config.json alone: a folder without weights fails on the key, not on the missing weights
+    (tmp_path / "no_weights" / "transformer").mkdir(parents=True)
+    (tmp_path / "no_weights" / "transformer" / "config.json").write_text('{"zero_cond_t": true}')
+    with pytest.raises(ValueError, match="expects zero_cond_t=False"):
+        instantiate(_variant_cfg("qwen_image_edit_2509", tmp_path / "no_weights"))()
+    # an explicit value overrides the folder, loudly
+    cfg = _variant_cfg("qwen_image", f2509)
+    cfg.zero_cond_t = True
+    with caplog.at_level("WARNING", logger="rededit"):
+        assert instantiate(cfg)().zero_cond_t is True
+    assert "overrides zero_cond_t=False" in caplog.text
+
+    # the tiny CPU backbone is unchanged: no folder, no scheduler config, its preset's zero_cond_t
+    tiny = instantiate(OmegaConf.load("conf/backbone/tiny.yaml"))(latent_channels=48)
+    assert tiny.zero_cond_t is True and tiny.scheduler_config is None and tiny.pipeline_folder is None

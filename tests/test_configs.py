@@ -44,8 +44,10 @@ def _check_stage(cfg: DictConfig, option: str) -> None:
 
 def _check_backbone(cfg: DictConfig, option: str) -> None:
     assert cfg.backbone._partial_ is True  # built by the stage in configure_model (FSDP delayed init)
-    if option == "qwen_image":
+    if OmegaConf.is_missing(cfg.backbone, "pretrained_path"):  # qwen_image and its variant presets: a folder
         assert OmegaConf.missing_keys(cfg.backbone) == {"backbone.pretrained_path"}
+        assert cfg.backbone.zero_cond_t is None  # the folder decides (issue 19)
+        assert cfg.backbone.variant in (None, option) and cfg.backbone.expected_config.num_layers == 60
         return
     channels = cfg.backbone.transformer_config.in_channels // cfg.backbone.patch_size**2
     backbone = instantiate(cfg.backbone)(latent_channels=channels)

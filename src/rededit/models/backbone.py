@@ -12,6 +12,17 @@ modulation of target tokens uses ``emb(σ)`` and that of reference tokens ``emb(
 text stream and the output norm keep ``emb(σ)``. It adds no parameters, so it can be switched on for a
 checkpoint trained without it (as Qwen-Image-Edit-2511 does).
 
+Pretrained folders (issue 19): a published editor's ``transformer/config.json`` says what it was trained with,
+and it wins. ``zero_cond_t=None`` (the ``qwen_image`` presets) takes the folder's value (Qwen-Image and
+Qwen-Image-Edit-2509 have no such key: off; Qwen-Image-Edit-2511 has ``"zero_cond_t": true``); ``True``/``False``
+overrides it, with a warning naming both values. ``expected_config`` (the variant presets
+``conf/backbone/qwen_image_*.yaml``, ``firered_edit_1_0.yaml``) is checked against the folder's config file
+(absent keys read as diffusers' defaults) *before* any weight is read, and a mismatch is an error naming the key,
+the file and both values. When the transformer sits in a diffusers pipeline folder (``<folder>/transformer``
+with ``<folder>/model_index.json``), :attr:`EditBackbone.pipeline_folder` names that folder and
+:attr:`EditBackbone.scheduler_config` holds its ``scheduler/scheduler_config.json``, which the Euler sampler
+(:mod:`rededit.flow.sampler`) uses instead of its Qwen-Image constants.
+
 Timestep scale: the transformer's sinusoidal projection multiplies its input by 1000 and the diffusers
 pipelines pass ``scheduler_t / 1000 = σ``; we therefore pass ``σ ∈ [0, 1]`` directly.
 
@@ -38,7 +49,10 @@ Their weights live outside ``transformer`` (keys ``region_tokens.*``, ``tati.*``
 from __future__ import annotations
 
 import contextlib
+import inspect
+import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -83,6 +97,71 @@ def _plain(value: Any) -> Any:
     return value
 
 
+SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
+
+
+def pipeline_folder_of(pretrained_path: str | Path, subfolder: str | None) -> Path | None:
+    """The diffusers pipeline folder a transformer folder belongs to, or None.
+
+    ``(F, "transformer")`` → ``F``; ``(F/transformer, None)`` → ``F`` (an export's bare transformer folder);
+    either only when ``F/model_index.json`` exists.
+    """
+    path = Path(pretrained_path)
+    if subfolder:
+        root = path
+    elif path.name == "transformer":
+        root = path.parent
+    else:
+        return None
+    return root if (root / "model_index.json").is_file() else None
+
+
+def read_scheduler_config(pipeline_folder: str | Path | None) -> dict[str, Any] | None:
+    """``<pipeline_folder>/scheduler/scheduler_config.json`` as a dict, or None when there is none."""
+    if pipeline_folder is None:
+        return None
+    path = Path(pipeline_folder) / SCHEDULER_CONFIG
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def folder_transformer_config(
+    pretrained_path: str | Path, subfolder: str | None
+) -> tuple[dict[str, Any], Path]:
+    """The transformer config a folder holds, with diffusers' defaults for absent keys, and its file.
+
+    Read without loading weights, so a wrong folder fails before tens of GB are read.
+    """
+    from diffusers import QwenImageTransformer2DModel
+
+    file = Path(pretrained_path) / (subfolder or "") / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{file}: no transformer config (backbone.pretrained_path, subfolder={subfolder})"
+        )
+    found = json.loads(file.read_text(encoding="utf-8"))
+    params = inspect.signature(QwenImageTransformer2DModel.__init__).parameters
+    config = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    config.update({k: v for k, v in found.items() if not k.startswith("_")})
+    return _plain(config), file
+
+
+def check_expected_config(
+    config: Mapping[str, Any], expected: Mapping[str, Any] | None, source: Any, variant: str | None = None
+) -> None:
+    """Raise ``ValueError`` naming the key, ``source`` (the folder's config file) and both values when ``config``
+    differs from ``expected`` anywhere."""
+    for key, want in _plain(expected or {}).items():
+        have = _plain(config.get(key))
+        if have != want:
+            who = f"the preset backbone={variant}" if variant else "backbone.expected_config"
+            raise ValueError(
+                f"backbone.expected_config.{key}: {who} expects {key}={want!r} but {source} has {key}={have!r}; "
+                "pick the preset of the variant this folder holds (conf/backbone/), or another folder"
+            )
+
+
 class EditBackbone(nn.Module):
     """Velocity predictor ``v̂(x_t, σ, refs, text)`` over a ``QwenImageTransformer2DModel``.
 
@@ -95,7 +174,8 @@ class EditBackbone(nn.Module):
         latent_channels: if given (the stage passes ``vae.latent_channels``), fills missing
             ``in_channels``/``out_channels`` in ``transformer_config`` as ``C·p²`` / ``C`` and otherwise
             checks that the preset agrees with the VAE.
-        zero_cond_t: condition reference tokens on ``σ = 0`` (see module doc).
+        zero_cond_t: condition reference tokens on ``σ = 0`` (see module doc). ``None``: the loaded folder's
+            config decides (off for a fresh transformer); ``True``/``False`` overrides the folder (logged).
         prediction: ``"v"`` (default; what Qwen-Image is trained for) or ``"x0"``: the network output is read
             as ``x̂0`` and converted to ``v = (x_t − x̂0) / max(σ, x0_sigma_min)`` (docs/demo-design.md: helps
             tiny CPU models whose token width exceeds the hidden width).
@@ -111,8 +191,10 @@ class EditBackbone(nn.Module):
         zero_init_output: for a fresh transformer, zero the final projection (``proj_out``) as DiT does
             (adaLN-Zero style), so training starts from a constant prediction — with ``source_residual``
             that is exactly "return Picture 1 unchanged". Ignored when loading pretrained weights.
-        expected_config: with ``pretrained_path``, config values the loaded transformer must have (the
-            ``qwen_image`` preset lists the 20B architecture so a wrong folder fails loudly).
+        expected_config: config values the transformer must have; with ``pretrained_path`` checked against the
+            folder's ``config.json`` before loading (the ``qwen_image`` presets list the 20B architecture and, per
+            variant, ``zero_cond_t``, so a wrong folder fails loudly).
+        variant: the preset's name (``qwen_image_edit_2511``, ...), for messages, logs and the export's model card.
         region_tokens: FireEdit region tokens (:class:`~rededit.models.fireedit.RegionTokens` options:
             ``pool_size``, ``num_freqs``, ``max_regions``); boxes come through ``forward(regions=...)``.
         tati: Time-Aware Target Injection (:class:`~rededit.models.fireedit.TimeAwareTargetInjection`
@@ -129,7 +211,7 @@ class EditBackbone(nn.Module):
         torch_dtype: str | torch.dtype | None = None,
         patch_size: int = 2,
         latent_channels: int | None = None,
-        zero_cond_t: bool = False,
+        zero_cond_t: bool | None = None,
         prediction: Prediction = "v",
         x0_sigma_min: float = 0.05,
         gradient_checkpointing: bool = False,
@@ -139,6 +221,7 @@ class EditBackbone(nn.Module):
         region_tokens: bool | Mapping[str, Any] = False,
         tati: bool | Mapping[str, Any] = False,
         hvca: bool | Mapping[str, Any] = False,
+        variant: str | None = None,
     ) -> None:
         super().__init__()
         from diffusers import QwenImageTransformer2DModel
@@ -146,8 +229,15 @@ class EditBackbone(nn.Module):
         if (transformer_config is None) == (pretrained_path is None):
             raise ValueError("EditBackbone needs exactly one of `transformer_config` or `pretrained_path`")
         dtype = as_dtype(torch_dtype)
+        self.variant = variant
+        self.pipeline_folder: Path | None = None
+        self.scheduler_config: dict[str, Any] | None = None
         if pretrained_path is not None:
             require_local_folder(pretrained_path, "backbone.pretrained_path")
+            found, config_file = folder_transformer_config(pretrained_path, subfolder)
+            check_expected_config(found, expected_config, config_file, variant)
+            self.pipeline_folder = pipeline_folder_of(pretrained_path, subfolder)
+            self.scheduler_config = read_scheduler_config(self.pipeline_folder)
             kwargs: dict[str, Any] = {"torch_dtype": dtype} if dtype is not None else {}
             if subfolder:
                 kwargs["subfolder"] = subfolder
@@ -159,7 +249,7 @@ class EditBackbone(nn.Module):
             if latent_channels is not None:
                 cfg.setdefault("in_channels", latent_channels * patch_size**2)
                 cfg.setdefault("out_channels", latent_channels)
-            cfg["zero_cond_t"] = bool(zero_cond_t)
+            cfg["zero_cond_t"] = bool(zero_cond_t)  # None (unset) = off for a fresh transformer
             self.transformer = QwenImageTransformer2DModel(**cfg)
             if zero_init_output:
                 # diffusers initialises proj_out randomly; its gradient does not depend on its own weights,
@@ -170,11 +260,19 @@ class EditBackbone(nn.Module):
                 self.transformer.to(dtype)
 
         tcfg = self.transformer.config
-        for key, want in _plain(expected_config or {}).items():
-            have = _plain(tcfg.get(key))
-            if have != want:
-                raise ValueError(
-                    f"transformer config {key}={have!r} but the preset expects {want!r} ({pretrained_path})"
+        if pretrained_path is None:
+            check_expected_config(dict(tcfg), expected_config, "the transformer_config", variant)
+        else:
+            folder_value = bool(tcfg.get("zero_cond_t", False))
+            if zero_cond_t is None:
+                zero_cond_t = folder_value  # the folder's config wins
+            elif bool(zero_cond_t) != folder_value:
+                log.warning(
+                    "backbone.zero_cond_t=%s overrides zero_cond_t=%s of %s (the export records %s)",
+                    bool(zero_cond_t),
+                    folder_value,
+                    pretrained_path,
+                    bool(zero_cond_t),
                 )
         if tcfg.patch_size != patch_size:
             raise ValueError(
