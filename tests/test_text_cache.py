@@ -17,6 +17,8 @@ from rededit.cli import data_encode_text
 from rededit.data.schema import manifest_schema
 from rededit.data.text_cache import (
     TextEmbeddingCache,
+    cache_keys,
+    condition_image_hash,
     encode_with_cache,
     image_content_hash,
     text_cache_key,
@@ -36,6 +38,7 @@ def test_key_changes_with_every_component():
         "reference_hashes": ["h1", "h2"],
         "max_length": 64,
         "dtype": "float32",
+        "template": "qwen-image-edit-plus",
     }
     k = text_cache_key(**base)
     assert k == text_cache_key(**base) and len(k) == 64
@@ -49,10 +52,14 @@ def test_key_changes_with_every_component():
         {"reference_hashes": ["h1", "h3"]},  # different image content
         {"max_length": 65},
         {"dtype": "bfloat16"},
+        {"template": "qwen-image-t2i"},  # text-to-image vs edit template
     ]
     keys = {text_cache_key(**{**base, **v}) for v in variants}
     assert len(keys) == len(variants) and k not in keys
     assert image_content_hash(b"abc") != image_content_hash(b"abd")
+    img = torch.zeros(3, 4, 6, dtype=torch.uint8)
+    assert condition_image_hash(img) != condition_image_hash(img.reshape(3, 6, 4))  # shape counts
+    assert condition_image_hash(img) != condition_image_hash(img + 1)
 
 
 def test_put_get_round_trip_and_shards(tmp_path):
@@ -137,7 +144,7 @@ def test_encode_with_cache_hits_equal_online(minilm, tmp_path):
 
 def test_stale_entries_are_never_reused(minilm, tmp_path):
     cache = TextEmbeddingCache(tmp_path, cache_id=minilm.cache_id)
-    key = text_cache_key(minilm.cache_id, "Put Picture 1 in Picture 2", [], minilm.max_length, "float32")
+    (key,) = cache_keys(minilm, ["Put Picture 1 in Picture 2"], [[]])
     # a poisoned entry under the right key is returned (proves the lookup path is live) ...
     cache.put_many({key: torch.full((5, 384), 7.0)})
     emb, _ = encode_with_cache(minilm, ["Put Picture 1 in Picture 2"], None, cache)
@@ -150,9 +157,7 @@ def test_stale_entries_are_never_reused(minilm, tmp_path):
     emb, _ = encode_with_cache(other, ["Put Picture 1 in Picture 2"], None, cache2)
     assert not torch.any(emb == 7.0)
     # an entry of the wrong width is a miss, not a crash
-    cache.put_many(
-        {text_cache_key(minilm.cache_id, "odd", [], minilm.max_length, "float32"): torch.ones(3, 5)}
-    )
+    cache.put_many({cache_keys(minilm, ["odd"], [[]])[0]: torch.ones(3, 5)})
     emb, mask = encode_with_cache(minilm, ["odd"], None, cache)
     assert emb.shape[-1] == 384 and mask.sum() == 3
 
@@ -232,47 +237,78 @@ def test_encode_text_cli_resumable(minilm, tmp_path, capsys):
     assert data_main([*args, "--columns", "nope"]) == 2
 
 
-def test_image_encoder_keys_follow_reference_content(tmp_path, capsys):
-    """Qwen-VL path end to end on a tiny random model: CLI hashes the reference files, training-time
-    lookups with the same files hit, and a changed reference image is a miss."""
+def _qwen_corpus(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny Qwen2.5-VL folder and a 3-row manifest: a reference at its bucket's shape, one that the tiny
+    bucket set crops (100x40 → a 2:1 bucket), and a text-to-image row."""
     import numpy as np
     from PIL import Image
 
-    from rededit.data.images import load_image, to_tensor
-    from rededit.models.text_encoder import QwenVLTextEncoder
     from test_text_encoder import _build_tiny_qwen
 
     model_dir = tmp_path / "qwen"
     _build_tiny_qwen(model_dir)
     rng = np.random.default_rng(0)
-    for name in ("a.png", "b.png", "c.png"):
-        Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(tmp_path / name)
+    sizes = {"a.png": (64, 64), "wide.png": (100, 40), "t.png": (64, 64)}
+    for name, (w, h) in sizes.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / name)
+
+    def row(i, refs, text):
+        return {
+            "id": f"r{i}",
+            "task": "edit" if refs else "t2i",
+            "instruction": text,
+            "target": "t.png",
+            "target_width": 64,
+            "target_height": 64,
+            "references": refs,
+            "reference_widths": [sizes[r][0] for r in refs],
+            "reference_heights": [sizes[r][1] for r in refs],
+        }
+
     rows = [
-        {
-            "id": "r0",
-            "task": "edit",
-            "instruction": "make Picture 1 red",
-            "target": "a.png",
-            "target_width": 56,
-            "target_height": 40,
-            "references": ["a.png"],
-            "reference_widths": [56],
-            "reference_heights": [40],
-        },
-        {
-            "id": "r1",
-            "task": "edit",
-            "instruction": "make Picture 1 red",
-            "target": "a.png",
-            "target_width": 56,
-            "target_height": 40,
-            "references": ["b.png"],
-            "reference_widths": [56],
-            "reference_heights": [40],
-        },
+        row(0, ["a.png"], "make Picture 1 red"),
+        row(1, ["wide.png"], "make Picture 1 red"),
+        row(2, [], "a red circle on a blue background"),
     ]
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.Table.from_pylist(rows, schema=manifest_schema([])), manifest)
+    return model_dir, manifest
+
+
+def _qwen_batches(manifest: Path, enc, cache: Path | None) -> dict[str, tuple[torch.Tensor, list]]:
+    """Every row's text embedding (valid tokens) and served references through the training loader."""
+    from rededit.data.datamodule import EditDataModule
+
+    dm = EditDataModule(
+        str(manifest),
+        "tiny",
+        4096,
+        split=None,
+        max_batch_size=1,
+        text_encoder=enc,
+        text_cache=str(cache) if cache else None,
+        world_size=1,
+        rank=0,
+    )
+    dm.setup("fit")
+    out = {}
+    for batch in dm.train_dataloader():
+        assert len(batch["ids"]) == 1
+        emb, mask = batch["text_emb"][0], batch["text_mask"][0]
+        out[batch["ids"][0]] = (emb[mask], [r[0] for r in batch["references"]])
+    return out
+
+
+def test_qwen_cache_hit_equals_online_encoding(tmp_path, capsys):
+    """Parity 2 (issue 19), Qwen-VL path end to end on a tiny random model: ``encode-text`` encodes each
+    reference as the training loader serves it (cover-cropped to its bucket), so every training lookup of
+    the cache hits and equals the online encoding of the same sample, also for a reference the bucket crops
+    (before: the CLI encoded the full image, another condition size and even another number of vision
+    tokens). A changed reference image is a miss."""
+    from rededit.data.text_cache import cache_keys, condition_image_hash
+    from rededit.models.text_encoder import QwenVLTextEncoder
+
+    model_dir, manifest = _qwen_corpus(tmp_path)
     args = [
         "encode-text",
         "--manifest",
@@ -287,25 +323,44 @@ def test_image_encoder_keys_follow_reference_content(tmp_path, capsys):
         "float32",
         "--max-length",
         "256",
+        "--buckets",
+        "tiny",
         "--no-validate",
     ]
     assert data_main(args) == 0
-    # same text, different reference images: two entries (a caption-keyed cache would have one)
-    assert "encoded 2, already cached 0" in capsys.readouterr().out
+    # same text, different reference images: two entries (a caption-keyed cache would have one), + the T2I row
+    assert "encoded 3, already cached 0" in capsys.readouterr().out
 
     enc = QwenVLTextEncoder(str(model_dir), max_length=256, dtype=torch.float32)
+    calls = []
+    encode_prepared = enc.encode_prepared
+    enc.encode_prepared = lambda texts, prepared: calls.append(len(texts)) or encode_prepared(texts, prepared)
+    hits = _qwen_batches(manifest, enc, tmp_path / "cache")
+    assert calls == [] and sorted(hits) == ["r0", "r1", "r2"]  # every sample a cache hit
+    online = _qwen_batches(manifest, enc, None)
+    assert sum(calls) == 3
+    for rid in hits:
+        # same tokens; values equal up to the float noise of the batch the CLI encoded them in (~1e-7)
+        assert hits[rid][0].shape == online[rid][0].shape, rid
+        torch.testing.assert_close(hits[rid][0], online[rid][0], atol=1e-5, rtol=1e-5)
+    # r1's 100x40 (2.5:1) reference is cover-cropped to its bucket (88x48): the text embedding sees that crop
+    (served,) = online["r1"][1]
+    assert tuple(served.shape[-2:]) == (48, 88)
+    from rededit.data.images import load_image, to_tensor
+
+    full = to_tensor(load_image("wide.png", tmp_path))
+    assert enc.condition_image(full).shape != enc.condition_image(served).shape
+    emb_full = enc.encode_sequences(["make Picture 1 red"], [[full]])[0]
+    assert emb_full.shape != hits["r1"][0].shape or not torch.equal(emb_full, hits["r1"][0])
+    # the keys are those of the condition images actually encoded; another image is a miss
     cache = TextEmbeddingCache(tmp_path / "cache", cache_id=enc.cache_id)
-    images = [[to_tensor(load_image(n, tmp_path))] for n in ("a.png", "b.png", "c.png")]
-    hashes = [[image_content_hash((tmp_path / n).read_bytes())] for n in ("a.png", "b.png", "c.png")]
-    text = ["make Picture 1 red"]
-    hit, hmask = encode_with_cache(enc, text, hashes[0:1], cache)  # no images given: must be a hit
-    online, omask = enc.encode(text, images=images[0:1])
-    assert torch.equal(hmask, omask)
-    torch.testing.assert_close(hit, online, atol=1e-5, rtol=1e-5)
+    (key,) = cache_keys(enc, ["make Picture 1 red"], [[condition_image_hash(enc.condition_image(served))]])
+    assert key in cache
+    other = torch.rand_like(served) * 2 - 1
+    miss, _ = encode_with_cache(enc, ["make Picture 1 red"], None, cache, images=[[other]], write_back=True)
+    assert len(cache) == 4 and not torch.equal(miss[0, : hits["r1"][0].shape[0]], hits["r1"][0])
     with pytest.raises(ValueError, match="reference images"):
-        encode_with_cache(enc, text, hashes[2:3], cache)  # c.png was never cached
-    miss, _ = encode_with_cache(enc, text, hashes[2:3], cache, images=images[2:3], write_back=True)
-    assert not torch.allclose(miss, hit) and len(cache) == 3
+        encode_with_cache(enc, ["make Picture 1 red"], [["0" * 64]], cache)  # hashes alone cannot encode
 
 
 def test_training_finds_the_cache_encode_text_writes_by_default(minilm, tmp_path, caplog):

@@ -5,6 +5,11 @@ reference order). Texts re-indexed by Stochastic Instruction Alignment differ, s
 keys: training encodes those online and may write them back. Entries already in the cache are
 skipped, so an interrupted run resumes where it stopped (at most one unflushed shard is redone).
 
+For an image-using encoder (Qwen-VL) each reference is encoded as training serves it: cover-cropped to its
+bucket of ``--buckets`` (give the run's ``data.buckets``) by the data loader's own functions, then resized
+to the VL condition size, and keyed by that condition image's pixels. A sample the sampler merges into
+another bucket, or a run with other buckets, sees another crop: a different key, encoded online.
+
 Exit codes: 0 done, 2 the manifest or encoder cannot be opened.
 """
 
@@ -12,16 +17,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from rededit.cli.args import int_at_least
-from rededit.data.images import load_image, to_tensor
+from rededit.data.buckets import ResolutionSet, load_bucket_config
+from rededit.data.images import DEFAULT_MAX_PIXELS, load_image, resize_to_bucket, to_tensor
 from rededit.data.manifest import Manifest
 from rededit.data.schema import TEXT_COLUMNS
-from rededit.data.text_cache import TextEmbeddingCache, default_cache_dir, image_content_hash, text_cache_key
-from rededit.data.uri import resolve_uri
+from rededit.data.text_cache import TextEmbeddingCache, cache_keys, default_cache_dir, prepare_with_hashes
 from rededit.models.text_encoder import MiniLMTextEncoder, QwenVLTextEncoder, TextEncoder
 from rededit.utils.logging import get_logger
 from rededit.utils.progress import track
@@ -65,6 +72,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=None,
         help=f"comma-separated text columns (default: those present of {','.join(DEFAULT_COLUMNS)})",
     )
+    p.add_argument(
+        "--buckets",
+        default="tiny",
+        help="bucket set training serves the references at (the run's data.buckets: a name in "
+        "conf/data/buckets or a YAML path); image-using encoders encode each reference cropped to its bucket",
+    )
     p.add_argument("--allow-mixed", action="store_true", help="accept a cache written by another encoder")
     p.add_argument("--no-validate", action="store_true", help="skip the manifest validation")
     p.set_defaults(func=run)
@@ -90,6 +103,24 @@ def build_encoder(args: argparse.Namespace) -> TextEncoder:
     return enc
 
 
+def served_references(
+    manifest: Manifest, row: int, resset: ResolutionSet, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> list[torch.Tensor]:
+    """Row ``row``'s references as the training loader serves them without merging: each decoded, then
+    cover-cropped to its bucket of ``resset`` (:meth:`ResolutionSet.assign` on the manifest's size, as the
+    sampler does) by :func:`resize_to_bucket` and :func:`to_tensor` (``[3, h, w]`` in [-1, 1])."""
+    rec = manifest.row(row)
+    uris = rec.get("references") or []
+    sizes = list(zip(rec.get("reference_heights") or [], rec.get("reference_widths") or []))
+    out = []
+    for k, uri in enumerate(uris):
+        img = load_image(uri, manifest.root, max_pixels=max_pixels)
+        hw = sizes[k] if len(sizes) == len(uris) else (img.height, img.width)
+        h, w = (int(v) for v in resset.resolutions[int(resset.assign(np.asarray([hw]))[0])])
+        out.append(to_tensor(resize_to_bucket(img, h, w)))
+    return out
+
+
 def encode_manifest(
     manifest: Manifest,
     encoder: TextEncoder,
@@ -97,18 +128,31 @@ def encode_manifest(
     *,
     columns: list[str] | None = None,
     batch_size: int = 64,
+    buckets: Mapping[str, Any] | str = "tiny",
 ) -> dict[str, int]:
     """Encode every non-empty text of ``columns`` for every row into ``cache``.
+
+    Args:
+        buckets: the bucket config training uses (``data.buckets``); only image-using encoders need it.
 
     Returns:
         Counts: ``encoded`` (new entries), ``cached`` (texts whose entry already existed, including
         duplicates within this run), ``empty`` (missing/blank texts skipped).
     """
     columns = [c for c in (columns or DEFAULT_COLUMNS) if manifest.has(c)]
-    dtype = encoder.dtype_name
     counts = {"encoded": 0, "cached": 0, "empty": 0}
     pending: dict[str, tuple[str, int]] = {}  # key -> (text, row)
     ready: dict[str, torch.Tensor] = {}
+    resset = None
+    if encoder.uses_images:
+        resset = ResolutionSet.from_config(
+            load_bucket_config(buckets) if isinstance(buckets, str) else buckets
+        )
+
+    def condition(row: int) -> tuple[list[torch.Tensor], list[str]]:
+        """The row's condition images and their hashes: the same functions as the training loader's."""
+        prepared, hashes = prepare_with_hashes(encoder, [served_references(manifest, row, resset)])
+        return prepared[0], hashes[0]
 
     def flush_batch() -> None:
         if not pending:
@@ -120,13 +164,12 @@ def encode_manifest(
         pending.clear()
         for lo in range(0, len(items), batch_size):
             chunk = items[lo : lo + batch_size]
-            images = None
+            texts = [t for _, (t, _) in chunk]
             if encoder.uses_images:
-                images = []
-                for _, (_, row) in chunk:
-                    uris = manifest.table.column("references")[row].as_py() or []
-                    images.append([to_tensor(load_image(u, manifest.root)) for u in uris])
-            seqs = encoder.encode_sequences([t for _, (t, _) in chunk], images)
+                by_row = {row: condition(row)[0] for row in dict.fromkeys(r for _, (_, r) in chunk)}
+                seqs = encoder.encode_prepared(texts, [by_row[r] for _, (_, r) in chunk])
+            else:
+                seqs = encoder.encode_sequences(texts, None)
             ready.update({k: s.cpu() for (k, _), s in zip(chunk, seqs)})
         if len(ready) >= cache.shard_size:
             flush_shard()
@@ -139,18 +182,17 @@ def encode_manifest(
         log.info("encode-text: %d encoded, %d already cached", counts["encoded"], counts["cached"])
 
     text_cols = {c: manifest.table.column(c) for c in columns}
-    refs_col = manifest.table.column("references")
     for row in track(range(len(manifest)), desc="encode-text", unit="rows"):
-        ref_hashes: list[str] = []
-        if encoder.uses_images:
-            uris = refs_col[row].as_py() or []
-            ref_hashes = [image_content_hash(resolve_uri(u, manifest.root)) for u in uris]
-        for c in columns:
-            text = text_cols[c][row].as_py()
+        texts = [text_cols[c][row].as_py() for c in columns]
+        if not any(t is not None and t.strip() for t in texts):
+            counts["empty"] += len(texts)
+            continue
+        ref_hashes: list[str] = condition(row)[1] if encoder.uses_images else []
+        for text in texts:
             if text is None or not text.strip():
                 counts["empty"] += 1
                 continue
-            key = text_cache_key(encoder.cache_id, text, ref_hashes, encoder.max_length, dtype)
+            (key,) = cache_keys(encoder, [text], [ref_hashes])
             if key in cache or key in pending or key in ready:
                 counts["cached"] += 1
                 continue
@@ -183,7 +225,13 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         print(f"error: manifest has no column(s) {unknown}; it has {manifest.columns}", file=sys.stderr)
         return 2
-    counts = encode_manifest(manifest, encoder, cache, columns=columns, batch_size=args.batch_size)
+    try:
+        counts = encode_manifest(
+            manifest, encoder, cache, columns=columns, batch_size=args.batch_size, buckets=args.buckets
+        )
+    except FileNotFoundError as e:  # an unknown bucket set
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(
         f"encoded {counts['encoded']}, already cached {counts['cached']}, empty skipped {counts['empty']} "
         f"(cache {args.cache}: {len(cache)} entries, encoder {encoder.cache_id})"

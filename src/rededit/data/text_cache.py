@@ -3,11 +3,15 @@ offline and stored as tensors, so training spends no FLOPs on the frozen encoder
 
 Keys (docs/architecture.md rule 6): an entry is keyed by the sha256 of a canonical JSON of EVERYTHING that
 determines the embedding: the encoder's ``cache_id`` (weights id, template version, max length,
-dtype), the instruction text exactly as encoded (i.e. AFTER Stochastic Instruction Alignment
-re-indexing), the ordered content hashes of the reference images (for encoders whose output depends
-on them; ``[]`` for text-only encoders), the max length and the dtype. Any change of any part is a
-different key, so a stale entry is a miss and gets encoded online (and optionally written back); it
-is never silently reused.
+dtype), the prompt template the text is encoded with (Qwen-VL: the text-to-image template without
+references, the edit template with them), the instruction text exactly as encoded (i.e. AFTER Stochastic
+Instruction Alignment re-indexing), the ordered hashes of the reference images *as the encoder sees them*
+(for encoders whose output depends on them: :func:`condition_image_hash` of each condition image, the
+reference resized as the diffusers pipeline resizes it, from the reference as training serves it, i.e.
+cover-cropped to its bucket; ``[]`` for text-only encoders), the max length and the dtype. Any change of
+any part is a different key, so a stale entry is a miss and gets encoded online (and optionally written
+back); it is never silently reused. ``rededit-data encode-text`` and the training loader derive those
+hashes with the same functions, so a cache hit is the online encoding of the same sample.
 
 On-disk layout of a cache folder::
 
@@ -36,6 +40,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -47,7 +52,7 @@ from rededit.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-KEY_VERSION = 1
+KEY_VERSION = 2  # 2: the template name, and condition-image hashes instead of file hashes
 FORMAT_VERSION = 1
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors$")
 
@@ -83,7 +88,12 @@ def resolve_cache_dir(setting: str | Path | None, manifest: str | Path) -> str |
 
 
 def text_cache_key(
-    cache_id: str, text: str, reference_hashes: Sequence[str], max_length: int, dtype: str
+    cache_id: str,
+    text: str,
+    reference_hashes: Sequence[str],
+    max_length: int,
+    dtype: str,
+    template: str | None = None,
 ) -> str:
     """Content key of one embedding (sha256 hex).
 
@@ -95,10 +105,12 @@ def text_cache_key(
             ``[]`` for encoders that do not use images.
         max_length: token limit.
         dtype: embedding dtype name (``"float32"``, ``"bfloat16"``).
+        template: the prompt template's name (:meth:`~rededit.models.text_encoder.TextEncoder.template_for`).
     """
     payload = {
         "v": KEY_VERSION,
         "cache_id": cache_id,
+        "template": template,
         "text": text,
         "refs": list(reference_hashes),
         "max_length": int(max_length),
@@ -111,6 +123,39 @@ def text_cache_key(
 def image_content_hash(data: bytes) -> str:
     """sha256 hex of an image file's bytes (re-encoding an image changes it: a conservative miss)."""
     return hashlib.sha256(data).hexdigest()
+
+
+def condition_image_hash(image: torch.Tensor) -> str:
+    """sha256 hex of a condition image exactly as an image-using encoder consumes it (uint8 ``[3, h, w]``
+    from :meth:`~rededit.models.text_encoder.TextEncoder.prepare_images`): its shape and pixels."""
+    if image.dtype != torch.uint8 or image.ndim != 3:
+        raise ValueError(f"condition images are uint8 [3, h, w], got {image.dtype} {tuple(image.shape)}")
+    h = hashlib.sha256(f"{tuple(image.shape)}".encode())
+    h.update(image.contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_keys(
+    encoder: TextEncoder, texts: Sequence[str], reference_hashes_per_text: Sequence[Sequence[str]]
+) -> list[str]:
+    """The cache key of each text with its ordered reference hashes (``[]`` for text-only encoders)."""
+    dtype = encoder.dtype_name
+    # A duck-typed encoder without ``template_for`` has a single template (its cache_id names it).
+    template_for = getattr(encoder, "template_for", lambda n: None)
+    return [
+        text_cache_key(encoder.cache_id, t, h, encoder.max_length, dtype, template=template_for(len(h)))
+        for t, h in zip(texts, reference_hashes_per_text)
+    ]
+
+
+def prepare_with_hashes(
+    encoder: TextEncoder, images: Sequence[Sequence[Any]]
+) -> tuple[list[list[torch.Tensor]], list[list[str]]]:
+    """Per text, the condition images ``encoder`` encodes from ``images`` (the references as training serves
+    them) and their :func:`condition_image_hash` es: the one derivation of the image part of a key, shared by
+    ``rededit-data encode-text`` and the training loader."""
+    prepared = encoder.prepare_images(images) or [[] for _ in images]
+    return prepared, [[condition_image_hash(c) for c in per] for per in prepared]
 
 
 def _checksum(t: torch.Tensor) -> str:
@@ -307,35 +352,38 @@ def encode_with_cache(
     reference_hashes_per_text: Sequence[Sequence[str]] | None = None,
     cache: TextEmbeddingCache | None = None,
     write_back: bool = False,
-    images: Sequence[Sequence[torch.Tensor]] | None = None,
+    images: Sequence[Sequence[Any]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings for a batch: cached entries where the key matches, online encoding for the rest.
 
     Args:
         encoder: the (frozen) text encoder; its ``cache_id``/``max_length``/``dtype`` enter the key.
         texts: ``B`` texts exactly as they are to be encoded (after SIA re-indexing).
-        reference_hashes_per_text: per text, the ordered :func:`image_content_hash` of its references.
-            Ignored (``[]`` is used) when ``encoder.uses_images`` is False, since the output does not
-            depend on them. Required for image-using encoders.
+        reference_hashes_per_text: per text, the ordered :func:`condition_image_hash` es of its references;
+            None to derive them from ``images`` (:func:`prepare_with_hashes`). Ignored (``[]`` is used) when
+            ``encoder.uses_images`` is False, since the output does not depend on them.
         cache: the store, or None to always encode.
         write_back: store the online-encoded misses in ``cache``.
-        images: per text, its ordered reference images (in the order of the hashes); needed only when
-            an image-using encoder has misses.
+        images: per text, its ordered reference images as training serves them (``[3, H, W]`` in
+            [-1, 1]); needed by an image-using encoder unless the hashes are given and every text hits.
 
     Returns:
         ``(emb [B, L, D], mask [B, L] bool)``, padded like ``encoder.encode``.
     """
     n = len(texts)
+    prepared = None
     if encoder.uses_images:
-        if reference_hashes_per_text is None or len(reference_hashes_per_text) != n:
+        if reference_hashes_per_text is None:
+            if images is None or len(images) != n:
+                raise ValueError("an image-using encoder needs one reference-image (or hash) list per text")
+            prepared, ref_hashes = prepare_with_hashes(encoder, images)
+        elif len(reference_hashes_per_text) != n:
             raise ValueError("an image-using encoder needs one reference-hash list per text")
-        ref_hashes = [list(h) for h in reference_hashes_per_text]
+        else:
+            ref_hashes = [list(h) for h in reference_hashes_per_text]
     else:
         ref_hashes = [[] for _ in range(n)]
-    dtype = encoder.dtype_name
-    keys = [
-        text_cache_key(encoder.cache_id, t, h, encoder.max_length, dtype) for t, h in zip(texts, ref_hashes)
-    ]
+    keys = cache_keys(encoder, texts, ref_hashes)
     seqs: list[torch.Tensor | None] = [None] * n
     if cache is not None:
         found = cache.get_many(keys)
@@ -353,12 +401,21 @@ def encode_with_cache(
                 seqs[i] = t.to(encoder.device)
     misses = [i for i in range(n) if seqs[i] is None]
     if misses:
-        miss_images = None
-        if encoder.uses_images:
-            if images is None and any(ref_hashes[i] for i in misses):
-                raise ValueError("cache misses for an image-using encoder need the reference images")
-            miss_images = [list(images[i]) if images is not None else [] for i in misses]
-        encoded = encoder.encode_sequences([texts[i] for i in misses], miss_images)
+        miss_texts = [texts[i] for i in misses]
+        if not encoder.uses_images:
+            encoded = encoder.encode_sequences(miss_texts, None)
+        else:
+            if prepared is None:
+                if images is None and any(ref_hashes[i] for i in misses):
+                    raise ValueError("cache misses for an image-using encoder need the reference images")
+                miss_images = [list(images[i]) if images is not None else [] for i in misses]
+                miss_prepared = encoder.prepare_images(miss_images) or [[] for _ in misses]
+                got = [[condition_image_hash(c) for c in per] for per in miss_prepared]
+                if got != [ref_hashes[i] for i in misses]:
+                    raise ValueError("the reference images given do not match the reference hashes given")
+            else:
+                miss_prepared = [prepared[i] for i in misses]
+            encoded = encoder.encode_prepared(miss_texts, miss_prepared)
         for i, e in zip(misses, encoded):
             seqs[i] = e
         if cache is not None and write_back:

@@ -1,8 +1,12 @@
 """Text conditioning inside collation: cached embeddings where the key matches, online encoding otherwise.
 
 The key (docs/architecture.md rule 6) covers the instruction *after* Stochastic Instruction Alignment and, for
-encoders that see the reference images (Qwen2.5-VL), the ordered content hashes of those images, so a
-re-indexed or re-ordered sample never reuses a stale entry.
+encoders that see the reference images (Qwen2.5-VL), the ordered hashes of the condition images the encoder
+makes from the references exactly as this batch serves them (cover-cropped to their bucket, post-SIA order):
+the image a cache entry was made from is the image an online encoding would see, so a hit equals a miss
+(``rededit-data encode-text`` derives its keys with the same :func:`~rededit.data.text_cache.prepare_with_hashes`
+from the same bucket crop), and a re-indexed, re-ordered or differently cropped sample never reuses a stale
+entry.
 """
 
 from __future__ import annotations
@@ -11,8 +15,7 @@ from typing import Any
 
 import torch
 
-from rededit.data.text_cache import TextEmbeddingCache, encode_with_cache, image_content_hash
-from rededit.data.uri import resolve_uri
+from rededit.data.text_cache import TextEmbeddingCache, encode_with_cache
 
 
 class TextConditioner:
@@ -20,24 +23,9 @@ class TextConditioner:
 
     def __init__(self, encoder: Any, *, root: str, cache_dir: str | None = None, write_back: bool = False):
         self.encoder = encoder
-        self.root = root  # the manifest's folder: reference URIs resolve against it
+        self.root = root  # the manifest's folder (reference URIs resolve against it)
         self.cache = TextEmbeddingCache(cache_dir, cache_id=encoder.cache_id) if cache_dir else None
         self.write_back = write_back
-        self._hash_of_uri: dict[str, str] = {}
-
-    def _ref_hashes(self, batch: dict[str, Any]) -> list[list[str]] | None:
-        if not self.encoder.uses_images:
-            return None
-
-        hashes = []
-        for uris in batch["reference_uris"]:
-            row = []
-            for uri in uris:
-                if uri not in self._hash_of_uri:
-                    self._hash_of_uri[uri] = image_content_hash(resolve_uri(uri, self.root))
-                row.append(self._hash_of_uri[uri])
-            hashes.append(row)
-        return hashes
 
     def __call__(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         images = None
@@ -47,7 +35,7 @@ class TextConditioner:
         return encode_with_cache(
             self.encoder,
             batch["texts"],
-            self._ref_hashes(batch),
+            None,
             cache=self.cache,
             write_back=self.write_back,
             images=images,
