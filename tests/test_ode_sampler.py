@@ -16,8 +16,11 @@ from rededit.models.vae import PixelSpaceToDepthVAE
 TINY = TINY_TRANSFORMER
 
 
-def _diffusers_reference(transformer, noise, refs, text, mask, neg_text, neg_mask, steps, cfg_scale):
-    """The denoising loop of ``QwenImageEditPlusPipeline.__call__`` on latents, written against diffusers."""
+def _diffusers_reference(
+    transformer, noise, refs, text, mask, neg_text, neg_mask, steps, cfg_scale, config=QWEN_IMAGE_SCHEDULER
+):
+    """The denoising loop of ``QwenImageEditPlusPipeline.__call__`` on latents, written against diffusers (the
+    latents in ``noise``'s dtype, as the pipeline keeps them in ``prompt_embeds.dtype``)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift
 
@@ -25,7 +28,7 @@ def _diffusers_reference(transformer, noise, refs, text, mask, neg_text, neg_mas
     latents = pack_latents(noise)
     image_latents = torch.cat([pack_latents(r) for r in refs], dim=1)
     img_shapes = [[(1, h // 2, w // 2), *[(1, r.shape[-2] // 2, r.shape[-1] // 2) for r in refs]]] * b
-    scheduler = FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER)
+    scheduler = FlowMatchEulerDiscreteScheduler(**config)
     mu = calculate_shift(
         latents.shape[1],
         scheduler.config.base_image_seq_len,
@@ -149,3 +152,89 @@ def test_x0_backbone_final_step_lands_on_prediction() -> None:
         sigma = torch.full((2,), 0.01)
         x0_last = backbone.predicted_x0(x_mid, backbone(x_mid, [], sigma, text, None), sigma)
     torch.testing.assert_close(out, x0_last, rtol=1e-5, atol=1e-5)
+
+
+# A scheduler config as a pipeline folder's scheduler/scheduler_config.json may hold, every value away from
+# Qwen-Image's constants (so a sampler that ignored the folder would differ).
+FOLDER_SCHEDULER = {**QWEN_IMAGE_SCHEDULER, "max_shift": 1.3, "base_shift": 0.2, "shift_terminal": 0.05}
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        QWEN_IMAGE_SCHEDULER,
+        FOLDER_SCHEDULER,
+        {**FOLDER_SCHEDULER, "time_shift_type": "linear"},
+        {"use_dynamic_shifting": False, "shift": 3.0},  # SD3-style static shift, diffusers' other defaults
+    ],
+)
+def test_schedule_sigmas_follow_the_folder_config(config) -> None:
+    """Issue 19: the σ schedule is the one the folder's scheduler gives (diffusers' set_timesteps), not constants."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift
+
+    from rededit.flow.path import schedule_sigmas, scheduler_settings
+
+    settings = scheduler_settings(config)
+    for steps, seq_len in ((2, 64), (4, 300), (28, 4096)):  # 1 step: diffusers divides 0 by 0 (NaN)
+        sched = FlowMatchEulerDiscreteScheduler(**config)
+        mu = calculate_shift(
+            seq_len,
+            sched.config.base_image_seq_len,
+            sched.config.max_image_seq_len,
+            sched.config.base_shift,
+            sched.config.max_shift,
+        )
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+        assert torch.equal(schedule_sigmas(steps, seq_len, settings), sched.sigmas)  # to the bit
+
+
+def test_scheduler_settings_refuse_what_the_sampler_does_not_do() -> None:
+    from rededit.flow.path import scheduler_settings
+
+    assert scheduler_settings(None) == QWEN_IMAGE_SCHEDULER
+    with pytest.raises(ValueError, match="use_karras_sigmas"):
+        scheduler_settings({**QWEN_IMAGE_SCHEDULER, "use_karras_sigmas": True})
+    with pytest.raises(ValueError, match="DDIMScheduler"):
+        scheduler_settings({"_class_name": "DDIMScheduler"})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_folder_scheduler_and_latents_dtype_match_the_pipeline_loop(dtype, cfg_scale) -> None:
+    """Issue 19: an editor from a pipeline folder samples with the folder's scheduler config and the pipeline's
+    numerics (latents in the model dtype between steps, the transformer fed ``(σ·1000).to(dtype) / 1000``, CFG in
+    the model dtype): equal to diffusers' scheduler loop bit for bit, in bf16 as in fp32. A loop that kept the
+    latents in fp32 (rededit's loop before issue 19) differs in bf16."""
+    torch.manual_seed(0)
+    backbone = EditBackbone(TINY).eval().to(dtype)
+    backbone.scheduler_config = FOLDER_SCHEDULER  # what a pipeline folder's scheduler/ gives (EditBackbone)
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(1, 4, 8, 6, generator=g).to(dtype)
+    refs = [torch.randn(1, 4, 8, 6, generator=g).to(dtype), torch.randn(1, 4, 4, 4, generator=g).to(dtype)]
+    text = torch.randn(1, 6, 32, generator=g).to(dtype)
+    neg_text = torch.randn(1, 3, 32, generator=g).to(dtype)
+    kwargs = {"noise": noise, "references": refs, "text_emb": text, "text_mask": None, "steps": 5}
+    ours = euler_sample(backbone, **kwargs, neg_text_emb=neg_text, neg_text_mask=None, cfg_scale=cfg_scale)
+    with torch.no_grad():
+        ref = _diffusers_reference(
+            backbone.transformer, noise, refs, text, None, neg_text, None, 5, cfg_scale, FOLDER_SCHEDULER
+        )
+    assert ours.dtype == dtype
+    assert torch.equal(ours, ref), float((ours.float() - ref.float()).abs().max())
+    # the folder's config is what was used: Qwen-Image's constants give another result
+    backbone.scheduler_config = QWEN_IMAGE_SCHEDULER
+    assert not torch.equal(euler_sample(backbone, **kwargs), ref)
+    if dtype == torch.bfloat16:  # fp32 latents between steps, as before issue 19, are not the pipeline's
+        backbone.scheduler_config = None
+        fp32_state = euler_sample(
+            backbone, **kwargs, neg_text_emb=neg_text, cfg_scale=cfg_scale, sigmas=_folder_sigmas(5, noise)
+        )
+        assert not torch.equal(fp32_state.to(dtype), ref)
+
+
+def _folder_sigmas(steps, noise):
+    from rededit.flow.path import schedule_sigmas, scheduler_settings
+
+    h, w = noise.shape[-2:]
+    return schedule_sigmas(steps, (h // 2) * (w // 2), scheduler_settings(FOLDER_SCHEDULER))

@@ -67,7 +67,7 @@ from rededit.eval.tables import (
     render_grid,
     render_markdown,
 )
-from rededit.flow.path import QWEN_IMAGE_SCHEDULER
+from rededit.flow.path import scheduler_settings
 from rededit.inference.edit_loop import EditRequest, iter_edits
 from rededit.inference.editor import load_editor
 from rededit.inference.images import save_image, tensor_to_pil
@@ -710,9 +710,10 @@ def evaluate(cfg: DictConfig, *, editor: Any = None, bench: Any = None) -> dict[
         "cfg": cfg_scale,
         "negative_prompt": neg,
         "seeds": seeds,
-        # generate() uses Qwen-Image's dynamic exponential shift (μ from the token count), no fixed shift.
+        # generate() uses the editor's pipeline-folder scheduler config (issue 19), else Qwen-Image's constants:
+        # the dynamic exponential shift (μ from the token count), no fixed shift.
         "shift": {
-            k: QWEN_IMAGE_SCHEDULER[k]
+            k: scheduler_settings(getattr(getattr(editor, "backbone", None), "scheduler_config", None))[k]
             for k in ("base_shift", "max_shift", "shift_terminal", "use_dynamic_shifting")
         },
         "batch_size": int(cfg.sampler.batch_size),

@@ -20,7 +20,10 @@ defaults are Qwen-Image's scheduler config: base/max image seq len 256/8192, bas
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
+import numpy as np
 import torch
 
 #: Qwen-Image ``scheduler/scheduler_config.json`` values (FlowMatchEulerDiscreteScheduler).
@@ -35,6 +38,103 @@ QWEN_IMAGE_SCHEDULER = {
     "num_train_timesteps": 1000,
     "shift": 1.0,
 }
+
+#: ``FlowMatchEulerDiscreteScheduler``'s own defaults (diffusers 0.42.1): what a config file leaves out.
+FLOW_MATCH_EULER_DEFAULTS = {
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": False,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+    "shift_terminal": None,
+    "time_shift_type": "exponential",
+}
+#: Options of the scheduler that the Euler sampler does not implement (a config with one set is refused).
+_UNSUPPORTED = (
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "invert_sigmas",
+    "stochastic_sampling",
+)
+
+
+def scheduler_settings(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The sampling schedule of a ``FlowMatchEulerDiscreteScheduler`` config (a pipeline folder's
+    ``scheduler/scheduler_config.json``), absent keys at diffusers' defaults; ``None`` → :data:`QWEN_IMAGE_SCHEDULER`
+    (the tiny demo editors, which come from no folder).
+
+    Raises:
+        ValueError: another scheduler class, or an option the Euler sampler does not implement (named).
+    """
+    if config is None:
+        return dict(QWEN_IMAGE_SCHEDULER)
+    name = config.get("_class_name", "FlowMatchEulerDiscreteScheduler")
+    if name != "FlowMatchEulerDiscreteScheduler":
+        raise ValueError(
+            f"scheduler {name!r}: rededit's sampler implements FlowMatchEulerDiscreteScheduler only"
+        )
+    for key in _UNSUPPORTED:
+        if config.get(key):
+            raise ValueError(
+                f"scheduler config {key}={config[key]!r} is not implemented by rededit's Euler sampler"
+            )
+    out = {k: config.get(k, v) for k, v in FLOW_MATCH_EULER_DEFAULTS.items()}
+    if out["time_shift_type"] not in ("exponential", "linear"):
+        raise ValueError(
+            f"scheduler config time_shift_type={out['time_shift_type']!r}: exponential or linear"
+        )
+    return out
+
+
+def schedule_sigmas(
+    steps: int,
+    image_seq_len: int,
+    settings: Mapping[str, Any],
+    *,
+    mu: float | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The ``[steps + 1]`` float32 σ schedule ``FlowMatchEulerDiscreteScheduler.set_timesteps`` gives the Qwen-Image
+    pipelines for ``settings`` (:func:`scheduler_settings`): ``linspace(1, 1/S, S)``, then the dynamic shift
+    (``μ`` from ``image_seq_len`` target tokens unless given; exponential or linear) or the static ``shift``,
+    then the stretch to ``shift_terminal``, then ``0``.
+
+    Computed in float32 operation by operation as diffusers does (not in float64 like :func:`inference_sigmas`),
+    so the schedule is the pipeline's to the bit; the one exception is ``steps = 1`` with a ``shift_terminal``,
+    where diffusers divides 0 by 0 (NaN) and this returns ``[1, 0]``.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+
+    def f32(value: float) -> torch.Tensor:
+        # numpy turns a Python scalar into a float32 before a float32 operation; torch may instead multiply by
+        # a reciprocal (scalar / tensor): every scalar becomes a float32 tensor first.
+        return torch.tensor(value, dtype=torch.float32)
+
+    one = f32(1.0)
+    s = torch.from_numpy(np.linspace(1.0, 1.0 / steps, steps).astype(np.float32))
+    if settings["use_dynamic_shifting"]:
+        if mu is None:
+            mu = calculate_mu(
+                image_seq_len,
+                settings["base_image_seq_len"],
+                settings["max_image_seq_len"],
+                settings["base_shift"],
+                settings["max_shift"],
+            )
+        e = f32(mu if settings["time_shift_type"] == "linear" else math.exp(mu))
+        s = e / (e + (one / s - one))
+    else:
+        shift = f32(float(settings["shift"]))
+        s = shift * s / (one + (shift - one) * s)
+    terminal = settings["shift_terminal"]
+    if terminal and steps > 1:  # diffusers' stretch_shift_to_terminal
+        one_minus = one - s
+        s = one - one_minus / (one_minus[-1] / f32(1.0 - terminal))
+    return torch.cat([s, s.new_zeros(1)]).to(device=device)
 
 
 def expand_like(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:

@@ -13,15 +13,37 @@ True classifier-free guidance (when ``cfg_scale > 1`` and a negative prompt is g
 
 The norm rescale keeps the guided velocity at the conditional one's magnitude (diffusers does it so large
 scales do not over-saturate).
+
+Editors loaded from a diffusers pipeline folder (issue 19) carry the folder's
+``scheduler/scheduler_config.json`` (``backbone.scheduler_config``, or ``scheduler=``): the schedule then comes
+from it (:func:`~rededit.flow.path.schedule_sigmas`) and the loop keeps the pipeline's numerics, so its output
+is the pipeline's in any dtype, not only in float32:
+
+* the latents stay in ``latents_dtype`` between steps (the pipeline's ``prompt_embeds.dtype``; default the
+  transformer's parameter dtype), as ``FlowMatchEulerDiscreteScheduler.step`` casts its float32 result back to
+  the model output's dtype;
+* the transformer sees ``t = σ·N`` (float32, N = ``num_train_timesteps``) cast to that dtype and divided by N,
+  the pipeline's ``timestep / 1000``, not ``σ`` rounded on its own (they differ in bf16);
+* true CFG and its norm rescale run in the model output's dtype.
+
+Without a scheduler config (the tiny demo editors) the schedule uses :data:`QWEN_IMAGE_SCHEDULER`'s constants
+and the loop runs in float32, as before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-from rededit.flow.path import QWEN_IMAGE_SCHEDULER, calculate_mu, inference_sigmas
+from rededit.flow.path import (
+    QWEN_IMAGE_SCHEDULER,
+    calculate_mu,
+    inference_sigmas,
+    schedule_sigmas,
+    scheduler_settings,
+)
 from rededit.models.packing import pack_latents, unpack_latents
 
 
@@ -61,6 +83,8 @@ def euler_sample(
     max_shift: float = QWEN_IMAGE_SCHEDULER["max_shift"],
     sigmas: torch.Tensor | None = None,
     vae: torch.nn.Module | None = None,
+    scheduler: Mapping[str, Any] | None = None,
+    latents_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Integrate the flow ODE from ``noise`` (σ = 1) to data (σ = 0).
 
@@ -77,12 +101,37 @@ def euler_sample(
         base_seq_len, max_seq_len, base_shift, max_shift: ``calculate_mu`` constants.
         sigmas: explicit schedule ``[S + 1]`` ending in 0 (overrides steps/mu/shift_terminal).
         vae: if given, the result is decoded to images ``[B, 3, H, W]``.
+        scheduler: a ``FlowMatchEulerDiscreteScheduler`` config (default: ``backbone.scheduler_config``, the
+            editor's pipeline folder's). With one, the schedule comes from it (the constants above are unused)
+            and the loop keeps the pipeline's numerics (module docstring).
+        latents_dtype: with a scheduler config, the dtype of the latents between steps (default: the
+            backbone's parameter dtype).
 
     Returns:
-        ``x̂0`` latents ``[B, C, h, w]`` in float32 (or decoded images if ``vae`` is given).
+        ``x̂0`` latents ``[B, C, h, w]`` in float32, or in ``latents_dtype`` with a scheduler config (or decoded
+        images if ``vae`` is given).
     """
     patch = getattr(backbone, "patch_size", 2)
     h, w = noise.shape[-2:]
+    if scheduler is None:
+        scheduler = getattr(backbone, "scheduler_config", None)
+    if scheduler is not None:
+        return _pipeline_euler(
+            backbone,
+            scheduler_settings(scheduler),
+            noise=noise,
+            references=references,
+            text_emb=text_emb,
+            text_mask=text_mask,
+            neg_text_emb=neg_text_emb,
+            neg_text_mask=neg_text_mask,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            mu=mu,
+            sigmas=sigmas,
+            vae=vae,
+            latents_dtype=latents_dtype,
+        )
     if sigmas is None:
         if mu is None:
             mu = calculate_mu((h // patch) * (w // patch), base_seq_len, max_seq_len, base_shift, max_shift)
@@ -102,6 +151,59 @@ def euler_sample(
             v_neg = ode_velocity(backbone, backbone(x, references, sigma, neg_text_emb, neg_text_mask), sigma)
             v = cfg_combine(v, v_neg, cfg_scale, patch)
         x = x + (sigmas[i + 1] - sigmas[i]) * v
+    if vae is not None:
+        return vae.decode(x)
+    return x
+
+
+def _pipeline_euler(
+    backbone: torch.nn.Module,
+    settings: Mapping[str, Any],
+    *,
+    noise: torch.Tensor,
+    references: Sequence[torch.Tensor],
+    text_emb: torch.Tensor,
+    text_mask: torch.Tensor | None,
+    neg_text_emb: torch.Tensor | None,
+    neg_text_mask: torch.Tensor | None,
+    steps: int,
+    cfg_scale: float,
+    mu: float | None,
+    sigmas: torch.Tensor | None,
+    vae: torch.nn.Module | None,
+    latents_dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """:func:`euler_sample` with a scheduler config: ``QwenImageEditPlusPipeline``'s denoising loop (module doc)."""
+    patch = getattr(backbone, "patch_size", 2)
+    h, w = noise.shape[-2:]
+    if sigmas is None:
+        sigmas = schedule_sigmas(steps, (h // patch) * (w // patch), settings, mu=mu, device=noise.device)
+    else:
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float32, device=noise.device)
+        if sigmas.ndim != 1 or float(sigmas[-1]) != 0.0:
+            raise ValueError("explicit sigmas must be a 1-D schedule ending in 0")
+    if latents_dtype is None:
+        latents_dtype = next(backbone.parameters()).dtype
+    n_train = float(settings["num_train_timesteps"])
+    timesteps = sigmas[:-1] * n_train  # FlowMatchEulerDiscreteScheduler.timesteps (float32)
+    do_cfg = cfg_scale > 1 and neg_text_emb is not None
+    exact = getattr(backbone, "exact_velocity", None)  # x0-prediction backbones; identity for "v"
+
+    b = noise.shape[0]
+    x = noise.to(latents_dtype)
+    for i in range(sigmas.shape[0] - 1):
+        # the pipeline: timestep = t.expand(B).to(latents.dtype); transformer(timestep=timestep / 1000)
+        t_in = timesteps[i].expand(b).to(latents_dtype) / n_train
+        v = backbone(x, references, t_in, text_emb, text_mask)
+        if exact is not None:
+            v = exact(v, t_in)
+        if do_cfg:
+            v_neg = backbone(x, references, t_in, neg_text_emb, neg_text_mask)
+            if exact is not None:
+                v_neg = exact(v_neg, t_in)
+            v = cfg_combine(v, v_neg, cfg_scale, patch)
+        # FlowMatchEulerDiscreteScheduler.step: float32 sample + dt·v, cast back to the model output's dtype
+        x = (x.float() + (sigmas[i + 1] - sigmas[i]) * v).to(v.dtype)
     if vae is not None:
         return vae.decode(x)
     return x
