@@ -13,6 +13,11 @@ from the bucket sampler, so gradient accumulation never repeats noise and a resu
 what the uninterrupted run would have drawn. Validation draws each sample's σ and noise from (seed, sample
 id) alone, without the curriculum, and weights regions with the starting α: a sample's ``val/loss`` term is
 the same function of the weights at every validation, on any batching or world size.
+
+Condition dropout (``text_drop_prob``, ``ref_drop_prob``; :func:`condition_drops`) is drawn the same way, from
+(seed, epoch, data step, rank), in training only: a dropped text becomes the embedding of the CFG negative
+prompt through the same template and condition images, i.e. exactly the negative branch diffusers' Qwen-Image
+pipelines (and :meth:`BaseStage.generate`) compute at inference, so true CFG has a learned unconditional branch.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from rededit.flow.sampler import euler_sample
 from rededit.flow.weighting import loss_weight, region_weights
 from rededit.models.backbone import EditBackbone
 from rededit.models.fireedit import normalize_boxes
+from rededit.models.text_encoder import pad_embeddings
 from rededit.parallel import ParallelPlan, load_full_state, meta_init, parallelize_backbone
 from rededit.stages.checkpoints import load_backbone_state
 from rededit.utils.logging import get_logger
@@ -42,6 +48,29 @@ log = get_logger(__name__)
 
 # Distinct streams per (epoch, data step): the sampler's step restarts each epoch.
 STEPS_PER_EPOCH_STRIDE = 10_000_000
+
+
+#: diffusers' empty negative prompt: QwenImageEditPlusPipeline / QwenImagePipeline run true CFG only when given a
+#: negative prompt and document " " as the empty one (the Qwen-Image model cards pass it too).
+DEFAULT_NEGATIVE_PROMPT = " "
+
+
+def condition_drops(
+    seed: int, micro_step: int, rank: int, batch_size: int, *, text_prob: float, ref_prob: float
+) -> tuple[torch.Tensor, bool]:
+    """Condition dropout of one training batch: which samples lose their text (``[B]`` bool, each with
+    probability ``text_prob``) and whether the batch loses its reference images (probability ``ref_prob``;
+    per batch, since every sample of a batch has the same reference positions). Drawn from (seed, epoch ×
+    stride + data step, rank) like the noise, so a resumed run drops exactly what the uninterrupted run did."""
+    text = torch.zeros(batch_size, dtype=torch.bool)
+    if text_prob > 0:
+        gen = torch_generator(seed, "text_drop", micro_step, rank)
+        text = torch.rand(batch_size, generator=gen, dtype=torch.float64) < text_prob
+    refs = False
+    if ref_prob > 0:
+        gen = torch_generator(seed, "ref_drop", micro_step, rank)
+        refs = bool(torch.rand((), generator=gen, dtype=torch.float64) < ref_prob)
+    return text, refs
 
 
 def lr_factor(step: int, *, warmup: int, total: int, decay: str, min_ratio: float) -> float:
@@ -81,7 +110,13 @@ class BaseStage(L.LightningModule):
         seed: base of every random draw.
         num_tbins: σ bins for ``train/loss_tbin{k}``.
         sample_steps / cfg_scale: inference settings for :meth:`generate`.
-        negative_prompt: text of the CFG negative branch ("" = empty prompt).
+        negative_prompt: text of the CFG negative branch and of dropped texts (default " ", diffusers'
+            documented empty negative prompt; encoded through the same template and condition images).
+        text_drop_prob: probability that a training sample's text is replaced by the negative prompt's
+            embedding (condition dropout for CFG; FireRed's trainer drops 5 %). Applies to the flow-matching
+            loss (:meth:`flow_loss`: Pretrain/CT/SFT), never to validation.
+        ref_drop_prob: probability that a training batch loses its reference images and becomes text-to-image
+            (its texts re-encoded with the T2I template when the encoder sees images); default 0.
         compile_backbone: ``torch.compile`` the transformer in place (state-dict keys unchanged).
     """
 
@@ -105,7 +140,9 @@ class BaseStage(L.LightningModule):
         num_tbins: int = 4,
         sample_steps: int = 8,
         cfg_scale: float = 1.0,
-        negative_prompt: str = "",
+        negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
+        text_drop_prob: float = 0.0,
+        ref_drop_prob: float = 0.0,
         compile_backbone: bool = False,
     ):
         super().__init__()
@@ -137,6 +174,12 @@ class BaseStage(L.LightningModule):
         self.sample_steps = int(sample_steps)
         self.cfg_scale = float(cfg_scale)
         self.negative_prompt = negative_prompt
+        for name, value in (("text_drop_prob", text_drop_prob), ("ref_drop_prob", ref_drop_prob)):
+            if not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"stage.{name} must be in [0, 1], got {value}")
+        self.text_drop_prob = float(text_drop_prob)
+        self.ref_drop_prob = float(ref_drop_prob)
+        self._negative_memo: dict[str, torch.Tensor] = {}
         self.compile_backbone = bool(compile_backbone)
         self.skipped_samples = 0
 
@@ -258,13 +301,82 @@ class BaseStage(L.LightningModule):
         emb, mask = self.text_encoder.encode(list(batch["texts"]), images)
         return emb.to(self.device), mask.to(self.device)
 
+    # ------------------------------------------------------------------ condition dropout
+    def _micro_step(self, batch: Mapping[str, Any]) -> int:
+        return int(batch["epoch"]) * STEPS_PER_EPOCH_STRIDE + int(batch["step"])
+
+    def drop_conditions(
+        self,
+        batch: Mapping[str, Any],
+        refs: list[torch.Tensor],
+        text_emb: torch.Tensor,
+        text_mask: torch.Tensor,
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Condition dropout of a training batch (:func:`condition_drops`).
+
+        A dropped text becomes the embedding of :attr:`negative_prompt` with the sample's own reference images,
+        through the same template: what QwenImageEditPlusPipeline encodes as the negative branch of true CFG
+        for those images (QwenImagePipeline's for a sample without references), and what :meth:`generate`
+        uses. A batch that drops its references keeps its texts, re-encoded without images (the T2I template)
+        when the encoder sees images.
+
+        Returns:
+            ``(refs, text_emb, text_mask, dropped)`` with ``dropped`` the ``[B]`` bool of dropped texts.
+        """
+        b = text_emb.shape[0]
+        drop_text, drop_refs = condition_drops(
+            self.seed,
+            self._micro_step(batch),
+            self.global_rank,
+            b,
+            text_prob=self.text_drop_prob,
+            ref_prob=self.ref_drop_prob if refs else 0.0,
+        )
+        if self._trainer is not None:
+            if self.text_drop_prob > 0:
+                self.log("train/text_drop_frac", drop_text.float().mean(), on_step=True, batch_size=b)
+            if self.ref_drop_prob > 0 and refs:  # batches that have references to drop
+                self.log("train/ref_drop", float(drop_refs), on_step=True, batch_size=b)
+        if not drop_refs and not bool(drop_text.any()):
+            return refs, text_emb, text_mask, drop_text
+        enc = self.text_encoder
+        if enc is None:
+            raise ValueError(
+                "stage.text_drop_prob / ref_drop_prob need the stage's text_encoder (it encodes the drops)"
+            )
+        uses_images = bool(getattr(enc, "uses_images", False))
+        seqs = [e[m] for e, m in zip(text_emb, text_mask)]
+        # Texts whose embedding saw the dropped references are re-encoded without them; dropped texts become
+        # the negative prompt's embedding (with the sample's references unless those are dropped too).
+        redo = [i for i in range(b) if not drop_text[i]] if drop_refs and uses_images else []
+        neg = [i for i in range(b) if drop_text[i]]
+        if uses_images:
+            images = (
+                [[] for _ in range(b)]
+                if drop_refs
+                else [[r[i] for r in batch["references"]] for i in range(b)]
+            )
+            rows = redo + neg
+            texts = [batch["texts"][i] for i in redo] + [self.negative_prompt] * len(neg)
+            for i, e in zip(rows, enc.encode_sequences(texts, [images[i] for i in rows])):
+                seqs[i] = e
+        else:
+            if self.negative_prompt not in self._negative_memo:
+                self._negative_memo[self.negative_prompt] = enc.encode_sequences([self.negative_prompt])[0]
+            for i in neg:
+                seqs[i] = self._negative_memo[self.negative_prompt]
+        seqs = [e.to(text_emb.device, text_emb.dtype) for e in seqs]
+        length = enc.max_length if getattr(enc, "pad_to_max", False) else None
+        text_emb, text_mask = pad_embeddings(seqs, length, text_emb.shape[-1])
+        return ([] if drop_refs else refs), text_emb, text_mask.to(text_emb.device), drop_text
+
     # ------------------------------------------------------------------ randomness
     def _draw(self, batch: Mapping[str, Any], x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(σ ``[B]``, ε ``[B, C, h, w]``) from (seed, epoch, data step, rank); in eval mode (validation)
         from (seed, sample id) only (:meth:`_draw_fixed`)."""
         if not self.training:
             return self._draw_fixed(batch, x0)
-        micro_step = int(batch["epoch"]) * STEPS_PER_EPOCH_STRIDE + int(batch["step"])
+        micro_step = self._micro_step(batch)
         rank, world = self.global_rank, self.trainer.world_size if self._trainer is not None else 1
         seq_len = (x0.shape[-2] // self.backbone.patch_size) * (x0.shape[-1] // self.backbone.patch_size)
         sigma = self.timesteps.sample(
@@ -296,6 +408,9 @@ class BaseStage(L.LightningModule):
         """Per-sample rectified-flow loss ``[B]`` (weighted by §3.8 ``w(σ)``) and its ingredients."""
         x0, refs = self.encode_images(batch)
         text_emb, text_mask = self.text_condition(batch)
+        dropped = torch.zeros(x0.shape[0], dtype=torch.bool)
+        if self.training and (self.text_drop_prob > 0 or self.ref_drop_prob > 0):
+            refs, text_emb, text_mask, dropped = self.drop_conditions(batch, refs, text_emb, text_mask)
         sigma, eps = self._draw(batch, x0)
         x_t = interpolate(x0, eps, sigma)
         v_hat = self.backbone(
@@ -310,6 +425,7 @@ class BaseStage(L.LightningModule):
         mse = err.flatten(1).mean(1)
         w = loss_weight(sigma, **self.weighting).to(mse.device)
         parts = {"sigma": sigma, "mse": mse.detach(), "x0": x0, "x_t": x_t, "v_hat": v_hat, "refs": refs}
+        parts["text_dropped"] = dropped
         return w * mse, parts
 
     def region_weight_now(self) -> float:
@@ -438,6 +554,7 @@ class BaseStage(L.LightningModule):
         cfg_scale: float | None = None,
         negative_prompt: str | None = None,
         object_boxes: list | None = None,
+        condition_images: Sequence[Sequence[Any]] | None = None,
     ) -> torch.Tensor:
         """Edit (or generate, with no references) a batch: images ``[B, 3, height, width]`` in [-1, 1].
 
@@ -447,6 +564,10 @@ class BaseStage(L.LightningModule):
             seed: one seed for the batch's noise, or ``B`` seeds, one per sample (then a sample's edit does
                 not depend on which other samples share its batch: :mod:`rededit.inference.edit_loop`).
             object_boxes: per sample ``[O, 4]`` boxes in output pixels or None (backbone region tokens only).
+            condition_images: per sample, the pictures a VL text encoder sees (PIL images or ``[3, H, W]``
+                tensors, resized by the encoder as QwenImageEditPlusPipeline resizes its condition images);
+                default: the references themselves. Pass the pictures as the user gave them to see what the
+                pipeline's VL encoder sees (it resizes the originals, not the VAE-sized references).
         """
         self._move_frozen()
         was_training = self.backbone.training
@@ -455,9 +576,15 @@ class BaseStage(L.LightningModule):
         vae = self.vae
         refs = [vae.encode(r.to(self.device)).float() for r in references]
         enc = self.text_encoder
-        images = (
-            [[r[i] for r in references] for i in range(b)] if getattr(enc, "uses_images", False) else None
-        )
+        images = None
+        if getattr(enc, "uses_images", False):
+            if condition_images is not None and len(condition_images) != b:
+                raise ValueError(f"generate: {len(condition_images)} condition-image lists for {b} samples")
+            images = (
+                [list(c) for c in condition_images]
+                if condition_images is not None
+                else [[r[i] for r in references] for i in range(b)]
+            )
         emb, mask = enc.encode(texts, images)
         cfg = self.cfg_scale if cfg_scale is None else cfg_scale
         neg_emb = neg_mask = None
