@@ -381,3 +381,33 @@ def test_training_finds_the_cache_encode_text_writes_by_default(minilm, tmp_path
     with caplog.at_level("WARNING", logger="rededit"):
         assert resolve_cache_dir(None, manifest) is None
     assert "encoding every text online although" in caplog.text and str(beside) in caplog.text
+
+
+def test_a_cache_that_never_hits_says_so(minilm, tmp_path, caplog, monkeypatch):
+    """A cache written for another setup (encoder, or for Qwen-VL other buckets) is all misses: training is
+    right but pays the encoder on every step, so the conditioner says so once."""
+    from rededit.data import text_conditioning
+    from rededit.data.text_conditioning import TextConditioner
+
+    monkeypatch.setattr(text_conditioning, "NO_HIT_WARN_AFTER", 4)
+    cond = TextConditioner(minilm, root=str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    batch = {"ids": ["a", "b"], "texts": ["make it red", "add snow"], "references": []}
+    with caplog.at_level("WARNING", logger="rededit"):
+        cond(batch)
+        assert "none of the first" not in caplog.text
+        cond(batch)
+        cond(batch)
+    assert caplog.text.count("none of the first 4 lookups hit") == 1 and cond.stats == {
+        "hits": 0,
+        "misses": 6,
+    }
+    cond.cache.put_many(
+        {
+            k: v
+            for k, v in zip(
+                cache_keys(minilm, batch["texts"], [[], []]), minilm.encode_sequences(batch["texts"])
+            )
+        }
+    )
+    cond(batch)
+    assert cond.stats == {"hits": 2, "misses": 6}

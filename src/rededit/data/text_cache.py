@@ -353,6 +353,7 @@ def encode_with_cache(
     cache: TextEmbeddingCache | None = None,
     write_back: bool = False,
     images: Sequence[Sequence[Any]] | None = None,
+    stats: dict[str, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings for a batch: cached entries where the key matches, online encoding for the rest.
 
@@ -366,6 +367,7 @@ def encode_with_cache(
         write_back: store the online-encoded misses in ``cache``.
         images: per text, its ordered reference images as training serves them (``[3, H, W]`` in
             [-1, 1]); needed by an image-using encoder unless the hashes are given and every text hits.
+        stats: optional counters, incremented in place: ``hits`` and ``misses`` (lookups in ``cache``).
 
     Returns:
         ``(emb [B, L, D], mask [B, L] bool)``, padded like ``encoder.encode``.
@@ -421,5 +423,8 @@ def encode_with_cache(
         if cache is not None and write_back:
             cache.put_many({keys[i]: seqs[i] for i in misses})
     log.debug("text cache: %d hits, %d misses", n - len(misses), len(misses))
+    if stats is not None and cache is not None:
+        stats["hits"] = stats.get("hits", 0) + n - len(misses)
+        stats["misses"] = stats.get("misses", 0) + len(misses)
     length = encoder.max_length if encoder.pad_to_max else None
     return pad_embeddings([s for s in seqs if s is not None], length, encoder.dim)

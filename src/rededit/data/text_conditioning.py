@@ -16,6 +16,12 @@ from typing import Any
 import torch
 
 from rededit.data.text_cache import TextEmbeddingCache, encode_with_cache
+from rededit.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+#: After this many cache lookups without a single hit, say so once (the cache is for another setup).
+NO_HIT_WARN_AFTER = 256
 
 
 class TextConditioner:
@@ -26,17 +32,31 @@ class TextConditioner:
         self.root = root  # the manifest's folder (reference URIs resolve against it)
         self.cache = TextEmbeddingCache(cache_dir, cache_id=encoder.cache_id) if cache_dir else None
         self.write_back = write_back
+        self.stats: dict[str, int] = {"hits": 0, "misses": 0}
+        self._warned = False
 
     def __call__(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         images = None
         if self.encoder.uses_images:
             refs = batch["references"]  # per position [B, 3, H, W], already in post-SIA order
             images = [[r[i] for r in refs] for i in range(len(batch["ids"]))]
-        return encode_with_cache(
+        out = encode_with_cache(
             self.encoder,
             batch["texts"],
             None,
             cache=self.cache,
             write_back=self.write_back,
             images=images,
+            stats=self.stats,
         )
+        if not self._warned and self.stats["hits"] == 0 and self.stats["misses"] >= NO_HIT_WARN_AFTER:
+            self._warned = True
+            hint = " and --buckets = data.buckets" if self.encoder.uses_images else ""
+            log.warning(
+                "text cache %s: none of the first %d lookups hit, every text is encoded online; was it written "
+                "by `rededit-data encode-text` with this encoder%s?",
+                self.cache.root,
+                self.stats["misses"],
+                hint,
+            )
+        return out
