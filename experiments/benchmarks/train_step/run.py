@@ -233,13 +233,16 @@ def count_cache_lookups() -> Iterator[dict[str, int]]:
 def encode_cache(cfg: DictConfig, cache_dir: str | Path, columns: list[str] | None = None) -> dict[str, int]:
     """``rededit-data encode-text`` of the manifest into ``cache_dir`` with the config's encoder."""
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
     from rededit.cli.data_encode_text import encode_manifest
     from rededit.data.manifest import Manifest
 
     encoder = instantiate(cfg.text_encoder)
     cache = TextEmbeddingCache(cache_dir, cache_id=encoder.cache_id)
-    return encode_manifest(Manifest.open(cfg.data.manifest), encoder, cache, columns=columns)
+    # a VL encoder sees each reference cropped to the run's buckets (what the loader will look up)
+    buckets = OmegaConf.to_container(cfg.data.buckets, resolve=True) if cfg.data.get("buckets") else "tiny"
+    return encode_manifest(Manifest.open(cfg.data.manifest), encoder, cache, columns=columns, buckets=buckets)
 
 
 # ---------------------------------------------------------------------------------------------- stats
