@@ -132,3 +132,40 @@ def test_unstarted_run_cleanup_takes_back_the_empty_parents_hydra_made(tmp_path,
     (run_dir / "config.yaml").write_text("x")
     assert remove_unstarted_run(run_dir, since)
     assert not (tmp_path / "outputs" / "runs").exists() and (tmp_path / "outputs" / "keep").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        # Was a FileNotFoundError traceback from inside fit (and before that a hub-id validation error).
+        (
+            ("backbone=qwen_image", "backbone.pretrained_path=/nonexistent"),
+            r"backbone\.pretrained_path=/nonexistent: no such folder.*never downloads",
+        ),
+        (("backbone=qwen_image",), r"backbone\.pretrained_path is not set"),
+        (("vae=qwen_image", "vae.path=/nonexistent"), r"vae\.path=/nonexistent: no such folder"),
+    ],
+)
+def test_a_weight_folder_that_does_not_exist_names_its_key(overrides, message, tiny_corpus, tmp_path) -> None:
+    out = tmp_path / "run"
+    cfg = compose(train_overrides(tiny_corpus, *overrides), out)
+    with pytest.raises(ConfigError, match=message):
+        run(cfg)
+    assert not out.exists()
+
+
+def test_rededit_eval_without_out_dir_names_it(tmp_path, monkeypatch, capsys) -> None:
+    """``rededit-eval checkpoint=...`` alone (and with neither key): one sentence, exit 2, nothing written."""
+    from rededit.cli.eval import main
+
+    monkeypatch.chdir(tmp_path)
+    for argv, missing in (
+        ([f"checkpoint={tmp_path}"], "missing out_dir="),
+        ([], "missing checkpoint= and out_dir="),
+    ):
+        monkeypatch.setattr(sys, "argv", ["rededit-eval", *argv])
+        with pytest.raises(SystemExit) as exc:
+            main()
+        assert exc.value.code == 2
+        assert f"rededit-eval: error: {missing}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

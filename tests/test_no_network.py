@@ -125,3 +125,22 @@ def test_a_hub_id_is_a_missing_folder_not_a_download(no_network, kind) -> None:
         else:
             QwenImageVAE(path="Qwen/Qwen-Image-Edit", subfolder="vae")
     assert no_network == []
+
+
+def test_rededit_train_with_a_hub_id_opens_no_connection(no_network, tiny_corpus, tmp_path) -> None:
+    """Issue 17 §3, the command itself: ``rededit-train backbone=qwen_image
+    backbone.pretrained_path=Qwen/Qwen-Image-Edit`` made DNS tries for ~25 s; it is now one sentence naming the
+    key, before any model code runs."""
+    from rededit.train import run
+    from rededit.utils.config_checks import ConfigError
+
+    overrides = train_overrides(
+        tiny_corpus,
+        "backbone=qwen_image",
+        "backbone.pretrained_path=Qwen/Qwen-Image-Edit",
+        "data.text_cache=null",
+    )
+    with pytest.raises(ConfigError, match=r"backbone\.pretrained_path=Qwen/Qwen-Image-Edit: no such folder"):
+        run(compose(overrides, tmp_path / "run"))
+    assert no_network == []
+    assert not (tmp_path / "run").exists()

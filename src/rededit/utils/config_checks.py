@@ -20,6 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from rededit.utils.offline import require_local_folder
 from rededit.utils.run_lock import LOCK_NAME
 
 EXIT_BAD_CONFIG = 2
@@ -112,12 +113,40 @@ def check_trainer_keys(cfg: DictConfig) -> None:
             raise ConfigError(f"trainer.{key} is not read (it would be silently replaced): use {instead}")
 
 
+# Weight folders a training run reads from disk (rededit never downloads them).
+WEIGHT_FOLDER_KEYS = ("backbone.pretrained_path", "vae.path", "text_encoder.path")
+
+
+def check_weight_folders(cfg: DictConfig, keys: Iterable[str] = WEIGHT_FOLDER_KEYS) -> None:
+    """Each weight folder of ``keys`` that the config sets exists, or a sentence names the key (issue 17 §4:
+    ``backbone.pretrained_path=/nonexistent`` was a traceback from inside ``fit``, a hub id a DNS lookup)."""
+    for key in keys:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent, default=None, throw_on_missing=False)
+        if not isinstance(node, DictConfig):
+            continue
+        if OmegaConf.is_missing(node, leaf):  # before `in`, which is False for ???
+            raise ConfigError(
+                f"{key} is not set: pass {key}=<local weights folder> (rededit never downloads weights)"
+            )
+        if leaf not in node:
+            continue
+        value = node[leaf]
+        if value is None:
+            continue
+        try:
+            require_local_folder(str(value), key)
+        except FileNotFoundError as err:
+            raise ConfigError(str(err)) from None
+
+
 def check_train_config(cfg: DictConfig) -> None:
     """Everything :func:`rededit.train.run` can check before it writes a file."""
     check_trainer_keys(cfg)
     check_numbers(cfg)
     if cfg.get("data") is not None:
         check_manifest(cfg)
+    check_weight_folders(cfg)
 
 
 def missing_cli_keys(argv: Sequence[str], keys: Iterable[str]) -> list[str]:
