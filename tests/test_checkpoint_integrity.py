@@ -98,10 +98,20 @@ def test_ckpt_path_auto_skips_a_truncated_last_ckpt(tmp_path, caplog) -> None:
         resolve_ckpt_path("auto", tmp_path)
 
 
-def test_training_resumes_past_a_truncated_last_ckpt(tiny_corpus, tmp_path) -> None:
+def test_training_resumes_past_a_truncated_last_ckpt(tiny_corpus, tmp_path, monkeypatch) -> None:
     """End to end: 4 steps with a checkpoint every 2; last.ckpt truncated (as a kill during its save leaves it);
-    the same command with ckpt_path=auto resumes from step 4's intact step checkpoint and finishes 6 steps."""
+    the same command with ckpt_path=auto resumes from step 4's intact step checkpoint and finishes 6 steps.
+    Every checkpoint of the run goes through the write-beside-and-rename writer."""
     from rededit.train import run
+
+    saved = []
+    real_save = AtomicCheckpointIO.save_checkpoint
+
+    def recording_save(self, checkpoint, path, storage_options=None):
+        saved.append(Path(path).name)
+        return real_save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", recording_save)
 
     def overrides(steps: int) -> list[str]:
         return train_overrides(
@@ -116,6 +126,7 @@ def test_training_resumes_past_a_truncated_last_ckpt(tiny_corpus, tmp_path) -> N
         )
 
     run(compose(overrides(4), tmp_path))
+    assert "last.ckpt" in saved and len(saved) >= 2  # not Lightning's writer, which commits through $TMPDIR
     last = tmp_path / "checkpoints" / "last.ckpt"
     step_ckpts = [p for p in last.parent.glob("*.ckpt") if p.name != "last.ckpt"]
     assert step_ckpts and all(p.parent == last.parent for p in step_ckpts)

@@ -54,7 +54,7 @@ def tiny(tmp_path_factory):
     (run / "checkpoints").mkdir()
     _write_dcp({"state_dict": state, "global_step": 3}, _dcp_dir(run))
     export = export_editor(stage.backbone, root / "export", config_yaml=OmegaConf.to_yaml(cfg, resolve=True))
-    return {"root": root, "run": run, "export": export, "state": state}
+    return {"root": root, "run": run, "export": export, "state": state, "stage": stage}
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -93,6 +93,8 @@ def test_dcp_metadata_with_code_is_refused_by_every_entry_point(tiny, tmp_path, 
         consolidate(run)  # rededit-consolidate
     with pytest.raises(UnsafeCheckpointError):
         load_backbone_state(run)  # stage.init_from=
+    with pytest.raises(UnsafeCheckpointError):
+        tiny["stage"].load_backbone_from(run)  # what BaseStage.configure_model calls for stage.init_from=
     with pytest.raises(EditorLoadError, match=r"refused"):
         load_editor(run)  # rededit-edit / rededit-eval checkpoint= / demo report
     with pytest.raises(SystemExit) as exc:
@@ -102,6 +104,8 @@ def test_dcp_metadata_with_code_is_refused_by_every_entry_point(tiny, tmp_path, 
 
     assert consolidate_main([str(run), "--out", str(tmp_path / "cons")]) == 2
     assert "refused" in capsys.readouterr().err
+    with pytest.raises(EditorLoadError, match=r"refused"):
+        _evaluate(run, tmp_path)  # rededit-eval checkpoint=
     assert not marker.exists()
 
 
@@ -138,9 +142,10 @@ def test_resume_checks_dcp_metadata_before_lightning_reads_it(tiny, tmp_path) ->
 
 
 # ----------------------------------------------------------------------------------- DeepSpeed ZeRO checkpoints
-def _deepspeed_folder(root: Path, payload: object) -> Path:
-    """A DeepSpeed ZeRO folder layout (``latest`` + ``global_step1/``) whose optimizer state carries ``payload``."""
-    folder = root / "ds"
+def _deepspeed_folder(root: Path, payload: object, folder: Path | None = None) -> Path:
+    """A DeepSpeed ZeRO folder layout (``latest`` + ``global_step1/``) whose optimizer state carries ``payload``
+    (at ``folder``, default ``root/ds``)."""
+    folder = folder or root / "ds"
     (folder / "global_step1").mkdir(parents=True)
     (folder / "latest").write_text("global_step1")
     optim = {"optimizer_state_dict": {"zero_stage": 2, "partition_count": 1, "payload": payload}}
@@ -158,6 +163,30 @@ def test_deepspeed_checkpoint_with_code_is_refused(tmp_path) -> None:
     marker.unlink()
     with pytest.raises(UnsafeCheckpointError, match=r"DeepSpeed"):
         consolidate(folder)
+    assert not marker.exists()
+
+
+def test_deepspeed_run_folder_with_code_is_refused_by_every_entry_point(tiny, tmp_path, capsys) -> None:
+    """The attack through each entry point: a run folder whose ``checkpoints/last.ckpt`` is a DeepSpeed folder
+    carrying a payload (``stage.init_from=``, ``rededit-consolidate``, ``rededit-edit``, ``rededit-eval``)."""
+    pytest.importorskip("deepspeed")
+    from rededit.cli.consolidate import main as consolidate_main
+
+    marker = tmp_path / "marker"
+    run = tmp_path / "run"
+    shutil.copytree(tiny["run"], run, ignore=shutil.ignore_patterns("last.ckpt"))
+    _deepspeed_folder(tmp_path, _WritesMarker(marker), folder=_dcp_dir(run))
+    with pytest.raises(UnsafeCheckpointError, match=r"DeepSpeed"):
+        load_backbone_state(run)  # stage.init_from=
+    with pytest.raises(UnsafeCheckpointError, match=r"DeepSpeed"):
+        tiny["stage"].load_backbone_from(run)
+    assert consolidate_main([str(run), "--out", str(tmp_path / "cons")]) == 2  # rededit-consolidate
+    assert "DeepSpeed" in capsys.readouterr().err and not (tmp_path / "cons").exists()
+    with pytest.raises(SystemExit) as exc:  # rededit-edit --checkpoint
+        edit_main(["--checkpoint", str(run), "--instruction", "x", "--out", str(tmp_path / "o.png")])
+    assert exc.value.code == 2 and "DeepSpeed" in capsys.readouterr().err
+    with pytest.raises(EditorLoadError, match=r"DeepSpeed"):
+        _evaluate(run, tmp_path)  # rededit-eval checkpoint=
     assert not marker.exists()
 
 
@@ -235,26 +264,43 @@ def test_saved_config_with_foreign_target_is_refused_by_every_entry_point(tiny, 
     assert not marker.exists() and not (tmp_path / "cons").exists()
 
 
-def test_rededit_eval_refuses_a_foreign_target(tiny, tmp_path) -> None:
+def _evaluate(checkpoint: Path, tmp_path: Path) -> None:
+    """``rededit-eval checkpoint=<checkpoint>`` on a 2-item synthetic benchmark (the harness behind the CLI)."""
     from rededit.eval.harness import evaluate
     from rededit.utils.paths import CONF_DIR
 
-    marker = tmp_path / "marker"
-    export = _copy(tiny["export"], tmp_path / "export")
-    _evil_config(export / EXPORT_CONFIG, marker, key="stage.optimizer")
     manifest = synthesize(tmp_path / "corpus", n=4, seed=0, bench_n=2, min_side=64, max_side=64)
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(
             "eval",
             overrides=[
-                f"checkpoint={export}",
+                f"checkpoint={checkpoint}",
                 f"benchmark.manifest_path={manifest}",
                 f"out_dir={tmp_path / 'e'}",
             ],
         )
+    evaluate(cfg)
+
+
+def test_rededit_eval_refuses_a_foreign_target(tiny, tmp_path) -> None:
+    marker = tmp_path / "marker"
+    export = _copy(tiny["export"], tmp_path / "export")
+    _evil_config(export / EXPORT_CONFIG, marker, key="stage.optimizer")
     with pytest.raises(EditorLoadError, match=r"stage\.optimizer\._target_"):
-        evaluate(cfg)
+        _evaluate(export, tmp_path)
+    assert not marker.exists()
+
+
+def test_rededit_eval_refuses_a_run_config_with_a_foreign_target(tiny, tmp_path) -> None:
+    """``rededit-eval checkpoint=<run folder>``: the run's ``config.yaml`` is a saved config too."""
+    marker = tmp_path / "marker"
+    run = _copy(tiny["run"], tmp_path / "run")
+    _evil_config(run / "config.yaml", marker, key="stage.backbone")
+    with pytest.raises(EditorLoadError, match=r"stage\.backbone\._target_: 'pathlib\.Path\.write_text'"):
+        _evaluate(run, tmp_path)
+    with pytest.raises(EditorLoadError, match=r"pathlib\.Path\.write_text"):
+        load_editor(run)  # rededit-edit --checkpoint <run folder>
     assert not marker.exists()
 
 

@@ -175,6 +175,31 @@ def test_an_image_whose_size_the_manifest_misstates_is_a_bad_sample(corpus, tmp_
     assert [sid for b in batches for sid in b["skipped"]] == [victim]
 
 
+def test_a_real_image_over_the_pixel_cap_is_a_bad_sample(corpus, tmp_path):
+    """The attack: a real 176-megapixel PNG (its manifest row honest about its size) was decoded in full and
+    trained on. ``data.max_image_pixels`` (64 MP by default) applies to every image the loader reads: here a cap
+    between the corpus's sizes makes exactly the rows with a larger target or reference counted bad samples."""
+    from conftest import compose
+
+    assert compose([], tmp_path).data.max_image_pixels == 64 * 2**20
+
+    def pixels(row) -> int:
+        refs = zip(row.get("reference_widths") or [], row.get("reference_heights") or [])
+        return max(w * h for w, h in [(row["target_width"], row["target_height"]), *refs])
+
+    plain = _dm(corpus, 0, world=1)
+    ids = plain.train_manifest.ids
+    by_id = {ids[i]: pixels(plain.train_manifest.row(i)) for i in range(len(ids))}
+    served = _scheduled_ids(plain)
+    cap = int(np.median([by_id[i] for i in served]))
+    over = {i for i in served if by_id[i] > cap}
+    assert over and over != served
+    capped = _dm(corpus, 0, world=1, max_image_pixels=cap)
+    batches = list(capped.train_dataloader())
+    assert {sid for b in batches for sid in b["skipped"]} == over
+    assert all(by_id[sid] <= cap for b in batches for sid in b["ids"])
+
+
 def test_load_image_refuses_oversized_and_misstated_images_before_decoding(tmp_path):
     from PIL import Image
 
@@ -213,6 +238,50 @@ def test_a_batch_of_one_unreadable_sample_is_skipped_and_ranks_stay_in_step(corp
     with pytest.raises(BadSampleError, match=victim):
         for _ in stop.train_dataloader():
             pass
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(900)
+def test_ddp_with_one_sample_per_step_survives_unreadable_images(tiny_corpus, tmp_path):
+    """The attack under real DDP (2 gloo processes, ``data.max_batch_size=1``): a rank served an unreadable image
+    raised BadSampleError despite ``on_bad_sample: skip``, and the other rank then died in gloo. Every third
+    target is unreadable; the run must finish every step on both ranks, never train on an unreadable row, and
+    record the rows it replaced."""
+    import pyarrow.parquet as pq
+
+    from test_strategies_multiprocess import launch, records
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(tiny_corpus.parent, corpus)
+    table = pq.read_table(corpus / "manifest.parquet")
+    bad = set()
+    for i, (sid, uri) in enumerate(zip(table.column("id").to_pylist(), table.column("target").to_pylist())):
+        if i % 3 == 0:
+            (corpus / uri).write_bytes(b"not a png")
+            bad.add(sid)
+    steps = 4
+    overrides = [
+        "experiment=demo_pretrain",
+        "backbone.transformer_config.num_layers=1",
+        f"data.manifest={corpus / 'manifest.parquet'}",
+        "data.val_split=null",
+        "data.token_budget=256",
+        "data.max_batch_size=1",
+        "strategy=ddp",
+        "trainer.devices=2",
+        f"trainer.max_steps={steps}",
+        "trainer.log_every_n_steps=1",
+        "~callbacks.progress",
+        "export_dir=null",
+    ]
+    proc = launch(tmp_path / "run", overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = records(tmp_path / "run")
+    assert sorted(rows) == [(g, r) for g in range(1, steps + 1) for r in (0, 1)]  # both ranks, every step
+    assert all(len(r["ids"]) == 1 and not set(r["ids"]) & bad for r in rows.values())
+    skipped = [sid for r in rows.values() for sid in r["skipped"]]
+    assert skipped and set(skipped) <= bad
 
 
 def test_a_manifest_path_outside_its_folder_is_a_bad_sample_unless_allowed(corpus, tmp_path):

@@ -47,3 +47,22 @@ def test_exported_transformer_folder_follows_the_umask(tmp_path, umask) -> None:
             assert stat.S_IMODE(f.stat().st_mode) & 0o044 == 0o044, (
                 f
             )  # group/other may read, as the umask says
+
+
+def test_a_manifest_its_images_and_a_text_cache_follow_the_umask(tmp_path, umask) -> None:
+    """The other artifacts the issue names: a corpus (manifest and images) and a text-embedding cache written
+    under a group-sharing umask are readable and writable by the group, like plain writes."""
+    import torch
+
+    from rededit.data.text_cache import TextEmbeddingCache
+    from rededit.datagen.synth.writer import synthesize
+
+    umask(0o002)
+    synthesize(tmp_path / "corpus", n=4, seed=0, bench_n=1, min_side=64, max_side=64)
+    TextEmbeddingCache(tmp_path / "cache", "probe").put_many({"k": torch.ones(3, 4)})
+    written = [p for p in (tmp_path / "corpus").rglob("*")] + [p for p in (tmp_path / "cache").rglob("*")]
+    assert any(p.name == "manifest.parquet" for p in written)
+    assert any(p.suffix == ".safetensors" for p in written)
+    for path in written:
+        want = dir_mode() if path.is_dir() else file_mode()
+        assert stat.S_IMODE(path.stat().st_mode) == want, path

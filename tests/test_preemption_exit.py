@@ -27,8 +27,13 @@ class KillAt(L.Callback):
 
 
 def test_every_recipe_handles_preemption_by_default(tmp_path) -> None:
-    for recipe in ("demo", "demo_pretrain", "demo_sft", "pretrain", "sft"):
-        cfg = compose([f"experiment={recipe}"], tmp_path)
+    from conftest import CONF_DIR
+
+    recipes = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+    assert {"demo", "demo_pretrain", "demo_sft", "pretrain", "sft", "dpo", "nft"} <= set(recipes)
+    recipes.append(None)  # no experiment= at all
+    for recipe in recipes:
+        cfg = compose([f"experiment={recipe}"] if recipe else [], tmp_path)
         assert cfg.callbacks.preemption._target_ == "rededit.callbacks.preemption.PreemptionCheckpoint", (
             recipe
         )

@@ -84,6 +84,7 @@ class Recorder(L.Callback):
             "step": int(batch["step"]),
             "target_hw": list(keys),
             "ids": list(batch["ids"]),
+            "skipped": list(batch.get("skipped", ())),  # unreadable rows this batch replaced
             "loss": float(loss.detach()),
             "metrics": {
                 k.removesuffix("_step"): float(v)
