@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import compose, train_overrides
+from conftest import compose, read_step_metric, train_overrides
 from rededit.parallel.file_checkpoint_io import AtomicCheckpointIO
 from rededit.utils.run_id import intact_checkpoint, resolve_ckpt_path
 
@@ -134,3 +134,5 @@ def test_training_resumes_past_a_truncated_last_ckpt(tiny_corpus, tmp_path, monk
     result = run(compose(overrides(6), tmp_path))
     assert result["export_dir"]
     assert torch.load(last, weights_only=True)["global_step"] == 6
+    # Issue 17 §2, "resume deletes the training curve": the resumed segment continues metrics.csv.
+    assert sorted(read_step_metric(tmp_path)) == [1, 2, 3, 4, 5, 6]
