@@ -31,7 +31,13 @@ from rededit.callbacks.loggers import log_config
 from rededit.callbacks.preemption import PreemptionCheckpoint
 from rededit.parallel.file_checkpoint_io import AtomicCheckpointIO
 from rededit.parallel.parallelize import full_state_dict, is_sharded
-from rededit.stages.checkpoints import backbone_from_state, export_editor
+from rededit.stages.checkpoints import (
+    backbone_from_state,
+    export_card_info,
+    export_editor,
+    pipeline_base,
+    pipeline_sources,
+)
 from rededit.utils.config_checks import check_train_config, remove_unstarted_run
 from rededit.utils.io import atomic_write_text
 from rededit.utils.logging import get_logger
@@ -103,8 +109,17 @@ def export(model: L.LightningModule, trainer: L.Trainer, cfg: DictConfig) -> Pat
         return None
     if sharded:
         backbone = backbone_from_state(cfg, raw)
+    # From a diffusers pipeline folder: a complete pipeline folder (issue 19), its other components taken
+    # from the folders the run loaded them from.
+    base = pipeline_base(cfg)
     out = export_editor(
-        backbone, cfg.export_dir, config_yaml=OmegaConf.to_yaml(cfg, resolve=True), ema_state=ema_state
+        backbone,
+        cfg.export_dir,
+        config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+        ema_state=ema_state,
+        pipeline_from=base,
+        components=pipeline_sources(cfg, base) if base is not None else None,
+        card=export_card_info(cfg, step=trainer.global_step, run_dir=cfg.paths.output_dir) if base else None,
     )
     log.info("exported the %s editor to %s", "EMA" if ema_state else "raw", out)
     return out

@@ -7,7 +7,11 @@ Accepts a Lightning ``.ckpt`` (single device / DDP), a sharded DCP directory (FS
 shards are gathered too) or a DeepSpeed ZeRO directory (Lightning's ``convert_zero_checkpoint_to_fp32_state_dict``).
 Runs in one process on CPU. The run's resolved ``config.yaml`` (found beside the run's ``checkpoints/``
 folder unless ``--config`` is given) rebuilds the backbone; the result is what ``export_editor`` writes
-after fit: ``transformer/`` (EMA weights when the run had EMA), ``backbone_raw.safetensors``, ``rededit.yaml``.
+after fit: ``transformer/`` (EMA weights when the run had EMA), ``backbone_raw.safetensors``, ``rededit.yaml``;
+and, for a run that started from a diffusers pipeline folder (``backbone.pretrained_path``), a complete
+pipeline folder (``model_index.json``, the base's vae / text_encoder / tokenizer / processor / scheduler,
+hard-linked or copied, ``rededit_export.json``, a model card ``README.md``) that
+``QwenImageEditPlusPipeline.from_pretrained`` loads.
 """
 
 from __future__ import annotations
@@ -16,7 +20,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from rededit.stages.checkpoints import backbone_from_state, consolidate, export_editor, resolve_checkpoint
+from rededit.stages.checkpoints import (
+    backbone_from_state,
+    consolidate_with_step,
+    export_card_info,
+    export_editor,
+    pipeline_base,
+    pipeline_sources,
+    resolve_checkpoint,
+)
 from rededit.utils.logging import get_logger
 from rededit.utils.safe_load import UnsafeCheckpointError
 from rededit.utils.trusted_config import UntrustedConfigError, load_trusted_config
@@ -42,7 +54,7 @@ def consolidate_to_editor(checkpoint: str | Path, out: str | Path, config: str |
     ckpt = resolve_checkpoint(checkpoint)
     config = Path(config) if config else find_config(ckpt)
     cfg = load_trusted_config(config)  # found in (or handed with) a run folder: rededit's targets only
-    raw, shadow = consolidate(ckpt)
+    raw, shadow, step = consolidate_with_step(ckpt)
     backbone = backbone_from_state(cfg, raw)
     ema_state = None
     if shadow:
@@ -51,7 +63,16 @@ def consolidate_to_editor(checkpoint: str | Path, out: str | Path, config: str |
             if name not in ema_state:
                 raise KeyError(f"{ckpt}: EMA tensor {name!r} is not a backbone weight")
             ema_state[name] = value.to(ema_state[name].dtype)
-    result = export_editor(backbone, out, config_yaml=OmegaConf.to_yaml(cfg), ema_state=ema_state)
+    base = pipeline_base(cfg)
+    result = export_editor(
+        backbone,
+        out,
+        config_yaml=OmegaConf.to_yaml(cfg),
+        ema_state=ema_state,
+        pipeline_from=base,
+        components=pipeline_sources(cfg, base) if base is not None else None,
+        card=export_card_info(cfg, step=step, run_dir=config.parent) if base is not None else None,
+    )
     log.info("consolidated %s (%s weights) into %s", ckpt, "EMA" if ema_state else "raw", result)
     return result
 

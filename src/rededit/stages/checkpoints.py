@@ -6,7 +6,14 @@
 * ``export_editor``: writes the editor as a folder that ``rededit-edit --checkpoint`` accepts and that
   diffusers loads: ``transformer/`` (``QwenImageTransformer2DModel.save_pretrained``, EMA weights when
   available), ``backbone_raw.safetensors`` (raw weights), ``rededit.yaml`` (the resolved config that
-  rebuilds VAE, text encoder and backbone). Every file is written under a temporary name and renamed.
+  rebuilds VAE, text encoder and backbone). When the backbone came from a diffusers pipeline folder
+  (``pipeline_from``, issue 19) the export is a complete pipeline folder too: ``model_index.json`` and the
+  base folder's other components (``vae/``, ``text_encoder/``, ``tokenizer/``, ``processor/``,
+  ``scheduler/``: hard-linked when on the same filesystem, else copied, each recorded in
+  ``rededit_export.json``), loadable by ``QwenImageEditPlusPipeline.from_pretrained(export)``, and a model
+  card ``README.md`` (recipe, stage, steps, data manifest hash, the run's evaluation table when it has one).
+  The whole folder is built beside ``out_dir`` and renamed into place (a previous export is swapped out
+  only once the new one is complete); files get the mode a plain write gives under the umask.
 * ``consolidate``: one full (raw, EMA) backbone state from any checkpoint a strategy writes — a Lightning
   ``.ckpt`` file (single device, DDP), a sharded DCP directory (FSDP2/HSDP: ``.metadata`` + ``meta.pt``;
   the EMA shadow is stored as ``__ema__.*`` shards, see ``callbacks/ema.py``) or a DeepSpeed directory
@@ -15,9 +22,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +36,14 @@ from safetensors.torch import load_file, save_file
 
 from rededit.parallel import meta_init
 from rededit.parallel.safe_dcp import load_dcp_full
-from rededit.utils.io import atomic_path, atomic_write_text, make_private_temp_public
+from rededit.utils.io import (
+    atomic_path,
+    atomic_write_text,
+    file_mode,
+    make_private_temp_public,
+    sha256_file,
+    write_json,
+)
 from rededit.utils.safe_load import UnsafeCheckpointError, forced_weights_only
 
 EMA_STATE_KEY = "EMA"
@@ -34,6 +51,8 @@ EXPORT_CONFIG = "rededit.yaml"
 EXPORT_EXTRAS = (
     "backbone_extras.safetensors"  # backbone tensors outside transformer/ (FireEdit options, issue 10)
 )
+EXPORT_METADATA = "rededit_export.json"  # a full pipeline export: where each component came from
+MODEL_INDEX = "model_index.json"
 
 
 # = rededit.callbacks.ema.DCP_PREFIX (repeated so that loading needs no Lightning import)
@@ -67,6 +86,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def is_export_folder(path: str | Path) -> bool:
     return (Path(path) / EXPORT_CONFIG).is_file() and (Path(path) / "transformer").is_dir()
+
+
+def is_pipeline_folder(path: str | Path) -> bool:
+    """A diffusers pipeline folder (``model_index.json``): a published editor or a full export."""
+    return (Path(path) / MODEL_INDEX).is_file()
 
 
 def _ema_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor] | None:
@@ -142,6 +166,14 @@ def _load_full_checkpoint(path: Path) -> dict[str, Any]:
 def consolidate(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """Full raw backbone state (keys relative to ``EditBackbone``) and the EMA shadow (trainable tensors
     only, same keys; None without EMA) of any training checkpoint (see the module docstring)."""
+    raw, shadow, _ = consolidate_with_step(path)
+    return raw, shadow
+
+
+def consolidate_with_step(
+    path: str | Path,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, int | None]:
+    """:func:`consolidate` plus the checkpoint's ``global_step`` (None when it records none)."""
     ckpt_path = resolve_checkpoint(path)
     ckpt = _load_full_checkpoint(ckpt_path)
     weights = ckpt.get("state_dict", ckpt)
@@ -149,7 +181,8 @@ def consolidate(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, to
     if not raw:
         raise ValueError(f"{ckpt_path}: the checkpoint holds no backbone.* weights")
     shadow = {k.removeprefix(DCP_EMA_PREFIX): v for k, v in weights.items() if k.startswith(DCP_EMA_PREFIX)}
-    return raw, (shadow or _ema_state(ckpt) or None)
+    step = ckpt.get("global_step")
+    return raw, (shadow or _ema_state(ckpt) or None), (int(step) if isinstance(step, int) else None)
 
 
 def backbone_from_state(cfg: Any, state: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -165,16 +198,246 @@ def backbone_from_state(cfg: Any, state: dict[str, torch.Tensor]) -> torch.nn.Mo
     return backbone
 
 
+# --------------------------------------------------------------------------------------------- pipeline export
+#: Which config node names the folder a pipeline component was loaded from (else: the backbone's base folder).
+_COMPONENT_SOURCES = {
+    "vae": "vae",
+    "text_encoder": "text_encoder",
+    "tokenizer": "text_encoder",
+    "processor": "text_encoder",
+}
+
+
+def pipeline_base(cfg: Any) -> Path | None:
+    """The diffusers pipeline folder the run's backbone came from (``backbone.pretrained_path``), or None."""
+    node = cfg.get("backbone") if cfg is not None else None
+    path = node.get("pretrained_path") if node is not None else None
+    if not path or not isinstance(path, str | os.PathLike) or not Path(path).is_dir():
+        return None
+    return Path(path) if is_pipeline_folder(path) else None
+
+
+def pipeline_sources(cfg: Any, base: Path) -> dict[str, Path]:
+    """``{component: folder holding <component>/}`` for every component of ``base``'s ``model_index.json``
+    except the transformer: the folder the run loaded it from (``vae.path``, ``text_encoder.path``) when that
+    folder has it, else ``base``."""
+    index = json.loads((base / MODEL_INDEX).read_text(encoding="utf-8"))
+    sources = {}
+    for name in index:
+        if name.startswith("_") or name == "transformer" or not isinstance(index[name], list):
+            continue
+        node = cfg.get(_COMPONENT_SOURCES.get(name, ""), None) if cfg is not None else None
+        path = node.get("path") if node is not None and "path" in node else None
+        folder = Path(path) if isinstance(path, str) and (Path(path) / name).is_dir() else base
+        if not (folder / name).is_dir():
+            raise FileNotFoundError(
+                f"{base / MODEL_INDEX} lists {name!r} but {folder / name} is not a folder"
+            )
+        sources[name] = folder
+    return sources
+
+
+def _link_or_copy_tree(src: Path, dst: Path) -> str:
+    """Every file of ``src`` into ``dst``: a hard link when the filesystem allows (same device; the file then
+    keeps the base file's mode, as it is the same file), else a copy with the mode a plain write gives under
+    the umask. Returns ``"hardlink"``, ``"copy"`` or ``"mixed"``."""
+    modes = set()
+    dst.mkdir(parents=True, exist_ok=True)  # mkdir: the mode a plain mkdir gives under the umask
+    for path in sorted(src.rglob("*")):
+        target = dst / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        real = path.resolve()  # a hub cache's snapshot folder holds symlinks to blobs
+        try:
+            os.link(real, target)
+            modes.add("hardlink")
+        except OSError:
+            shutil.copyfile(real, target)
+            os.chmod(target, file_mode())
+            modes.add("copy")
+    return modes.pop() if len(modes) == 1 else ("mixed" if modes else "copy")
+
+
+def _eval_table(run_dir: Path | None) -> str | None:
+    """The run's evaluation table (``rededit-eval``'s ``table.md``) in ``<run>/eval/`` or one folder below
+    the run, or None."""
+    if run_dir is None or not Path(run_dir).is_dir():
+        return None
+    for candidate in (Path(run_dir) / "eval" / "table.md", *sorted(Path(run_dir).glob("*/table.md"))):
+        if candidate.is_file():
+            return candidate.read_text(encoding="utf-8")
+    return None
+
+
+def export_card_info(cfg: Any, *, step: int | None, run_dir: str | Path | None) -> dict[str, Any]:
+    """What the model card says about a run: recipe, stage, steps, data manifest (path and sha256), evaluation
+    table (from the run folder, when there is one)."""
+    from omegaconf import OmegaConf
+
+    def get(key: str) -> Any:
+        try:
+            return OmegaConf.select(cfg, key, default=None)
+        except Exception:  # an interpolation the exporting process cannot resolve
+            return None
+
+    manifest = get("data.manifest")
+    manifest_sha = sha256_file(manifest) if manifest and Path(str(manifest)).is_file() else None
+    # the recipe as typed: rededit-train's command-line overrides (Hydra keeps them in <run>/.hydra/)
+    overrides_file = Path(run_dir) / ".hydra" / "overrides.yaml" if run_dir else None
+    overrides = None
+    if overrides_file is not None and overrides_file.is_file():
+        overrides = [str(o) for o in (OmegaConf.load(overrides_file) or [])]
+    return {
+        "recipe": overrides,
+        "stage": get("stage._target_"),
+        "stage_name": get("stage_name"),
+        "run_name": get("run_name"),
+        "variant": get("backbone.variant"),
+        "steps": step,
+        "max_steps": get("trainer.max_steps"),
+        "learning_rate": get("optimizer.lr"),
+        "seed": get("seed"),
+        "data_manifest": str(manifest) if manifest else None,
+        "data_manifest_sha256": manifest_sha,
+        "run_dir": str(run_dir) if run_dir else None,
+        "eval_table": _eval_table(Path(run_dir)) if run_dir else None,
+    }
+
+
+def _model_card(name: str, info: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
+    """The export's ``README.md``."""
+    base = meta.get("base_pipeline") or ""
+    recipe = info.get("recipe")
+    rows = [
+        ("base pipeline", f"`{base}`" + (f" (preset `{info['variant']}`)" if info.get("variant") else "")),
+        ("recipe (rededit-train overrides)", f"`{' '.join(recipe)}`" if recipe else "not recorded"),
+        ("stage", f"`{info.get('stage')}` ({info.get('stage_name')})"),
+        ("optimizer steps", f"{info.get('steps')} (max_steps {info.get('max_steps')})"),
+        ("weights in transformer/", meta.get("weights")),
+        ("learning rate, seed", f"{info.get('learning_rate')}, {info.get('seed')}"),
+        ("data manifest", f"`{info.get('data_manifest')}`"),
+        ("data manifest sha256", f"`{info.get('data_manifest_sha256')}`"),
+        ("run folder", f"`{info.get('run_dir')}`"),
+    ]
+    lines = [
+        "---",
+        "library_name: diffusers",
+        "pipeline_tag: image-to-image",
+        "tags: [rededit, qwen-image, image-editing]",
+        "---",
+        f"# {name}",
+        "",
+        "An instruction-based image editor trained with rededit from a diffusers "
+        "Qwen-Image pipeline folder. This folder is a complete diffusers pipeline:",
+        "",
+        "```python",
+        "import torch",
+        f"from diffusers import {meta.get('pipeline_class', 'QwenImageEditPlusPipeline')}",
+        f'pipe = {meta.get("pipeline_class", "QwenImageEditPlusPipeline")}.from_pretrained("{name}", torch_dtype=torch.bfloat16)',
+        "```",
+        "",
+        f"or `rededit-edit --checkpoint {name} --image A.png --instruction ...` (the same image for the same "
+        "inputs and seed).",
+        "",
+        "## Training",
+        "",
+        "| | |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in rows],
+        "",
+        "## Components",
+        "",
+        "| component | taken from | how |",
+        "|---|---|---|",
+        f"| transformer | trained by this run | {meta.get('weights')} weights |",
+        *[f"| {c} | `{m['source']}` | {m['mode']} |" for c, m in sorted(meta.get("components", {}).items())],
+        "",
+    ]
+    table = info.get("eval_table")
+    lines += ["## Evaluation", "", table.strip() if table else "No evaluation table in the run folder.", ""]
+    return "\n".join(lines)
+
+
 def export_editor(
     backbone: torch.nn.Module,
     out_dir: str | Path,
     *,
     config_yaml: str,
     ema_state: dict[str, torch.Tensor] | None = None,
+    pipeline_from: str | Path | None = None,
+    components: Mapping[str, str | Path] | None = None,
+    card: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``out_dir`` (see module docstring). ``ema_state``: full backbone state with EMA weights."""
+    """Write ``out_dir`` (see module docstring). ``ema_state``: full backbone state with EMA weights.
+
+    Args:
+        pipeline_from: the diffusers pipeline folder the backbone came from (:func:`pipeline_base`): the export
+            becomes a complete pipeline folder. None: today's layout (the tiny demo editors).
+        components: ``{component: folder holding <component>/}`` (:func:`pipeline_sources`; default: every
+            component of ``pipeline_from``).
+        card: what the model card says (:func:`export_card_info`).
+    """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Build the whole folder aside, then rename it into place: a reader never sees a half-written export.
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        make_private_temp_public(tmp_dir)  # mkdtemp is 0700 whatever the umask
+        weights = _write_editor(backbone, tmp_dir, config_yaml=config_yaml, ema_state=ema_state)
+        if pipeline_from is not None:
+            _write_pipeline(tmp_dir, Path(pipeline_from), components, weights, card or {}, out_dir.name)
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            if old.exists():
+                shutil.rmtree(old)
+            out_dir.rename(old)
+        tmp_dir.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def _write_pipeline(
+    out: Path,
+    base: Path,
+    components: Mapping[str, str | Path] | None,
+    weights: str,
+    card: Mapping[str, Any],
+    name: str,
+) -> None:
+    """``model_index.json``, the base's other components, ``rededit_export.json`` and ``README.md``."""
+    index = json.loads((base / MODEL_INDEX).read_text(encoding="utf-8"))
+    sources = {k: Path(v) for k, v in (components or pipeline_sources(None, base)).items()}
+    meta: dict[str, Any] = {
+        "format": "diffusers pipeline + rededit editor",
+        "pipeline_class": index.get("_class_name"),
+        "base_pipeline": str(base.resolve()),
+        "weights": weights,
+        "transformer": "trained (EMA weights)" if weights == "ema" else "trained (raw weights)",
+        "components": {},
+    }
+    for component, folder in sorted(sources.items()):
+        mode = _link_or_copy_tree(folder / component, out / component)
+        meta["components"][component] = {"source": str((folder / component).resolve()), "mode": mode}
+    atomic_write_text(out / MODEL_INDEX, json.dumps(index, indent=2) + "\n")
+    write_json(out / EXPORT_METADATA, {**meta, "card": {k: v for k, v in card.items() if k != "eval_table"}})
+    atomic_write_text(out / "README.md", _model_card(name, card, meta))
+
+
+def _write_editor(
+    backbone: torch.nn.Module,
+    out_dir: Path,
+    *,
+    config_yaml: str,
+    ema_state: dict[str, torch.Tensor] | None,
+) -> str:
+    """The editor files of an export into ``out_dir`` (an empty folder); returns ``"ema"`` or ``"raw"``."""
     raw = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     with atomic_path(out_dir / "backbone_raw.safetensors") as tmp:
         save_file(raw, str(tmp))
@@ -190,20 +453,17 @@ def export_editor(
             {k.removeprefix("transformer."): v for k, v in ema_state.items() if k.startswith("transformer.")}
         )
     try:
-        # save_pretrained writes several files: build the folder aside, then swap it in.
-        tmp_dir = Path(tempfile.mkdtemp(prefix=".transformer.", dir=out_dir))
-        make_private_temp_public(tmp_dir)  # mkdtemp is 0700 whatever the umask
-        transformer.save_pretrained(tmp_dir)
-        for written in tmp_dir.rglob("*"):  # some writers (safetensors) create 0600 files too
-            make_private_temp_public(written)
         final = out_dir / "transformer"
-        if final.exists():
-            shutil.rmtree(final)
-        tmp_dir.rename(final)
+        final.mkdir()
+        make_private_temp_public(final)
+        transformer.save_pretrained(final)
+        for written in final.rglob("*"):  # some writers (safetensors) create 0600 files
+            make_private_temp_public(written)
     finally:
         if saved is not None:
             transformer.load_state_dict(saved)
     with atomic_path(out_dir / EXPORT_CONFIG) as tmp:
         tmp.write_text(config_yaml, encoding="utf-8")
-    atomic_write_text(out_dir / "WEIGHTS", "ema\n" if ema_state is not None else "raw\n")
-    return out_dir
+    weights = "ema" if ema_state is not None else "raw"
+    atomic_write_text(out_dir / "WEIGHTS", weights + "\n")
+    return weights
