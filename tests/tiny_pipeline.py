@@ -137,7 +137,7 @@ def build_vae():
 
     torch.manual_seed(1)
     return AutoencoderKLQwenImage(
-        base_dim=8,
+        base_dim=4,
         z_dim=Z_DIM,
         dim_mult=[1, 1, 1, 1],
         num_res_blocks=1,

@@ -4,8 +4,9 @@
         --instruction "Replace the red heart with a white crescent." --out edited.png [--steps 8 --cfg 1 --seed 0]
     rededit-edit --checkpoint outputs/demo/export --instruction "A cyan cross on a grey background" --out t2i.png
 
-``--checkpoint`` accepts an export folder, a run folder or a ``.ckpt`` file
-(:func:`rededit.inference.editor.load_editor`; ``--raw`` takes the raw instead of the EMA weights). Picture 1 is the first ``--image`` (the sequence layout of
+``--checkpoint`` accepts an export folder, a run folder, a ``.ckpt`` file or a diffusers pipeline folder
+(:func:`rededit.inference.editor.load_editor`; ``--raw`` takes the raw instead of the EMA weights,
+``--dtype`` loads in another dtype). Picture 1 is the first ``--image`` (the sequence layout of
 :class:`rededit.models.backbone.EditBackbone`); without ``--image`` the instruction is a text-to-image prompt.
 
 Image sizes: the backbone needs sides that are multiples of ``m = vae.downsample × backbone.patch_size``
@@ -17,6 +18,12 @@ the CPU demo) or ``--max-area``; without either, 1024² px (report Table 1, SFT)
 Picture 1's adjusted size and **written at Picture 1's own size** (resized back), so the output can replace
 the input; ``--max-area`` writes the generated size instead, and ``--height/--width`` ask for another
 output size (generated at it rounded to ``m``, written at exactly it). Text-to-image defaults to 64².
+
+Editors that come from a diffusers pipeline folder (a published Qwen-Image-Edit / FireRed folder, or a full
+export of a run that started from one) edit exactly as ``QwenImageEditPlusPipeline`` does
+(:mod:`rededit.inference.pipeline_edit`): the same inputs and ``--seed`` give the same image, generated and
+written at the pipeline's size (~1024² px at the last image's aspect, or ``--height/--width`` floored to
+multiples of 16); ``--max-area`` does not apply to them.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from rededit.data.uri import outside_root_allowed_here
 from rededit.inference.edit_loop import EditRequest, edit_batch
 from rededit.inference.editor import EditorLoadError, load_editor
 from rededit.inference.images import image_tensor, save_image, tensor_to_pil
+from rededit.inference.pipeline_edit import is_pipeline_editor, pipeline_edit, to_pil
 from rededit.inference.sizing import (
     DEFAULT_MAX_AREA,
     DEFAULT_T2I_SIZE,
@@ -70,6 +78,19 @@ def _parser() -> argparse.ArgumentParser:
         "training buckets' largest area and write Picture 1's size)",
     )
     p.add_argument("--raw", action="store_true", help="use the raw instead of the EMA weights")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="load the editor in this dtype (default: its config's; bfloat16 for a pipeline folder)",
+    )
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="for a pipeline folder: a Hydra override of the editor config rededit composes for it, e.g. "
+        "backbone=qwen_image_edit_2511 (checks the folder is that variant); repeatable",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
@@ -92,12 +113,33 @@ def main(argv: list[str] | None = None) -> int:
             images = [load_image(str(Path(p).resolve()), "/") for p in args.image]
     except ImageDecodeError as err:
         parser.error(str(err))
-    from hydra.errors import InstantiationException
+    from hydra.errors import HydraException, InstantiationException
 
     try:
-        editor = load_editor(args.checkpoint, args.device, raw=args.raw)
-    except (EditorLoadError, FileNotFoundError, ValueError, InstantiationException) as err:
+        editor = load_editor(
+            args.checkpoint, args.device, raw=args.raw, dtype=args.dtype, overrides=args.override
+        )
+    except (EditorLoadError, FileNotFoundError, ValueError, InstantiationException, HydraException) as err:
         parser.error(f"--checkpoint: {err}")
+    if images and is_pipeline_editor(editor):
+        if args.max_area is not None:
+            parser.error(
+                "--max-area: a pipeline editor generates at QwenImageEditPlusPipeline's size; use --height/--width"
+            )
+        edit = pipeline_edit(
+            editor,
+            images,
+            args.instruction,
+            negative_prompt=args.negative_prompt,
+            steps=args.steps,
+            cfg_scale=args.cfg,
+            seed=args.seed,
+            height=args.height,
+            width=args.width,
+        )
+        path = save_image(to_pil(edit), args.out)
+        log.info("wrote %s (%dx%d, as QwenImageEditPlusPipeline sizes it)", path, *edit.shape[-2:])
+        return 0
 
     m = size_multiple(editor)
     max_area = args.max_area or bucket_max_area(editor.inference_config) or DEFAULT_MAX_AREA

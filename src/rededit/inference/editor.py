@@ -5,16 +5,24 @@
 * an export folder written by :func:`rededit.stages.checkpoints.export_editor` (``rededit.yaml``,
   ``transformer/`` with the EMA weights when the run had EMA, ``backbone_raw.safetensors``);
 * a Lightning ``.ckpt`` file or a run folder (``config.yaml`` beside ``checkpoints/``): the EMA weights
-  stored by the EMA callback are used when present, ``raw=True`` takes the raw ones.
+  stored by the EMA callback are used when present, ``raw=True`` takes the raw ones;
+* a diffusers pipeline folder (``model_index.json``: Qwen-Image-Edit-2509/2511, FireRed-Image-Edit-1.0, ...):
+  the editor is composed from rededit's presets pointed at the folder (``backbone=qwen_image``,
+  ``vae=qwen_image``, ``text_encoder=qwen_vl``, ``stage=sft``; :func:`pipeline_folder_config`), so every
+  value comes from the folder (transformer config, scheduler config, tokenizer, processor).
 
 VAE, text encoder and stage are rebuilt from the saved (resolved) Hydra config, so the editor runs with
-exactly the components it was trained with. A saved config may come from anyone: it is read with
-:func:`rededit.utils.trusted_config.load_trusted_config` and checkpoints load weights-only.
+exactly the components it was trained with. An export that is a complete pipeline folder
+(:func:`rededit.stages.checkpoints.export_editor` from a run that started from one) reads its VAE, text
+encoder, tokenizer, processor and scheduler from the export itself, not from the base folder the run named.
+A saved config may come from anyone: it is read with :func:`rededit.utils.trusted_config.load_trusted_config`
+and checkpoints load weights-only.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +33,12 @@ from rededit.stages.checkpoints import (
     EXPORT_CONFIG,
     EXPORT_EXTRAS,
     is_export_folder,
+    is_pipeline_folder,
     load_backbone_state,
     resolve_checkpoint,
 )
 from rededit.utils.logging import get_logger
+from rededit.utils.paths import CONF_DIR
 from rededit.utils.safe_load import UnsafeCheckpointError
 from rededit.utils.trusted_config import UntrustedConfigError, load_trusted_config
 
@@ -85,15 +95,93 @@ def build_editor_from_config(cfg: DictConfig, *, backbone_node: Any | None = Non
     return stage
 
 
+#: Inference settings of an editor loaded straight from a published pipeline folder: the published
+#: examples' (Qwen-Image-Edit-2509's model card, FireRed-Image-Edit's inference.py: 40 steps, true CFG 4,
+#: negative prompt " ").
+PIPELINE_DEFAULTS = {"sample_steps": 40, "cfg_scale": 4.0, "negative_prompt": " "}
+_DTYPE_TARGETS = {
+    "rededit.models.vae.QwenImageVAE": "dtype",
+    "rededit.models.text_encoder.QwenVLTextEncoder": "dtype",
+    "rededit.models.text_encoder.MiniLMTextEncoder": "dtype",
+}
+
+
+def _compose_train(overrides: list[str]) -> DictConfig:
+    """``conf/train.yaml`` composed with ``overrides`` (inside a running Hydra app, e.g. rededit-eval, through
+    its own initialised Hydra)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="train", overrides=overrides)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def pipeline_folder_config(folder: str | os.PathLike, overrides: Sequence[str] = ()) -> DictConfig:
+    """The editor config of a diffusers pipeline folder: ``backbone=qwen_image`` (its 20B architecture check),
+    ``vae=qwen_image``, ``text_encoder=qwen_vl`` and ``stage=sft`` with :data:`PIPELINE_DEFAULTS`, then
+    ``overrides`` (Hydra syntax, e.g. ``backbone=qwen_image_edit_2511`` to check the folder is that variant),
+    every weight path the folder. No data node: the editor has no training buckets."""
+    from omegaconf import open_dict
+
+    defaults = ["backbone=qwen_image", "vae=qwen_image", "text_encoder=qwen_vl", "stage=sft"]
+    stage = {
+        f"stage.{k}={v!r}" if isinstance(v, str) else f"stage.{k}={v}" for k, v in PIPELINE_DEFAULTS.items()
+    }
+    cfg = _compose_train([*defaults, *sorted(stage), *overrides])
+    folder = str(Path(folder).resolve())
+    with open_dict(cfg):
+        cfg.backbone.pretrained_path = folder
+        cfg.vae.path = folder
+        cfg.text_encoder.path = folder
+        for key in ("data", "callbacks", "trainer", "strategy", "logger", "hydra", "paths"):
+            cfg.pop(key, None)
+    return cfg
+
+
+def override_dtype(cfg: DictConfig, dtype: str) -> None:
+    """Load the backbone, and the VAE and text encoder where their class takes a dtype, in ``dtype``."""
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg.backbone.torch_dtype = dtype
+        for key in ("vae", "text_encoder"):
+            node = cfg.get(key)
+            if node is not None and node.get("_target_") in _DTYPE_TARGETS:
+                node[_DTYPE_TARGETS[node._target_]] = dtype
+
+
+def _self_contained(cfg: DictConfig, export: Path) -> None:
+    """Point a full pipeline export's VAE and text encoder at the export's own components."""
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        if (export / "vae").is_dir() and cfg.get("vae") is not None and "path" in cfg.vae:
+            cfg.vae.path = str(export)
+            cfg.vae.subfolder = "vae"
+        te = cfg.get("text_encoder")
+        if te is not None and "path" in te and (export / "text_encoder").is_dir():
+            te.path = str(export)
+
+
 def load_editor(
-    checkpoint: str | os.PathLike, device: str | torch.device = "cpu", *, raw: bool = False
+    checkpoint: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    *,
+    raw: bool = False,
+    dtype: str | None = None,
+    overrides: Sequence[str] = (),
 ) -> Any:
     """Rebuild an editor for inference (see the module docstring for accepted paths).
 
     Args:
-        checkpoint: export folder, run folder or ``.ckpt`` file.
+        checkpoint: export folder, run folder, ``.ckpt`` file or diffusers pipeline folder.
         device: where to put it.
         raw: use the raw (non-EMA) weights.
+        dtype: load the backbone (and the Qwen VAE / text encoder) in this dtype instead of the config's
+            (``"float32"``, ``"bfloat16"``).
+        overrides: for a pipeline folder, Hydra overrides of the composed config (:func:`pipeline_folder_config`).
 
     Returns:
         the stage, with :meth:`~rededit.stages.base.BaseStage.generate`, and the attributes
@@ -106,12 +194,27 @@ def load_editor(
     if not path.exists():
         raise EditorLoadError(f"checkpoint not found: {path}")
     export = path.is_dir() and is_export_folder(path)
+    if path.is_dir() and not export and is_pipeline_folder(path):
+        cfg = pipeline_folder_config(path, overrides)
+        if dtype is not None:
+            override_dtype(cfg, dtype)
+        stage = build_editor_from_config(cfg).to(device)
+        stage.inference_config = cfg
+        stage.checkpoint_path = str(path)
+        stage.weights = "pipeline"
+        log.info("loaded the editor of the pipeline folder %s", path)
+        return stage
     cfg_path = path / EXPORT_CONFIG if export else find_config(path)
     try:
         cfg = load_trusted_config(cfg_path)  # a handed folder: no `_target_` outside rededit's own
     except UntrustedConfigError as err:
         raise EditorLoadError(str(err)) from err
-    if export and not raw:
+    if dtype is not None:
+        override_dtype(cfg, dtype)
+    full_pipeline = export and is_pipeline_folder(path)
+    if full_pipeline:
+        _self_contained(cfg, path)
+    if export and (not raw or full_pipeline):
         # The EMA (or only) weights are the diffusers folder itself: build the backbone from it directly
         # instead of a random init that load_backbone_state would overwrite (matters for 20B models).
         node = OmegaConf.to_container(cfg.stage.backbone, resolve=True)
@@ -122,6 +225,9 @@ def load_editor(
 
             stage.backbone.load_state_dict({**stage.backbone.state_dict(), **load_file(path / EXPORT_EXTRAS)})
         weights = (path / "WEIGHTS").read_text().strip() if (path / "WEIGHTS").is_file() else "ema"
+        if raw:  # a full pipeline export: built from its own folder (the base may be elsewhere), raw on top
+            state, weights = load_backbone_state(path, use_ema=False)
+            stage.backbone.load_state_dict(state, strict=True)
     else:
         if not export:
             try:

@@ -120,10 +120,12 @@ class QwenImageVAE(LatentVAE):
     """diffusers ``AutoencoderKLQwenImage`` with the Qwen-Image-Edit latent normalisation.
 
     The diffusers model is a causal video VAE with layout ``[B, C, T, H, W]``; images are single frames
-    (``T = 1``). Normalisation follows ``QwenImageEditPlusPipeline._encode_vae_image`` and its decode path::
+    (``T = 1``). Normalisation follows ``QwenImageEditPlusPipeline._encode_vae_image`` and its decode path,
+    operation by operation and in the VAE's dtype as the pipeline computes them (issue 19: bit-identical
+    latents and images in any dtype)::
 
         z = (mode(q(z|x)) - latents_mean) / latents_std          # encode
-        x = vae.decode(z · latents_std + latents_mean)           # decode
+        x = vae.decode(z / (1 / latents_std) + latents_mean)     # decode
 
     Encoding uses the posterior *mode* (``sample_mode="argmax"``) by default, as the Edit pipelines do for
     reference images: the targets and references are then deterministic functions of the pixels, so a
@@ -201,13 +203,15 @@ class QwenImageVAE(LatentVAE):
             z = posterior.mode()
         else:
             z = posterior.sample(generator)
-        z = z[:, :, 0].float()
-        z = (z - self.latents_mean) / self.latents_std
+        z = z[:, :, 0]
+        z = (z - self.latents_mean.to(z.dtype)) / self.latents_std.to(z.dtype)
         return z.to(x.dtype)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         if z.ndim != 4 or z.shape[1] != self.latent_channels:
             raise ValueError(f"expected latents [B, {self.latent_channels}, h, w], got {tuple(z.shape)}")
-        raw = z.float() * self.latents_std + self.latents_mean
-        x = self.vae.decode(raw.to(self.dtype)[:, :, None], return_dict=False)[0]  # [B, 3, 1, H, W]
+        # The pipeline: latents.to(vae.dtype) / (1.0 / latents_std).to(vae.dtype) + latents_mean.to(vae.dtype)
+        lat = z.to(self.dtype)
+        raw = lat / (1.0 / self.latents_std).to(lat.dtype) + self.latents_mean.to(lat.dtype)
+        x = self.vae.decode(raw[:, :, None], return_dict=False)[0]  # [B, 3, 1, H, W]
         return x[:, :, 0].to(z.dtype)
