@@ -296,3 +296,24 @@ def test_an_export_is_swapped_in_whole(tmp_path, monkeypatch) -> None:
     assert not [
         p.name for p in tmp_path.iterdir() if p.name.startswith(".export.")
     ]  # no temporary folder left
+
+
+def test_a_pipeline_folder_loads_inside_a_hydra_app(folders) -> None:
+    """rededit-eval (a Hydra app) takes a pipeline folder as its checkpoint: the editor config is composed through
+    the app's own Hydra, and the provenance hash covers the folder's transformer weights."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from conftest import CONF_DIR
+    from rededit.eval.provenance import checkpoint_hash, weights_files
+    from rededit.inference.editor import load_editor
+
+    folder = folders["2509"]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        editor = load_editor(folder, dtype="float32", overrides=TINY_ARCH)
+    assert editor.weights == "pipeline" and editor.inference_config.get("data") is None  # no training buckets
+    assert editor.sample_steps == 40 and editor.cfg_scale == 4.0 and editor.negative_prompt == " "
+    files, root = weights_files(folder)
+    assert root == folder and [f.name for f in files] == ["diffusion_pytorch_model.safetensors"]
+    assert len(checkpoint_hash(folder)) == 64

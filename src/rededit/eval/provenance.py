@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rededit.stages.checkpoints import is_export_folder, resolve_checkpoint
+from rededit.stages.checkpoints import is_export_folder, is_pipeline_folder, resolve_checkpoint
 from rededit.utils.io import sha256_files, write_json
 
 VERSION_PACKAGES = (
@@ -35,6 +35,9 @@ def weights_files(checkpoint: str | os.PathLike, raw: bool = False) -> tuple[lis
     if path.is_dir() and is_export_folder(path):
         if raw and (path / "backbone_raw.safetensors").is_file():
             return [path / "backbone_raw.safetensors"], path
+        files = sorted(p for p in (path / "transformer").rglob("*") if p.is_file() and p.suffix != ".json")
+        return files, path
+    if path.is_dir() and is_pipeline_folder(path):  # a published editor's folder: its transformer's weights
         files = sorted(p for p in (path / "transformer").rglob("*") if p.is_file() and p.suffix != ".json")
         return files, path
     ckpt = resolve_checkpoint(path)
