@@ -383,12 +383,12 @@ def export_editor(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Build the whole folder aside, then rename it into place: a reader never sees a half-written export.
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    old = None
     try:
         make_private_temp_public(tmp_dir)  # mkdtemp is 0700 whatever the umask
         weights = _write_editor(backbone, tmp_dir, config_yaml=config_yaml, ema_state=ema_state)
         if pipeline_from is not None:
             _write_pipeline(tmp_dir, Path(pipeline_from), components, weights, card or {}, out_dir.name)
-        old = None
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             if old.exists():
@@ -397,6 +397,8 @@ def export_editor(
         tmp_dir.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+        if old is not None and old.exists() and not out_dir.exists():
+            old.rename(out_dir)  # the previous export stays in place
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
