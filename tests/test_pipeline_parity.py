@@ -245,6 +245,11 @@ def test_training_export_is_a_pipeline_that_edits_as_rededit(trained_export, fol
     assert editor.inference_config.vae.path == str(export) == editor.inference_config.text_encoder.path
     assert editor.backbone.pipeline_folder == export and editor.backbone.zero_cond_t is True
     _assert_same_image(_rededit_edit(editor, images), theirs)
+    # --dtype reaches every part of an export (its saved config holds resolved copies of the nodes)
+    half = load_editor(export, dtype="bfloat16")
+    assert {next(m.parameters()).dtype for m in (half.backbone, half.vae, half.text_encoder)} == {
+        torch.bfloat16
+    }
 
 
 def test_consolidate_writes_the_same_pipeline_export(trained_export) -> None:

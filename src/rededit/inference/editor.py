@@ -145,7 +145,10 @@ def override_dtype(cfg: DictConfig, dtype: str) -> None:
     from omegaconf import open_dict
 
     with open_dict(cfg):
-        cfg.backbone.torch_dtype = dtype
+        # a saved (resolved) config holds its own copy of the backbone node under stage/
+        for node in (cfg.get("backbone"), OmegaConf.select(cfg, "stage.backbone")):
+            if node is not None:
+                node.torch_dtype = dtype
         for key in ("vae", "text_encoder"):
             node = cfg.get(key)
             if node is not None and node.get("_target_") in _DTYPE_TARGETS:
