@@ -389,7 +389,8 @@ Physical & Detail Coherence: <1-5>
 """
 
 # A REDEdit-style judge for benchmarks without their own prompts (e.g. the synthetic bench).
-_REDEDIT_GENERIC = """You are grading an instruction-based image edit.
+_REDEDIT_GENERIC = (
+    """You are grading an instruction-based image edit.
 You will see two images: first the original, then the edited result. The instruction was:
 "<edit_prompt>"
 
@@ -398,10 +399,13 @@ Prompt Compliance - is the requested change made completely and correctly, and n
 Visual Naturalness - does the edited region blend with the rest of the image (style, lighting, colour, edges)?
 Physical & Detail Coherence - are geometry, contact, shadows and fine details plausible, and is everything
 the instruction did not mention preserved?
-""" + _REDEDIT_ANSWER
+"""
+    + _REDEDIT_ANSWER
+)
 
 # Text-to-image rows of a mixed bench (no Picture 1): the same three ratings on the one generated image.
-_REDEDIT_GENERIC_T2I = """You are grading an image generated from a text description.
+_REDEDIT_GENERIC_T2I = (
+    """You are grading an image generated from a text description.
 You will see one image. The description was:
 "<edit_prompt>"
 
@@ -409,7 +413,9 @@ Rate three aspects, each an integer from 1 (worst) to 5 (best):
 Prompt Compliance - does the image show everything the description asks for, and nothing that contradicts it?
 Visual Naturalness - is the image coherent as a whole (style, lighting, colour, edges)?
 Physical & Detail Coherence - are geometry, contact, shadows and fine details plausible?
-""" + _REDEDIT_ANSWER
+"""
+    + _REDEDIT_ANSWER
+)
 
 _CN_ALIASES = (
     ("Prompt Compliance", ("指令遵循", "指令符合度")),
