@@ -113,8 +113,9 @@ def _reference_grads(manifest: Path, run: Path) -> dict[str, torch.Tensor]:
     losses, sizes = [], []
     for rank in (0, 1):
         batch = torch.load(run / "records" / f"step0_batch_rank{rank}.pt", weights_only=False)
-        # Rank r's σ/ε streams (BaseStage._draw reads global_rank / world_size / global_step).
-        stage._trainer = types.SimpleNamespace(global_rank=rank, world_size=2, global_step=0)
+        # Rank r's σ/ε streams (BaseStage._draw reads global_rank / world_size / global_step); barebones: the
+        # stand-in has no logger connection, so self.log (the condition-drop fraction) is switched off.
+        stage._trainer = types.SimpleNamespace(global_rank=rank, world_size=2, global_step=0, barebones=True)
         per_sample, _ = stage.flow_loss(batch)
         losses.append(per_sample)
         sizes.append(per_sample.numel())
@@ -327,7 +328,7 @@ def _single_process_step(stage_name: str, manifest: Path, init: Path, run: Path,
     out = {}
     for rank in (0, 1):
         batch = torch.load(run / "records" / f"batch_g{g}_rank{rank}.pt", weights_only=False)
-        stage._trainer = types.SimpleNamespace(global_rank=rank, world_size=2, global_step=g)
+        stage._trainer = types.SimpleNamespace(global_rank=rank, world_size=2, global_step=g, barebones=True)
         with torch.no_grad():
             if stage_name == "dpo":
                 p = stage.pair_losses(batch)
