@@ -169,3 +169,25 @@ def test_rededit_eval_without_out_dir_names_it(tmp_path, monkeypatch, capsys) ->
         assert exc.value.code == 2
         assert f"rededit-eval: error: {missing}" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_manifest_with_invalid_utf8_stops_training_with_one_sentence(tiny_corpus, tmp_path) -> None:
+    """Training on a manifest whose string column holds bytes that are not UTF-8 ended in a traceback: it is
+    a config error naming the manifest, the row and the column (exit 2 from rededit-train), nothing left."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from test_validate import _with_bad_utf8
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(tiny_corpus.parent, corpus)
+    table = pq.read_table(corpus / "manifest.parquet")
+    pq.write_table(_with_bad_utf8(table, "instruction", 3), corpus / "manifest.parquet")
+    out = tmp_path / "run"
+    cfg = compose(train_overrides(corpus / "manifest.parquet"), out)
+    with pytest.raises(
+        ConfigError, match=r"(?s)data\.manifest: invalid manifest .*column 'instruction'.*not valid UTF-8"
+    ):
+        run(cfg)
+    assert not out.exists()

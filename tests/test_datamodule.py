@@ -142,14 +142,16 @@ def test_corrupt_image_is_skipped_and_counted_or_stops(corpus, tmp_path):
 
 def test_validated_loading_refuses_a_broken_manifest(corpus, tmp_path):
     from rededit.data.validate import ManifestError
+    from rededit.utils.config_checks import ConfigError
 
     bad_dir = tmp_path / "bad2"
     victim = _corrupt_one_target(corpus, bad_dir)
     dm = EditDataModule(
         str(bad_dir / "manifest.parquet"), "tiny", BUDGET, validate_files=True, world_size=1, rank=0
     )
-    with pytest.raises(ManifestError, match=victim):
+    with pytest.raises(ConfigError, match=victim) as err:  # one sentence from rededit-train, exit 2
         dm.setup("fit")
+    assert isinstance(err.value.__cause__, ManifestError)
 
 
 def test_images_are_in_range_and_masks_binary(corpus):

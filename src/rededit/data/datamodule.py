@@ -33,6 +33,7 @@ from rededit.data.text_cache import resolve_cache_dir
 from rededit.data.text_choice import TextMix
 from rededit.data.text_conditioning import TextConditioner
 from rededit.data.uri import allow_outside_root as allow_outside_root_env
+from rededit.data.validate import ManifestError
 from rededit.utils.config_checks import ConfigError
 from rededit.utils.logging import get_logger
 from rededit.utils.seeding import numpy_rng
@@ -325,7 +326,12 @@ class EditDataModule(L.LightningDataModule):
     def manifest(self) -> Manifest:
         """The whole manifest (every split), opened and validated on first use."""
         if self._manifest is None:
-            self._manifest = Manifest.open(self.manifest_path, validate=True, check_files=self.validate_files)
+            try:
+                self._manifest = Manifest.open(
+                    self.manifest_path, validate=True, check_files=self.validate_files
+                )
+            except ManifestError as err:  # names the rows and columns: one sentence, exit 2 (no traceback)
+                raise ConfigError(f"data.manifest: {err}") from err
         return self._manifest
 
     def _split_rows(self) -> None:
