@@ -24,7 +24,8 @@ from PIL import Image
 
 from conftest import REPO, fake_endpoint
 
-pytestmark = pytest.mark.slow
+# ~3.5 min on an idle 2-core machine; more than pytest's default 600 s limit when the machine is shared.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 # Per command: values to replace (flag or Hydra key → value) and arguments to add.
 SMALLER_TRAIN = {"trainer.max_steps": "2", "data.token_budget": "512"}
