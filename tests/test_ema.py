@@ -186,3 +186,17 @@ def test_ema_state_dict_is_the_full_backbone_with_ema_weights(trained) -> None:
     assert all(torch.equal(full[k], ema.shadow[k]) for k in ema.shadow)
     assert torch.equal(full["frozen.weight"], raw["frozen.weight"])
     assert all(torch.equal(module.weights()[k], raw[k]) for k in raw)  # the model is untouched
+
+
+def test_ema_state_dict_rank0_only_keeps_cpu_copies_on_rank_0_only(trained, monkeypatch) -> None:
+    """The FSDP2 export path (issue 19): rank 0 gets CPU copies equal to the full state dict, other ranks
+    nothing (the gather still runs on every rank: it is a collective)."""
+    import rededit.models.ema as ema_module
+
+    module, ema = trained
+    full = ema.ema_state_dict(module)
+    on_rank0 = ema.ema_state_dict(module, rank0_only=True)
+    assert on_rank0.keys() == full.keys()
+    assert all(v.device.type == "cpu" and torch.equal(v, full[k]) for k, v in on_rank0.items())
+    monkeypatch.setattr(ema_module, "_rank", lambda: 1)
+    assert ema.ema_state_dict(module, rank0_only=True) == {}

@@ -415,3 +415,34 @@ def test_rl_stage_frozen_copies_under_fsdp2(stage_name, strategy, tiny_corpus, t
     for key, row in rec_resumed.items():
         assert row["ids"] == rec[key]["ids"] and row["loss"] == rec[key]["loss"], key
         assert row["metrics"] == rec[key]["metrics"], key
+
+
+@pytest.mark.slow
+def test_fsdp2_export_gathers_on_rank0_and_equals_a_single_process_export(tiny_corpus, tmp_path) -> None:
+    """Issue 19: under FSDP2 the end-of-training export gathered full raw and EMA weights on every rank. It now
+    gathers tensor by tensor into rank 0's CPU memory (``rank0_only``); the folder it writes equals the
+    single-process export of the same weights (``rededit-consolidate`` of the run's sharded ``last.ckpt``)."""
+    from safetensors.torch import load_file
+
+    from rededit.cli.consolidate import consolidate_to_editor
+
+    run = tmp_path / "run"
+    overrides = [
+        *COMMON,
+        f"data.manifest={tiny_corpus}",
+        "strategy=fsdp2",
+        "trainer.devices=2",
+        "trainer.max_steps=2",
+        "callbacks=[default,ema]",
+        f"export_dir={run / 'export'}",
+    ]
+    proc = launch(run, overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = consolidate_to_editor(run / "checkpoints" / "last.ckpt", tmp_path / "single")
+    files = sorted(p.relative_to(run / "export") for p in (run / "export").rglob("*.safetensors"))
+    assert files and files == sorted(p.relative_to(single) for p in single.rglob("*.safetensors"))
+    for rel in files:
+        a, b = load_file(run / "export" / rel), load_file(single / rel)
+        assert a.keys() == b.keys(), rel
+        for k in a:
+            assert torch.equal(a[k], b[k]), (rel, k)

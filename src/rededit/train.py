@@ -102,9 +102,11 @@ def export(model: L.LightningModule, trainer: L.Trainer, cfg: DictConfig) -> Pat
     backbone, sharded = model.backbone, is_sharded(model.backbone)
     if not sharded and trainer.global_rank != 0:
         return None
-    # Sharded (FSDP2/HSDP): gathering raw and EMA weights are collectives, so every rank takes part.
-    raw = full_state_dict(backbone) if sharded else None
-    ema_state = ema.ema_state_dict(model) if ema is not None and ema.shadow else None
+    # Sharded (FSDP2/HSDP): gathering raw and EMA weights are collectives, so every rank takes part; each
+    # tensor is gathered on its own and kept in CPU memory on rank 0 only (a 20B model never sits whole on a
+    # device, and the other ranks hold nothing).
+    raw = full_state_dict(backbone, rank0_only=True) if sharded else None
+    ema_state = ema.ema_state_dict(model, rank0_only=sharded) if ema is not None and ema.shadow else None
     if trainer.global_rank != 0:
         return None
     if sharded:

@@ -26,6 +26,11 @@ def is_dtensor(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 class EMAWeights:
     """The EMA shadow of ``module.backbone``'s trainable parameters.
 
@@ -92,17 +97,22 @@ class EMAWeights:
         finally:
             self.swap_out(module)
 
-    def ema_state_dict(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    def ema_state_dict(self, module: torch.nn.Module, *, rank0_only: bool = False) -> dict[str, torch.Tensor]:
         """Full backbone state dict with the EMA weights in place of the trainable raw ones.
 
-        Under FSDP2 this gathers every shard (a collective: call it on every rank)."""
-        state = {
-            k: (v.full_tensor() if is_dtensor(v) else v).detach().clone()
-            for k, v in module.backbone.state_dict().items()
-        }
-        for name, value in self.shadow.items():
-            value = value.full_tensor() if is_dtensor(value) else value
-            state[name] = value.to(state[name].dtype)
+        Under FSDP2 this gathers every shard (a collective: call it on every rank). ``rank0_only``: tensors
+        are gathered one at a time and copied to CPU memory on rank 0 only (other ranks get ``{}``), so no
+        rank ever holds a full model on its device (the export of a 20B model).
+        """
+        keep = not rank0_only or _rank() == 0
+        state: dict[str, torch.Tensor] = {}
+        for k, raw in module.backbone.state_dict().items():
+            value = self.shadow.get(k, raw)
+            full = value.full_tensor() if is_dtensor(value) else value  # one all-gather per tensor
+            if keep:
+                device = "cpu" if rank0_only else full.device
+                state[k] = full.detach().to(device=device, dtype=raw.dtype, copy=True)
+            del full
         return state
 
     @property
