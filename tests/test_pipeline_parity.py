@@ -126,9 +126,11 @@ def test_rededit_edit_equals_the_pipeline(folders, variant, n_refs, dtype, tmp_p
         return
 
     made = {}
-    real_to_pil = edit_cli.to_pil
+    real_to_pil = edit_cli.tensor_to_pil
     monkeypatch.setattr(
-        edit_cli, "to_pil", lambda x: made.setdefault("edit", x) is not None and real_to_pil(x)
+        edit_cli,
+        "tensor_to_pil",
+        lambda x, *a, **k: made.setdefault("edit", x) is not None and real_to_pil(x, *a, **k),
     )
     real_load = edit_cli.load_editor
     monkeypatch.setattr(

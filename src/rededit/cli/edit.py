@@ -40,7 +40,7 @@ from rededit.data.uri import outside_root_allowed_here
 from rededit.inference.edit_loop import EditRequest, edit_batch
 from rededit.inference.editor import EditorLoadError, load_editor
 from rededit.inference.images import image_tensor, save_image, tensor_to_pil
-from rededit.inference.pipeline_edit import is_pipeline_editor, pipeline_edit, to_pil
+from rededit.inference.pipeline_edit import is_pipeline_editor, pipeline_edit
 from rededit.inference.sizing import (
     DEFAULT_MAX_AREA,
     DEFAULT_T2I_SIZE,
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             height=args.height,
             width=args.width,
         )
-        path = save_image(to_pil(edit), args.out)
+        path = save_image(tensor_to_pil(edit, (0.0, 1.0)), args.out)
         log.info("wrote %s (%dx%d, as QwenImageEditPlusPipeline sizes it)", path, *edit.shape[-2:])
         return 0
 

@@ -93,12 +93,6 @@ def vae_image(img: Image.Image) -> torch.Tensor:
     return 2.0 * x - 1.0
 
 
-def to_pil(image01: torch.Tensor) -> Image.Image:
-    """``[3, H, W]`` in [0, 1] → 8-bit PIL image, as ``VaeImageProcessor.numpy_to_pil`` rounds."""
-    arr = image01.detach().cpu().permute(1, 2, 0).float().numpy()
-    return Image.fromarray((arr * 255).round().astype("uint8"))
-
-
 @torch.no_grad()
 def pipeline_edit(
     editor: Any,
@@ -124,7 +118,8 @@ def pipeline_edit(
             ``negative_prompt``.
 
     Returns:
-        the edit ``[3, H, W]`` in [0, 1] (float, before 8-bit rounding; :func:`to_pil` makes the PNG's pixels).
+        the edit ``[3, H, W]`` in [0, 1] (float, before 8-bit rounding; ``tensor_to_pil(edit, (0, 1))`` rounds it as
+        ``VaeImageProcessor.numpy_to_pil`` does).
     """
     if not images:
         raise ValueError("pipeline_edit needs at least one image (QwenImageEditPlusPipeline edits images)")
