@@ -34,7 +34,6 @@ prompt is passed: give both explicitly to compare them.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,20 +43,13 @@ from PIL import Image
 
 from rededit.flow.path import QWEN_IMAGE_SCHEDULER
 from rededit.flow.sampler import euler_sample
+from rededit.models.text_encoder import condition_size
 
-#: ``QwenImageEditPlusPipeline``'s ``CONDITION_IMAGE_SIZE`` and ``VAE_IMAGE_SIZE`` (diffusers 0.42.1), and the
-#: area of its default output size.
-CONDITION_IMAGE_AREA = 384 * 384
+#: ``QwenImageEditPlusPipeline``'s ``VAE_IMAGE_SIZE`` (diffusers 0.42.1) and the area of its default output
+#: size (its ``CONDITION_IMAGE_SIZE`` is the text encoder's ``QWEN_CONDITION_AREA``). Sizes at an area come
+#: from :func:`rededit.models.text_encoder.condition_size`, diffusers' ``calculate_dimensions``.
 VAE_IMAGE_AREA = 1024 * 1024
 OUTPUT_AREA = 1024 * 1024
-
-
-def calculate_dimensions(target_area: int, ratio: float) -> tuple[int, int]:
-    """``(width, height)`` of about ``target_area`` pixels at ``ratio = w / h``, multiples of 32 (diffusers'
-    ``calculate_dimensions``)."""
-    width = math.sqrt(target_area * ratio)
-    height = width / ratio
-    return round(width / 32) * 32, round(height / 32) * 32
 
 
 def is_pipeline_editor(editor: Any) -> bool:
@@ -77,7 +69,7 @@ def pipeline_output_size(
     """``(height, width)`` of the edit: the pipeline's default from the last image's aspect (~1024² px), or the
     given sides, floored to ``multiple``."""
     w_last, h_last = images[-1].size
-    default_w, default_h = calculate_dimensions(OUTPUT_AREA, w_last / h_last)
+    default_w, default_h = condition_size(w_last, h_last, OUTPUT_AREA)
     height = height or default_h
     width = width or default_w
     return height // multiple * multiple, width // multiple * multiple
@@ -86,7 +78,7 @@ def pipeline_output_size(
 def vae_image(img: Image.Image) -> torch.Tensor:
     """``[1, 3, h, w]`` float32 in [-1, 1]: ``VaeImageProcessor.preprocess(img, h, w)`` at
     ``calculate_dimensions(1024², w / h)`` (PIL Lanczos resize, ``/ 255``, ``2x − 1``)."""
-    w, h = calculate_dimensions(VAE_IMAGE_AREA, img.width / img.height)
+    w, h = condition_size(img.width, img.height, VAE_IMAGE_AREA)
     resized = img.resize((w, h), resample=Image.Resampling.LANCZOS)
     arr = np.array(resized).astype(np.float32) / 255.0
     x = torch.from_numpy(arr).permute(2, 0, 1)[None]
