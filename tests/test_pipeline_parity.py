@@ -198,7 +198,6 @@ def trained_export(folders, tiny_corpus, tmp_path_factory):
 def test_training_export_is_a_pipeline_that_edits_as_rededit(trained_export, folders) -> None:
     """Issue 19 parity 4: train two steps from a pipeline folder, export, and the export is a complete
     diffusers folder whose QwenImageEditPlusPipeline edit equals rededit-edit's on the export."""
-    from diffusers import QwenImageEditPlusPipeline
     from safetensors.torch import load_file
 
     from rededit.inference.editor import load_editor
@@ -232,17 +231,8 @@ def test_training_export_is_a_pipeline_that_edits_as_rededit(trained_export, fol
     assert max(float((trained[k] - start[k]).abs().max()) for k in start) > 1e-4
 
     images = [_picture(3, 64, 64), _picture(4, 96, 64)]
-    pipe = QwenImageEditPlusPipeline.from_pretrained(export)  # fails without model_index.json and components
-    pipe.set_progress_bar_config(disable=True)
-    theirs = pipe(
-        image=images,
-        prompt=PROMPT,
-        negative_prompt=NEGATIVE,
-        true_cfg_scale=CFG,
-        num_inference_steps=STEPS,
-        generator=torch.Generator().manual_seed(SEED),
-        output_type="np",
-    ).images[0]
+    # QwenImageEditPlusPipeline.from_pretrained(export): fails without model_index.json and components
+    theirs = _pipeline_edit(export, images, "float32")
     editor = load_editor(export)  # float32: the run's config; its own vae/, text_encoder/, scheduler/
     assert editor.inference_config.vae.path == str(export) == editor.inference_config.text_encoder.path
     assert editor.backbone.pipeline_folder == export and editor.backbone.zero_cond_t is True
