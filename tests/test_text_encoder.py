@@ -95,83 +95,31 @@ def test_minilm_cache_id(minilm):
 
 # --- Qwen2.5-VL, tiny random -------------------------------------------------------------------
 
-_SPECIAL = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
-
 
 def _build_tiny_qwen(folder) -> None:
     """Save a tiny random Qwen2.5-VL + byte-level BPE tokenizer + image processor to ``folder``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (
-        PreTrainedTokenizerFast,
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    from transformers import PreTrainedTokenizerFast
+
+    from tiny_pipeline import SPECIAL_TOKENS, build_processor, build_text_encoder
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=320,
-        special_tokens=_SPECIAL,
+        special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     corpus = [QWEN_EDIT_TEMPLATE, QWEN_T2I_TEMPLATE, "Picture 1: make the cat red and the sky blue"]
     tok.train_from_iterator(corpus, trainer)
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    hf_tok.add_special_tokens({"additional_special_tokens": _SPECIAL[1:]})
-    ids = {t: hf_tok.convert_tokens_to_ids(t) for t in _SPECIAL}
-    config = Qwen2_5_VLConfig(
-        text_config={
-            "vocab_size": tok.get_vocab_size(),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "max_position_embeddings": 2048,
-            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"],
-        },
-        vision_config={
-            "depth": 1,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 32,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "window_size": 56,
-            "fullatt_block_indexes": [0],
-        },
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-    )
-    torch.manual_seed(0)
-    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(folder)
-    sizes = {"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}
-    processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=112 * 112, **sizes),
-        tokenizer=hf_tok,
-        video_processor=Qwen2VLVideoProcessor(**sizes),
-    )
-    processor.save_pretrained(folder)
+    hf_tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    # The model and processor of the tiny pipeline folder (tests/tiny_pipeline.py); only the tokenizer differs
+    # (trained on both templates here, so T2I prompts split into few tokens too).
+    build_text_encoder(hf_tok).save_pretrained(folder)
+    build_processor(hf_tok).save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
