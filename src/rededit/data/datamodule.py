@@ -28,7 +28,7 @@ from rededit.data.collate import EditCollator
 from rededit.data.dataset import EditDataset, SampleKey
 from rededit.data.images import DEFAULT_MAX_PIXELS
 from rededit.data.manifest import Manifest
-from rededit.data.sampler import MultiConditionBucketSampler
+from rededit.data.sampler import MultiConditionBucketSampler, bucket_batch_sizes
 from rededit.data.text_cache import resolve_cache_dir
 from rededit.data.text_choice import TextMix
 from rededit.data.text_conditioning import TextConditioner
@@ -131,16 +131,10 @@ class ValidationBatchSampler:
         seed: int = 0,
         max_batch_size: int | None = None,
     ):
-        tokens, counts = assignment.bucket_tokens, assignment.bucket_counts
-        over = np.nonzero((tokens > token_budget) & (counts > 0))[0]
-        if over.size:
-            raise ConfigError(
-                f"{int(counts[over].sum())} validation sample(s) need up to {int(tokens[over].max())} tokens, "
-                f"more than data.token_budget={token_budget}: raise it or use a bucket set with smaller resolutions"
-            )
-        bs = np.maximum(1, int(token_budget) // np.maximum(tokens, 1))
-        if max_batch_size is not None:
-            bs = np.minimum(bs, int(max_batch_size))
+        try:  # the training batch size of each bucket, and the same refusal of over-budget samples
+            bs = bucket_batch_sizes(assignment, int(token_budget), max_batch_size)
+        except ValueError as err:
+            raise ConfigError(f"validation rows, data.token_budget={token_budget}: {err}") from err
         batches: list[tuple[int, list[int]]] = []
         for bucket in range(assignment.num_buckets):
             rows = np.nonzero(assignment.bucket_of_row == bucket)[0].tolist()

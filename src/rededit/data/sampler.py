@@ -118,6 +118,34 @@ class EpochSchedule:
         return np.repeat(self.step_bucket, np.diff(self.step_offsets))
 
 
+def bucket_batch_sizes(
+    assignment: BucketAssignment, token_budget: int, max_batch_size: int | None = None
+) -> np.ndarray:
+    """Per-bucket batch size ``b = floor(C / L)`` (at least 1, at most ``max_batch_size``), int64 ``[B]``.
+
+    Raises:
+        ValueError: a non-empty bucket needs more than ``C`` tokens for one sample (the five worst named).
+    """
+    tokens = assignment.bucket_tokens
+    over = np.nonzero((tokens > token_budget) & (assignment.bucket_counts > 0))[0]
+    if over.size:
+        counts = assignment.bucket_counts
+        worst = over[np.argsort(-tokens[over])][:5]
+        detail = "; ".join(
+            f"{int(counts[b])} sample(s) in bucket {assignment.key_str(b)} need {int(tokens[b])} tokens"
+            for b in worst
+        )
+        raise ValueError(
+            f"{int(counts[over].sum())} sample(s) in {over.size} bucket(s) exceed token_budget "
+            f"C={token_budget}: {detail}. Raise token_budget to at least {int(tokens[over].max())} "
+            "or use a bucket set with smaller resolutions."
+        )
+    bs = np.maximum(1, token_budget // np.maximum(tokens, 1))
+    if max_batch_size is not None:
+        bs = np.minimum(bs, int(max_batch_size))
+    return bs.astype(np.int64)
+
+
 class MultiConditionBucketSampler:
     """Rank-aware batch sampler over bucketed manifest rows (use as ``batch_sampler=``).
 
@@ -180,24 +208,9 @@ class MultiConditionBucketSampler:
         self.max_batch_size = max_batch_size
         self.yield_buckets = bool(yield_buckets)
 
-        tokens = assignment.bucket_tokens
-        over = np.nonzero((tokens > self.token_budget) & (assignment.bucket_counts > 0))[0]
-        if over.size:
-            counts = assignment.bucket_counts
-            worst = over[np.argsort(-tokens[over])][:5]
-            detail = "; ".join(
-                f"{int(counts[b])} sample(s) in bucket {assignment.key_str(b)} need {int(tokens[b])} tokens"
-                for b in worst
-            )
-            raise ValueError(
-                f"{int(counts[over].sum())} sample(s) in {over.size} bucket(s) exceed token_budget "
-                f"C={self.token_budget}: {detail}. Raise token_budget to at least {int(tokens[over].max())} "
-                "or use a bucket set with smaller resolutions."
-            )
-        bs = np.maximum(1, self.token_budget // np.maximum(tokens, 1))
-        if max_batch_size is not None:
-            bs = np.minimum(bs, int(max_batch_size))
-        self.bucket_batch_size = bs.astype(np.int64)  # [B] per-rank b
+        self.bucket_batch_size = bucket_batch_sizes(
+            assignment, self.token_budget, max_batch_size
+        )  # [B] per-rank b
 
         self._task_weight = self._resolve_task_weights(task_weights)
         self.task_weights = None if task_weights is None else dict(task_weights)
