@@ -355,3 +355,28 @@ def test_every_preset_config_is_trusted() -> None:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for overrides in ([], ["experiment=demo"], ["stage=nft"], ["stage=dpo"], ["strategy=fsdp2"]):
             check_trusted_targets(compose("train", overrides=overrides), f"train {overrides}")
+
+
+def test_a_pipeline_folder_link_out_of_it_is_not_copied_into_an_export(tmp_path) -> None:
+    """A handed-over pipeline folder whose vae/ holds a symlink to a file elsewhere (a key, a password file)
+    must not get that file copied into the export; a hub-cache snapshot's links to its blobs/ are fine."""
+    from rededit.stages.checkpoints import _link_or_copy_tree
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private")
+    base = tmp_path / "base"
+    (base / "vae").mkdir(parents=True)
+    (base / "vae" / "config.json").write_text("{}")
+    (base / "vae" / "stolen.txt").symlink_to(secret)
+    with pytest.raises(ValueError, match=r"outside the pipeline folder"):
+        _link_or_copy_tree(base / "vae", tmp_path / "export" / "vae")
+    assert not (tmp_path / "export" / "vae" / "stolen.txt").exists()
+
+    repo = tmp_path / "hub" / "models--org--editor"
+    snap = repo / "snapshots" / "abc123"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / "f00d").write_text("{}")
+    (snap / "vae").mkdir(parents=True)
+    (snap / "vae" / "config.json").symlink_to(repo / "blobs" / "f00d")
+    _link_or_copy_tree(snap / "vae", tmp_path / "export2" / "vae")
+    assert (tmp_path / "export2" / "vae" / "config.json").read_text() == "{}"

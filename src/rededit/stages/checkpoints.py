@@ -240,8 +240,16 @@ def pipeline_sources(cfg: Any, base: Path) -> dict[str, Path]:
 def _link_or_copy_tree(src: Path, dst: Path) -> str:
     """Every file of ``src`` into ``dst``: a hard link when the filesystem allows (same device; the file then
     keeps the base file's mode, as it is the same file), else a copy with the mode a plain write gives under
-    the umask. Returns ``"hardlink"``, ``"copy"`` or ``"mixed"``."""
+    the umask. Returns ``"hardlink"``, ``"copy"`` or ``"mixed"``.
+
+    Raises:
+        ValueError: a file of ``src`` is a link to a file outside ``src``'s pipeline folder.
+    """
     modes = set()
+    base = src.parent.resolve()
+    # A hub cache's snapshot folder holds symlinks to its repository's blobs/; nothing else may lead out of
+    # the base folder (a folder someone handed over must not copy, say, ~/.ssh into an export to be shipped).
+    roots = [base, base.parent.parent / "blobs"] if base.parent.name == "snapshots" else [base]
     dst.mkdir(parents=True, exist_ok=True)  # mkdir: the mode a plain mkdir gives under the umask
     for path in sorted(src.rglob("*")):
         target = dst / path.relative_to(src)
@@ -249,7 +257,9 @@ def _link_or_copy_tree(src: Path, dst: Path) -> str:
             target.mkdir(parents=True, exist_ok=True)
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        real = path.resolve()  # a hub cache's snapshot folder holds symlinks to blobs
+        real = path.resolve()
+        if not any(real.is_relative_to(root) for root in roots):
+            raise ValueError(f"{path} links to {real}, outside the pipeline folder {base}: refused")
         try:
             os.link(real, target)
             modes.add("hardlink")
