@@ -44,6 +44,11 @@ from target tokens to a pyramid of Picture 1 features after every k-th block). E
 is built: state dict and outputs are those of the plain backbone), ``true`` (defaults) or a dict of the
 module's options. ``tati`` and ``hvca`` are zero-initialised, so switching them on equals "off" at init.
 Their weights live outside ``transformer`` (keys ``region_tokens.*``, ``tati.*``, ``hvca.*``).
+
+Edit gate (optional, ``edit_gate``, off by default, :mod:`rededit.models.edit_gate`; x0-prediction with source
+residual only): a per-latent-pixel gate on the predicted change, ``x̂0 = z_ref1 + sigmoid(g) ⊙ Δ``, with ``g``
+from a linear head on the transformer's final image hidden states; ``{gate: false}`` builds the head for the
+stage's localisation loss only. Off builds nothing; weights under ``edit_gate.*``, exported like FireEdit's.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from rededit.models.edit_gate import EditGate, capture_output
 from rededit.models.fireedit import (
     HVCA_KEY,
     HybridVisualCrossAttention,
@@ -201,6 +207,8 @@ class EditBackbone(nn.Module):
             options: ``hidden_dim``, ``freq_dim``).
         hvca: Hybrid Visual Cross Attention (:class:`~rededit.models.fireedit.HybridVisualCrossAttention`
             options: ``every``, ``scales``, ``num_heads``).
+        edit_gate: the edit gate (:class:`~rededit.models.edit_gate.EditGate` options: ``gate``, ``init_bias``);
+            the last forward's logits ``[B, 1, h, w]`` are :attr:`last_gate_logits` (the stage's mask loss).
     """
 
     def __init__(
@@ -222,6 +230,7 @@ class EditBackbone(nn.Module):
         tati: bool | Mapping[str, Any] = False,
         hvca: bool | Mapping[str, Any] = False,
         variant: str | None = None,
+        edit_gate: bool | Mapping[str, Any] = False,
     ) -> None:
         super().__init__()
         from diffusers import QwenImageTransformer2DModel
@@ -300,6 +309,7 @@ class EditBackbone(nn.Module):
         self.x0_sigma_min = float(x0_sigma_min)
         self.source_residual = bool(source_residual)
         self._build_fireedit(region_tokens, tati, hvca, dtype)
+        self._build_edit_gate(edit_gate, dtype)
         self.set_zero_cond_t(zero_cond_t)
         self.set_gradient_checkpointing(gradient_checkpointing)
 
@@ -322,6 +332,21 @@ class EditBackbone(nn.Module):
             if part is not None and dtype is not None:
                 part.to(dtype)
         self._context_regions: list[torch.Tensor | None] | None = None
+
+    def _build_edit_gate(self, edit_gate: Any, dtype: torch.dtype | None) -> None:
+        """Create the edit gate when asked (off: no parameter, no hook)."""
+        opts = _option(edit_gate, "edit_gate")
+        self.edit_gate = None
+        self.last_gate_logits: torch.Tensor | None = None
+        if opts is None:
+            return
+        if not self.source_residual:
+            raise ValueError(
+                "backbone.edit_gate needs prediction='x0' and source_residual=true (it gates the change)"
+            )
+        self.edit_gate = EditGate(self.transformer.inner_dim, self.patch_size, **opts)
+        if dtype is not None:
+            self.edit_gate.to(dtype)
 
     @property
     def fireedit(self) -> dict[str, bool]:
@@ -443,18 +468,26 @@ class EditBackbone(nn.Module):
             # Passed through the blocks' arguments, so checkpointed blocks recompute with the same context.
             ctx = self.hvca.context(self.transformer.img_in, references[0], (h, w), p)
             attention_kwargs = {HVCA_KEY: ctx}
-        out = self.transformer(
-            hidden_states=hidden.to(param_dtype),
-            encoder_hidden_states=text_emb,
-            encoder_hidden_states_mask=mask,
-            timestep=sigma.to(param_dtype),
-            img_shapes=img_shapes,
-            attention_kwargs=attention_kwargs,
-            return_dict=False,
-        )[0]
+        gate = self.edit_gate
+        # The gate reads the final image hidden states (norm_out's output = proj_out's input) [B, N_img, D].
+        capture = capture_output(self.transformer.norm_out) if gate is not None else contextlib.nullcontext()
+        with capture as final:
+            out = self.transformer(
+                hidden_states=hidden.to(param_dtype),
+                encoder_hidden_states=text_emb,
+                encoder_hidden_states_mask=mask,
+                timestep=sigma.to(param_dtype),
+                img_shapes=img_shapes,
+                attention_kwargs=attention_kwargs,
+                return_dict=False,
+            )[0]
         # Target tokens come first in the image stream; reference outputs are discarded (as the pipeline does).
         pred = unpack_latents(out[:, :n_target], h, w, p)
+        if gate is not None:
+            self.last_gate_logits = gate.logits(final[-1][:, :n_target], h, w)
         if self.source_residual and references:
+            if gate is not None:
+                pred = gate.composite(pred, self.last_gate_logits)
             pred = pred + self.residual_base(references[0], (h, w)).to(pred.dtype)
         if self.prediction == "x0":
             pred = self.velocity_from_x0(noisy_target.to(pred.dtype), pred, sigma.to(pred.dtype))

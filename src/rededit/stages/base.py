@@ -36,6 +36,7 @@ from rededit.flow.path import interpolate
 from rededit.flow.sampler import euler_sample
 from rededit.flow.weighting import loss_weight, region_weights
 from rededit.models.backbone import EditBackbone
+from rededit.models.edit_gate import mask_loss
 from rededit.models.fireedit import normalize_boxes
 from rededit.models.text_encoder import pad_embeddings
 from rededit.parallel import ParallelPlan, load_full_state, meta_init, parallelize_backbone
@@ -98,7 +99,9 @@ class BaseStage(L.LightningModule):
             optional ``region_weight`` α ≥ 0 (default 0, off): per-pixel weights ``1 + α·edit_mask``, renormalised
             to mean 1 per sample (:func:`~rededit.flow.weighting.region_weights`), for samples with a mask;
             ``region_weight_final`` (default: the same α) anneals α along a cosine to that value at
-            ``trainer.max_steps`` (learn *what* to edit early, preservation late).
+            ``trainer.max_steps`` (learn *what* to edit early, preservation late); and ``mask_loss`` λ ≥ 0
+            (default 0, off): λ × the localisation loss (G2) of :mod:`rededit.models.edit_gate` between the
+            backbone's edit-gate logits and the edit mask, added to each sample's loss (needs ``backbone.edit_gate``).
         optimizer: factory ``(param_groups) -> Optimizer`` (``_partial_`` AdamW of Table 1).
         weight_decay: decay of weight matrices (norms, biases and embeddings get none).
         warmup_steps: linear LR warm-up (Table 1: 0 for Pretrain/CT, 500 for SFT/DPO).
@@ -160,6 +163,9 @@ class BaseStage(L.LightningModule):
             raise ValueError(
                 f"stage.weighting.region_weight(_final) must be >= 0, got {self.region_weight}, {self.region_weight_final}"
             )
+        self.mask_loss_weight = float(self.weighting.pop("mask_loss", 0.0) or 0.0)
+        if self.mask_loss_weight < 0:
+            raise ValueError(f"stage.weighting.mask_loss must be >= 0, got {self.mask_loss_weight}")
         self.optimizer_factory = optimizer
         self.weight_decay = float(weight_decay)
         self.warmup_steps = int(warmup_steps)
@@ -405,7 +411,8 @@ class BaseStage(L.LightningModule):
 
     # ------------------------------------------------------------------ loss
     def flow_loss(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Per-sample rectified-flow loss ``[B]`` (weighted by §3.8 ``w(σ)``) and its ingredients."""
+        """Per-sample rectified-flow loss ``[B]`` (weighted by §3.8 ``w(σ)``, plus ``mask_loss`` × (G2)) and its
+        ingredients."""
         x0, refs = self.encode_images(batch)
         text_emb, text_mask = self.text_condition(batch)
         dropped = torch.zeros(x0.shape[0], dtype=torch.bool)
@@ -426,7 +433,29 @@ class BaseStage(L.LightningModule):
         w = loss_weight(sigma, **self.weighting).to(mse.device)
         parts = {"sigma": sigma, "mse": mse.detach(), "x0": x0, "x_t": x_t, "v_hat": v_hat, "refs": refs}
         parts["text_dropped"] = dropped
-        return w * mse, parts
+        loss = w * mse
+        if self.mask_loss_weight > 0:
+            loss = loss + self.mask_loss_weight * self._gate_mask_loss(batch, refs, dropped, parts)
+        return loss, parts
+
+    def _gate_mask_loss(
+        self, batch: Mapping[str, Any], refs: list[torch.Tensor], dropped: torch.Tensor, parts: dict
+    ) -> torch.Tensor:
+        """Localisation loss (G2) ``[B]`` of the last backbone forward's gate logits ``[B, 1, h, w]``, on samples with
+        a real edit mask whose instruction and Picture 1 the backbone saw (without them *where* is unknowable)."""
+        logits = getattr(self.backbone, "last_gate_logits", None)
+        if getattr(self.backbone, "edit_gate", None) is None or logits is None:
+            raise ValueError(
+                "stage.weighting.mask_loss > 0 needs backbone.edit_gate (true, or {gate: false})"
+            )
+        b = logits.shape[0]
+        has = torch.as_tensor(batch.get("has_edit_mask", torch.zeros(b, dtype=torch.bool)), dtype=torch.bool)
+        use = has.cpu() & ~dropped.cpu() & torch.tensor(bool(refs))
+        per_sample = mask_loss(logits, batch["edit_mask"], use)
+        parts["mask_loss"] = per_sample.detach()
+        if self._trainer is not None and self.training and bool(use.any()):
+            self.log("train/mask_loss", per_sample.sum() / use.sum(), on_step=True, batch_size=int(use.sum()))
+        return per_sample
 
     def region_weight_now(self) -> float:
         """α at this optimizer step: ``region_weight``, annealed (cosine) to ``region_weight_final`` at max_steps."""
