@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ import torch
 from PIL import Image
 
 from conftest import compose, train_overrides
-from tiny_pipeline import build_tiny_pipeline
+from tiny_pipeline import build_tiny_pipeline, build_tiny_t2i_pipeline, build_tiny_vl_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -242,6 +243,57 @@ def test_training_export_is_a_pipeline_that_edits_as_rededit(trained_export, fol
     assert {next(m.parameters()).dtype for m in (half.backbone, half.vae, half.text_encoder)} == {
         torch.bfloat16
     }
+
+
+def test_a_text_to_image_base_trained_to_edit_exports_an_edit_pipeline(tiny_corpus, tmp_path) -> None:
+    """From Qwen-Image (T2I: a QwenImagePipeline folder without processor/), with the text encoder read from a
+    plain Qwen2.5-VL folder, as FireRed-Image-Edit-1.0 was trained: the export is a QwenImageEditPlusPipeline
+    folder with the run's processor and text encoder, and that pipeline edits as rededit-edit does."""
+    from safetensors.torch import load_file
+
+    from rededit.inference.editor import load_editor
+    from rededit.train import run
+
+    torch.set_num_threads(1)
+    t2i = build_tiny_t2i_pipeline(tmp_path / "qwen_image")
+    vl = build_tiny_vl_folder(tmp_path / "qwen2_5_vl")
+    assert "processor" not in json.loads((t2i / "model_index.json").read_text())
+    overrides = train_overrides(
+        tiny_corpus,
+        "backbone=qwen_image_t2i",
+        f"backbone.pretrained_path={t2i}",
+        "~backbone.expected_config",  # the tiny transformer: only the variant's own flag is checked
+        "+backbone.expected_config={zero_cond_t: false}",
+        "backbone.torch_dtype=float32",
+        "backbone.gradient_checkpointing=false",
+        "vae=qwen_image",
+        f"vae.path={t2i}",
+        "vae.dtype=float32",
+        "text_encoder=qwen_vl",
+        f"text_encoder.path={vl}",
+        "+text_encoder.dtype=float32",
+        "data.buckets.patch=16",
+        "data.text_cache=null",
+        "optimizer.lr=1e-2",
+        f"export_dir={tmp_path}/export",
+        steps=1,
+    )
+    export = Path(run(compose(overrides, tmp_path / "run"))["export_dir"])
+    index = json.loads((export / "model_index.json").read_text())
+    assert index["_class_name"] == "QwenImageEditPlusPipeline" and index["processor"][0] == "transformers"
+    meta = json.loads((export / "rededit_export.json").read_text())
+    assert meta["pipeline_class"] == "QwenImageEditPlusPipeline"
+    assert meta["components"]["processor"] == {"source": str(vl.resolve()), "mode": "written"}
+    assert meta["components"]["text_encoder"]["source"] == str(vl.resolve())
+    # the text encoder the run used (the VL folder's weights), not the T2I base's
+    ours = load_file(export / "text_encoder" / "model.safetensors")
+    assert all(torch.equal(ours[k], v) for k, v in load_file(vl / "model.safetensors").items())
+    assert any(
+        not torch.equal(ours[k], v) for k, v in load_file(t2i / "text_encoder" / "model.safetensors").items()
+    )
+    images = [_picture(3, 64, 64)]
+    theirs = _pipeline_edit(export, images, "float32")
+    _assert_same_image(_rededit_edit(load_editor(export), images), theirs)
 
 
 def test_consolidate_writes_the_same_pipeline_export(trained_export) -> None:

@@ -82,7 +82,7 @@ def build_tokenizer():
     return hf_tok
 
 
-def build_text_encoder(tokenizer):
+def build_text_encoder(tokenizer, seed: int = 0):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -117,7 +117,7 @@ def build_text_encoder(tokenizer):
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
@@ -180,4 +180,31 @@ def build_tiny_pipeline(folder: str | Path, *, zero_cond_t: bool = False) -> Pat
         transformer=build_transformer(zero_cond_t),
     )
     pipe.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_t2i_pipeline(folder: str | Path) -> Path:
+    """A tiny Qwen-Image *text-to-image* folder (``QwenImagePipeline``: no ``processor/``, 2509's transformer
+    flags), the base FireRed-Image-Edit-1.0 was trained from; returns ``folder``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    folder = Path(folder)
+    tokenizer = build_tokenizer()
+    QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER_CONFIG),
+        vae=build_vae(),
+        text_encoder=build_text_encoder(tokenizer),
+        tokenizer=tokenizer,
+        transformer=build_transformer(False),
+    ).save_pretrained(folder)
+    return folder
+
+
+def build_tiny_vl_folder(folder: str | Path, seed: int = 5) -> Path:
+    """A plain tiny Qwen2.5-VL checkpoint folder (model, tokenizer and processor files at its root, as
+    Qwen2.5-VL-7B-Instruct ships), with other text-encoder weights than the pipelines' (``seed``)."""
+    folder = Path(folder)
+    tokenizer = build_tokenizer()
+    build_text_encoder(tokenizer, seed=seed).save_pretrained(folder)
+    build_processor(tokenizer).save_pretrained(folder)
     return folder

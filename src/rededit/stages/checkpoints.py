@@ -53,6 +53,7 @@ EXPORT_EXTRAS = (
 )
 EXPORT_METADATA = "rededit_export.json"  # a full pipeline export: where each component came from
 MODEL_INDEX = "model_index.json"
+EDIT_PIPELINE_CLASS = "QwenImageEditPlusPipeline"
 
 
 # = rededit.callbacks.ema.DCP_PREFIX (repeated so that loading needs no Lightning import)
@@ -217,36 +218,88 @@ def pipeline_base(cfg: Any) -> Path | None:
     return Path(path) if is_pipeline_folder(path) else None
 
 
+def _vl_root(cfg: Any) -> Path | None:
+    """``text_encoder.path`` when it is a plain Qwen2.5-VL folder (model and processor files at its root, no
+    ``text_encoder/``), else None."""
+    node = cfg.get("text_encoder") if cfg is not None else None
+    path = node.get("path") if node is not None and "path" in node else None
+    if (
+        not isinstance(path, str)
+        or not (Path(path) / "config.json").is_file()
+        or (Path(path) / "text_encoder").is_dir()
+    ):
+        return None
+    return Path(path)
+
+
+def edit_processor_source(cfg: Any) -> Path | None:
+    """The folder of the Qwen2.5-VL *image* processor the run's text encoder used (``text_encoder.path``'s
+    ``processor/``, or its root for a plain Qwen2.5-VL folder), or None when it used none (text only)."""
+    node = cfg.get("text_encoder") if cfg is not None else None
+    path = node.get("path") if node is not None and "path" in node else None
+    if not isinstance(path, str):
+        return None
+    for folder in (Path(path) / "processor", Path(path)):
+        if _has_image_processor(folder):
+            return folder
+    return None
+
+
+def _has_image_processor(folder: Path) -> bool:
+    """Whether ``folder`` holds an image processor's settings: ``preprocessor_config.json`` (as published
+    Qwen2.5-VL folders have) or a ``processor_config.json`` with an ``image_processor`` entry (what
+    transformers 5 writes)."""
+    if (folder / "preprocessor_config.json").is_file():
+        return True
+    config = folder / "processor_config.json"
+    try:
+        return config.is_file() and "image_processor" in json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{config}: not a JSON object ({err})") from err
+
+
 def pipeline_sources(cfg: Any, base: Path) -> dict[str, Path]:
-    """``{component: folder holding <component>/}`` for every component of ``base``'s ``model_index.json``
-    except the transformer: the folder the run loaded it from (``vae.path``, ``text_encoder.path``) when that
-    folder has it, else ``base``."""
+    """``{component: the folder to copy as <component>/}`` for every component of ``base``'s
+    ``model_index.json`` except the transformer: the folder the run loaded it from (``vae.path``,
+    ``text_encoder.path``: its ``<component>/``, or for a plain Qwen2.5-VL folder the folder itself as
+    ``text_encoder/``) when there is one, else ``base/<component>``.
+
+    A text-to-image base (Qwen-Image: no ``processor`` in its index) trained into an editor with a text encoder
+    that read images (a Qwen2.5-VL processor) also gets ``processor``: the export must be a
+    ``QwenImageEditPlusPipeline`` folder, and that pipeline encodes its reference images with this processor."""
     index = json.loads((base / MODEL_INDEX).read_text(encoding="utf-8"))
+    vl_root = _vl_root(cfg)
     sources = {}
     for name in index:
         if name.startswith("_") or name == "transformer" or not isinstance(index[name], list):
             continue
         node = cfg.get(_COMPONENT_SOURCES.get(name, ""), None) if cfg is not None else None
         path = node.get("path") if node is not None and "path" in node else None
+        if name == "text_encoder" and vl_root is not None:
+            sources[name] = vl_root
+            continue
         folder = Path(path) if isinstance(path, str) and (Path(path) / name).is_dir() else base
         if not (folder / name).is_dir():
             raise FileNotFoundError(
                 f"{base / MODEL_INDEX} lists {name!r} but {folder / name} is not a folder"
             )
-        sources[name] = folder
+        sources[name] = folder / name
+    if "processor" not in sources and (processor := edit_processor_source(cfg)) is not None:
+        sources["processor"] = processor
     return sources
 
 
-def _link_or_copy_tree(src: Path, dst: Path) -> str:
+def _link_or_copy_tree(src: Path, dst: Path, root: Path | None = None) -> str:
     """Every file of ``src`` into ``dst``: a hard link when the filesystem allows (same device; the file then
     keeps the base file's mode, as it is the same file), else a copy with the mode a plain write gives under
     the umask. Returns ``"hardlink"``, ``"copy"`` or ``"mixed"``.
 
     Raises:
-        ValueError: a file of ``src`` is a link to a file outside ``src``'s pipeline folder.
+        ValueError: a file of ``src`` is a link to a file outside ``root`` (default: ``src``'s parent, the
+            pipeline folder it belongs to).
     """
     modes = set()
-    base = src.parent.resolve()
+    base = (root or src.parent).resolve()
     # A hub cache's snapshot folder holds symlinks to its repository's blobs/; nothing else may lead out of
     # the base folder (a folder someone handed over must not copy, say, ~/.ssh into an export to be shipped).
     roots = [base, base.parent.parent / "blobs"] if base.parent.name == "snapshots" else [base]
@@ -385,8 +438,8 @@ def export_editor(
     Args:
         pipeline_from: the diffusers pipeline folder the backbone came from (:func:`pipeline_base`): the export
             becomes a complete pipeline folder. None: today's layout (the tiny demo editors).
-        components: ``{component: folder holding <component>/}`` (:func:`pipeline_sources`; default: every
-            component of ``pipeline_from``).
+        components: ``{component: the folder to copy as <component>/}`` (:func:`pipeline_sources`; default:
+            every component of ``pipeline_from``).
         card: what the model card says (:func:`export_card_info`).
     """
     out_dir = Path(out_dir)
@@ -435,8 +488,20 @@ def _write_pipeline(
         "components": {},
     }
     for component, folder in sorted(sources.items()):
-        mode = _link_or_copy_tree(folder / component, out / component)
-        meta["components"][component] = {"source": str((folder / component).resolve()), "mode": mode}
+        if component == "processor" and "processor" not in index:
+            # A text-to-image base trained into an editor: the edit pipeline needs the image processor the run's
+            # text encoder used. Written by transformers from its files (never a copy of a whole model folder).
+            from transformers import AutoProcessor
+
+            processor = AutoProcessor.from_pretrained(str(folder))
+            processor.save_pretrained(str(out / "processor"))
+            index["processor"] = ["transformers", type(processor).__name__]
+            index["_class_name"] = meta["pipeline_class"] = EDIT_PIPELINE_CLASS
+            mode = "written"
+        else:
+            root = folder if folder.name != component else None  # a plain Qwen2.5-VL folder is its own root
+            mode = _link_or_copy_tree(folder, out / component, root)
+        meta["components"][component] = {"source": str(folder.resolve()), "mode": mode}
     atomic_write_text(out / MODEL_INDEX, json.dumps(index, indent=2) + "\n")
     write_json(out / EXPORT_METADATA, {**meta, "card": {k: v for k, v in card.items() if k != "eval_table"}})
     atomic_write_text(out / "README.md", _model_card(name, card, meta))
