@@ -33,13 +33,24 @@ written by its own rank as ``__nft_old__.<name>`` in the DCP directory (like the
 reshards, so the world size may change). A full checkpoint (``save_distributed_checkpoint=false``, DDP, one
 device) carries the gathered shadow and resumes under any strategy.
 
+Two forms of the loss (``stage.nft.form``, :mod:`rededit.losses.nft`): ``report`` (default) is eq. (3) in
+v-space divided by β (:func:`~rededit.losses.nft.nft_loss` with ``inverse_beta``; eq. (3) itself at β = 1);
+``official`` is the loss of DiffusionNFT's released trainer (:func:`~rededit.losses.nft.nft_loss_official`:
+x₀-space, adaptive per-sample weights, × c/β, advantages clipped at ``stage.nft.adv_clip`` = 5) plus
+``stage.nft.kl_weight`` × :func:`~rededit.losses.nft.nft_kl` to a frozen *reference* policy. The reference is
+the backbone's initial weights (after ``init_from``), built only when the official form has ``kl_weight > 0``,
+exactly like the DPO reference (:mod:`rededit.stages.dpo`): a frozen copy outside the module tree, or under
+FSDP2/HSDP a frozen twin sharded like the backbone (:func:`~rededit.stages.dpo.sharded_frozen_twin`), rebuilt
+from ``init_from`` on resume and checked by a fingerprint stored in the checkpoint.
+
 Validation (``val/loss``) is the base stage's flow-matching loss on the held-out targets: a cheap check
 that RL does not destroy the supervised fit (no rollout in validation).
 
 Logged per step: ``reward/mean``, ``reward/std``, ``reward/<component>`` (every key the reward returns),
 ``monitor/<name>`` (brightness, saturation, edge density, colour entropy, …), ``nft/r_mean``, ``nft/r_std``,
 ``nft/adv_abs_mean``, ``nft/valid_frac``, ``nft/flat_group_frac`` (groups with no reward spread), ``nft/pos_mse``, ``nft/neg_mse``, ``nft/policy_old_mse`` (drift
-from the old policy) and ``nft/old_decay``.
+from the old policy) and ``nft/old_decay``; with a reference also ``nft/kl`` (policy vs reference) and
+``nft/old_kl`` (old policy vs reference).
 """
 
 from __future__ import annotations
@@ -54,7 +65,7 @@ from torch import nn
 from rededit.flow.path import interpolate
 from rededit.flow.sampler import euler_sample
 from rededit.flow.sde import sde_sample
-from rededit.losses.nft import nft_loss, optimality_probability
+from rededit.losses.nft import nft_kl, nft_loss, nft_loss_official, optimality_probability
 from rededit.models.ema import EMAWeights
 from rededit.parallel import copy_shards_
 from rededit.parallel.parallelize import is_sharded
@@ -62,7 +73,7 @@ from rededit.parallel.safe_dcp import safe_dcp_load
 from rededit.rewards.base import source_from_batch
 from rededit.rewards.monitors import hack_monitors
 from rededit.stages.base import STEPS_PER_EPOCH_STRIDE, BaseStage
-from rededit.stages.dpo import sharded_frozen_twin
+from rededit.stages.dpo import backbone_fingerprint, sharded_frozen_twin
 from rededit.utils.logging import get_logger
 from rededit.utils.module_tree import hidden_from_tree
 from rededit.utils.seeding import torch_generator
@@ -70,6 +81,10 @@ from rededit.utils.seeding import torch_generator
 log = get_logger(__name__)
 
 SAMPLERS = ("ode", "sde")
+NFT_FORMS = ("report", "official")
+#: ``stage.nft`` defaults: the official form's knobs are those of NVlabs/DiffusionNFT's config/base.py
+#: (``train.beta = 1e-4`` KL weight, ``train.adv_clip_max = 5``, adaptive weighting always on).
+NFT_DEFAULTS = {"form": "report", "kl_weight": 1.0e-4, "adv_clip": 5.0, "adaptive_weighting": True}
 # State-dict prefix of the sharded old policy in DCP checkpoints (cf. rededit.callbacks.ema.DCP_PREFIX).
 DCP_OLD_PREFIX = "__nft_old__."
 
@@ -120,10 +135,13 @@ class NFTModule(BaseStage):
         rollout_sampler: ``ode`` (Euler) or ``sde``.
         rollout_steps: sampler steps per rollout.
         sde_noise_level: ``a`` of the SDE's ``g(σ)``.
-        adv_clip: c of the advantage clip / r mapping.
+        adv_clip: c of the advantage clip / r mapping (report form).
         adv_scale: ``group`` or ``global`` std for the advantages.
         old_decay / old_decay_rate: η_max and η_rate of the old policy's soft update.
         monitors: compute the hack monitors (cheap image statistics).
+        nft: the loss form and the official form's own knobs (:data:`NFT_DEFAULTS`): ``form`` (``report`` |
+            ``official``), ``kl_weight`` (official: weight of the KL to the frozen reference; 0 builds none),
+            ``adv_clip`` (official: c, replaces ``adv_clip``), ``adaptive_weighting`` (official).
         **kwargs: :class:`BaseStage` arguments.
     """
 
@@ -142,6 +160,7 @@ class NFTModule(BaseStage):
         old_decay: float = 0.5,
         old_decay_rate: float = 0.001,
         monitors: bool = True,
+        nft: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -168,6 +187,23 @@ class NFTModule(BaseStage):
         self.old_ema = OldPolicyEMA(old_decay, old_decay_rate)
         self._old = hidden_from_tree(None)
         self.monitors = bool(monitors)
+        opts = {**NFT_DEFAULTS, **dict(nft or {})}
+        unknown = sorted(set(opts) - set(NFT_DEFAULTS))
+        if unknown:
+            raise ValueError(f"stage.nft has unknown keys {unknown}; known: {sorted(NFT_DEFAULTS)}")
+        if opts["form"] not in NFT_FORMS:
+            raise ValueError(f"stage.nft.form must be one of {NFT_FORMS}, got {opts['form']!r}")
+        self.nft_form = str(opts["form"])
+        self.kl_weight = float(opts["kl_weight"])
+        self.official_adv_clip = float(opts["adv_clip"])
+        self.adaptive_weighting = bool(opts["adaptive_weighting"])
+        if self.kl_weight < 0 or self.official_adv_clip <= 0:
+            raise ValueError(
+                f"stage.nft.kl_weight must be >= 0 and stage.nft.adv_clip > 0, got {self.kl_weight}, "
+                f"{self.official_adv_clip}"
+            )
+        self._ref = hidden_from_tree(None)
+        self._reference_fingerprint: float | None = None
 
     # ------------------------------------------------------------------ frozen parts
     @property
@@ -178,9 +214,44 @@ class NFTModule(BaseStage):
     def old_policy(self) -> nn.Module | None:
         return self._old[0]
 
+    @property
+    def reference(self) -> nn.Module | None:
+        """The frozen reference of the KL term (None unless the official form has ``kl_weight > 0``)."""
+        return self._ref[0]
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.nft_form == "official" and self.kl_weight > 0
+
+    @property
+    def _adapter_on(self) -> bool:
+        return getattr(self, "adapter", None) is not None
+
+    def reference_velocity(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The reference's prediction (backbone arguments): the frozen copy, or with a PEFT adapter on the
+        backbone with its adapters disabled (the base the adapter trains on: no copy, as the official trainer's
+        ``disable_adapter``). Call under ``no_grad``."""
+        if self._adapter_on:
+            from rededit.models.adapters import adapters_disabled
+
+            with adapters_disabled(self.backbone):
+                return self.backbone(*args, **kwargs)
+        if self.reference is None:
+            raise RuntimeError(
+                "NFT has no KL reference: under FSDP2/HSDP it is built in configure_optimizers, i.e. only "
+                "by trainer.fit"
+            )
+        return self.reference(*args, **kwargs)
+
+    def _set_reference(self, ref: nn.Module) -> None:
+        self._ref[0] = ref
+        self._reference_fingerprint = backbone_fingerprint(ref)
+
     def _move_frozen(self) -> None:
         super()._move_frozen()
         self.reward.to(self.device)
+        if self.reference is not None and not is_sharded(self.reference):
+            self.reference.to(self.device)
         if self.old_policy is not None:
             if not is_sharded(self.old_policy):  # a sharded twin was materialised on its device
                 self.old_policy.to(self.device)
@@ -194,8 +265,13 @@ class NFTModule(BaseStage):
 
     def configure_model(self) -> None:
         super().configure_model()
-        if self.old_policy is not None or self.parallel_plan() is not None:
-            return  # sharded backbone: the old policy is built collectively in configure_optimizers
+        if self.parallel_plan() is not None:
+            return  # sharded backbone: old policy and reference are built collectively in configure_optimizers
+        if self.uses_reference and self.reference is None and not self._adapter_on:
+            # The initial (init_from) weights, before the old policy and training move away from them.
+            self._set_reference(copy.deepcopy(self.backbone).eval().requires_grad_(False))
+        if self.old_policy is not None:
+            return
         # fp32 so the EMA lerp (fp32 shadow) runs in place on the module's own tensors.
         old = copy.deepcopy(self.backbone).float().eval().requires_grad_(False)
         self._old[0] = old
@@ -208,6 +284,10 @@ class NFTModule(BaseStage):
             self._old[0] = sharded_frozen_twin(self, dtype=torch.float32)
             self._alias_shadow()
             log.info("NFT: sharded old policy built from the backbone (FSDP2/HSDP)")
+        if self.uses_reference and self.reference is None and not self._adapter_on and self.parallel_plan():
+            # Before Lightning restores a resumed checkpoint: the backbone still holds the init weights.
+            self._set_reference(sharded_frozen_twin(self))
+            log.info("NFT: sharded KL reference built from the initial backbone (FSDP2/HSDP)")
         return out
 
     # ------------------------------------------------------------------ rollout
@@ -279,8 +359,10 @@ class NFTModule(BaseStage):
             images01 = ((self.vae.decode(x0).float().clamp(-1, 1) + 1) / 2).clamp(0, 1)
         rewards, monitors = self.score(images01, big)
         groups = torch.arange(b, device=x0.device).repeat_interleave(g)
+        official = self.nft_form == "official"
+        clip = self.official_adv_clip if official else self.adv_clip
         r, adv, valid = optimality_probability(
-            rewards["reward"].to(x0.device), groups, adv_clip=self.adv_clip, scale=self.adv_scale
+            rewards["reward"].to(x0.device), groups, adv_clip=clip, scale=self.adv_scale
         )
         sigma, eps = self._draw(batch, x0)
         x_t = interpolate(x0, eps, sigma)
@@ -288,9 +370,30 @@ class NFTModule(BaseStage):
         v_theta = self.backbone(x_t, refs_g, sigma, emb_g, mask_g, regions=regions_g).float()
         with torch.no_grad():
             v_old = self.old_policy(x_t, refs_g, sigma, emb_g, mask_g, regions=regions_g).float()
-        per_sample = nft_loss(v_theta, v_old, v, r, self.nft_beta)
+        if official:
+            sigma_c = self.backbone.effective_sigma(sigma)  # the σ that maps this backbone's output to x̂0
+            per_sample = nft_loss_official(
+                v_theta,
+                v_old,
+                x_t,
+                x0,
+                sigma_c,
+                r,
+                self.nft_beta,
+                adv_clip=clip,
+                adaptive_weighting=self.adaptive_weighting,
+            )
+        else:
+            # eq. (3) / β: β sets the trust region, not the step size (rededit.losses.nft, "β and the step size").
+            per_sample = nft_loss(v_theta, v_old, v, r, self.nft_beta, inverse_beta=True)
         vf = valid.float()
         loss = (per_sample * vf).sum() / vf.sum().clamp_min(1.0)
+        kl = None
+        if self.uses_reference:
+            with torch.no_grad():
+                v_ref = self.reference_velocity(x_t, refs_g, sigma, emb_g, mask_g, regions=regions_g).float()
+            kl = nft_kl(v_theta, v_ref)  # every sample: the KL does not depend on the reward
+            loss = loss + self.kl_weight * kl.mean()
         with torch.no_grad():
             beta = self.nft_beta
             v_pos = (1 - beta) * v_old + beta * v_theta
@@ -311,6 +414,9 @@ class NFTModule(BaseStage):
                 "nft/policy_old_mse": (v_theta - v_old).pow(2).flatten(1).mean(1).mean(),
                 "nft/old_decay": torch.tensor(self.old_ema.decay_at(self.old_ema.num_updates)),
             }
+            if kl is not None:
+                logs["nft/kl"] = kl.mean()
+                logs["nft/old_kl"] = (v_old - v_ref).pow(2).flatten(1).mean(1).mean()
             for key, value in rewards.items():
                 if key == "reward" or not torch.is_tensor(value) or value.shape != (b * g,):
                     continue
@@ -363,6 +469,8 @@ class NFTModule(BaseStage):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
+        if self._reference_fingerprint is not None:
+            checkpoint["nft_reference_fingerprint"] = self._reference_fingerprint
         if self._old_policy_in_dcp():
             # Rank 0 alone writes the non-state-dict keys (meta.pt): the shards go through the state dict,
             # every tensor (frozen ones too) so the resume needs nothing else.
@@ -386,6 +494,16 @@ class NFTModule(BaseStage):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)  # configure_model: backbone + old policy exist now
+        saved_ref, current_ref = checkpoint.get("nft_reference_fingerprint"), self._reference_fingerprint
+        if (
+            saved_ref is not None
+            and current_ref is not None
+            and abs(saved_ref - current_ref) > 1e-6 * max(1.0, abs(saved_ref))
+        ):
+            raise RuntimeError(
+                "the NFT KL reference rebuilt from stage.init_from differs from the one the checkpoint was "
+                f"trained against (fingerprint {current_ref:.6g} vs {saved_ref:.6g}): resume with the same init_from"
+            )
         state = checkpoint.get("nft_old_policy")
         if state is None:
             return
