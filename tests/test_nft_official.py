@@ -305,7 +305,7 @@ def test_checkpoint_records_the_reference_and_refuses_another(official_stage) ->
     assert ckpt["nft_reference_fingerprint"] == pytest.approx(model._reference_fingerprint)
     ckpt["nft_reference_fingerprint"] *= 1.01
     ckpt.pop("nft_old_policy")
-    with pytest.raises(RuntimeError, match="KL reference rebuilt from stage.init_from differs"):
+    with pytest.raises(RuntimeError, match=r"KL reference rebuilt from stage\.init_from differs"):
         model.on_load_checkpoint(ckpt)
 
 
