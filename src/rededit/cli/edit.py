@@ -6,7 +6,9 @@
 
 ``--checkpoint`` accepts an export folder, a run folder, a ``.ckpt`` file or a diffusers pipeline folder
 (:func:`rededit.inference.editor.load_editor`; ``--raw`` takes the raw instead of the EMA weights,
-``--dtype`` loads in another dtype). Picture 1 is the first ``--image`` (the sequence layout of
+``--dtype`` loads in another dtype). ``--lora PATH[:SCALE]`` (repeatable) applies LoRA files of any format
+rededit reads (:func:`rededit.inference.editor.load_loras`: diffusers, ComfyUI, kohya/musubi, PEFT folder), each
+at its strength, as if merged into the weights. Picture 1 is the first ``--image`` (the sequence layout of
 :class:`rededit.models.backbone.EditBackbone`); without ``--image`` the instruction is a text-to-image prompt.
 
 Image sizes: the backbone needs sides that are multiples of ``m = vae.downsample × backbone.patch_size``
@@ -38,7 +40,7 @@ from PIL import Image
 from rededit.data.images import ImageDecodeError, load_image
 from rededit.data.uri import outside_root_allowed_here
 from rededit.inference.edit_loop import EditRequest, edit_batch
-from rededit.inference.editor import EditorLoadError, load_editor
+from rededit.inference.editor import EditorLoadError, load_editor, load_loras, parse_lora_spec
 from rededit.inference.images import image_tensor, save_image, tensor_to_pil
 from rededit.inference.pipeline_edit import is_pipeline_editor, pipeline_edit
 from rededit.inference.sizing import (
@@ -91,6 +93,14 @@ def _parser() -> argparse.ArgumentParser:
         help="for a pipeline folder: a Hydra override of the editor config rededit composes for it, e.g. "
         "backbone=qwen_image_edit_2511 (checks the folder is that variant); repeatable",
     )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="apply a LoRA (diffusers / ComfyUI / kohya .safetensors file, or a PEFT folder) at strength SCALE "
+        "(default 1.0); repeatable, all apply together",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
@@ -104,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     for img in args.image:
         if not Path(img).is_file():
             parser.error(f"--image {img}: no such file")
+    for spec in args.lora:  # before the editor loads (minutes for a 20B model)
+        if not parse_lora_spec(spec)[0].exists():
+            parser.error(f"--lora {spec}: no such file or folder")
     for name in ("steps", "height", "width", "max_area"):
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -121,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (EditorLoadError, FileNotFoundError, ValueError, InstantiationException, HydraException) as err:
         parser.error(f"--checkpoint: {err}")
+    try:
+        load_loras(editor, args.lora)
+    except EditorLoadError as err:
+        parser.error(f"--lora: {err}")
     if images and is_pipeline_editor(editor):
         if args.max_area is not None:
             parser.error(

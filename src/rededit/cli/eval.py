@@ -4,6 +4,11 @@
         out_dir=outputs/demo/eval sampler.seeds=[0,1,2]
     rededit-eval checkpoint=runs/sft/last.ckpt raw=true eval/benchmark@benchmark=redbench benchmark.folder=/data/redbench \\
         out_dir=outputs/eval/redbench ocr=rapidocr
+    rededit-eval checkpoint=outputs/demo/export lora=[style.safetensors:0.8,outputs/lora/peft] out_dir=... \\
+        benchmark.manifest_path=...
+
+``lora=[PATH[:SCALE], ...]`` applies LoRA files as ``rededit-edit --lora`` does; their hashes and strengths are
+pinned in ``generation.json`` and listed in ``metrics.json``.
 
 Hydra config: ``conf/eval.yaml``; benchmark nodes in ``conf/eval/benchmark/``. What it does and writes:
 :mod:`rededit.eval.harness`.
@@ -15,10 +20,11 @@ import sys
 import time
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from rededit.cli import help as entry_help
 from rededit.eval.harness import JudgeFailureRateError, MetricUnavailableError, evaluate
+from rededit.inference.editor import EditorLoadError, parse_lora_spec
 from rededit.scoring.judges.vlm import JudgeUnreachableError
 from rededit.utils.config_checks import (
     ConfigError,
@@ -31,6 +37,19 @@ from rededit.utils.paths import CONF_DIR
 
 PROCESS_START = time.time()  # before Hydra creates out_dir
 entry_help.register()
+
+
+def _check_loras(cfg: DictConfig) -> None:
+    """``lora=[PATH[:SCALE], ...]``: a list of existing files or folders, checked before anything is generated
+    (their formats are read when the editor loads: :func:`rededit.inference.editor.load_loras`)."""
+    specs = cfg.get("lora") or []
+    if isinstance(specs, str) or not isinstance(specs, list | ListConfig):
+        raise ConfigError(
+            f"lora must be a list of PATH[:SCALE], got {specs!r} (e.g. lora=[a.safetensors:0.8])"
+        )
+    for spec in specs:
+        if not parse_lora_spec(str(spec))[0].exists():
+            raise ConfigError(f"lora: {spec}: no such file or folder")
 
 
 def main() -> None:
@@ -49,12 +68,13 @@ def main() -> None:
     def _run(cfg: DictConfig) -> None:
         try:
             check_eval_config(cfg)
+            _check_loras(cfg)
         except ConfigError as err:
             remove_unstarted_run(cfg.out_dir, PROCESS_START, names=("eval.log", ".hydra"))  # Hydra's log only
             raise SystemExit(report(err, "rededit-eval")) from None
         try:
             result = evaluate(cfg)
-        except (MetricUnavailableError, JudgeUnreachableError) as err:
+        except (MetricUnavailableError, JudgeUnreachableError, EditorLoadError) as err:
             raise SystemExit(report(err, "rededit-eval")) from None
         except JudgeFailureRateError as err:
             print(f"rededit-eval: error: {err}", file=sys.stderr)

@@ -69,7 +69,7 @@ from rededit.eval.tables import (
 )
 from rededit.flow.path import scheduler_settings
 from rededit.inference.edit_loop import EditRequest, iter_edits
-from rededit.inference.editor import load_editor
+from rededit.inference.editor import load_editor, load_loras
 from rededit.inference.images import save_image, tensor_to_pil
 from rededit.inference.sizing import bucket_max_area, editor_buckets, sizes_fn
 from rededit.scoring.edit_metrics import METRIC_KEYS, aggregate, reference_metrics
@@ -693,6 +693,10 @@ def evaluate(cfg: DictConfig, *, editor: Any = None, bench: Any = None) -> dict[
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if editor is None:
         editor = load_editor(cfg.checkpoint, device, raw=bool(cfg.raw))
+    # lora=[PATH[:SCALE], ...] (issue 20): applied as in rededit-edit --lora; their hashes and strengths pin the
+    # edits (None without LoRAs, so out_dirs written before this key existed still resume).
+    loras = load_loras(editor, [str(x) for x in cfg.get("lora") or []])
+    lora_pins = [{"sha256": r["sha256"], "scale": r["scale"]} for r in loras] or None
     buckets = (
         OmegaConf.to_container(cfg.buckets, resolve=True) if cfg.get("buckets") else editor_buckets(editor)
     )
@@ -726,6 +730,7 @@ def evaluate(cfg: DictConfig, *, editor: Any = None, bench: Any = None) -> dict[
         out_dir,
         {
             "checkpoint_sha256": ckpt_sha,
+            "loras": lora_pins,
             "benchmark_hash": bench.benchmark_hash,
             # Noise is drawn per item (inference.edit_loop.edit_seed): batching does not change an edit.
             **{k: v for k, v in sampler.items() if k not in ("seeds", "batch_size", "chunk_size")},
@@ -777,6 +782,7 @@ def evaluate(cfg: DictConfig, *, editor: Any = None, bench: Any = None) -> dict[
             "weights": getattr(editor, "weights", "raw" if cfg.raw else "ema"),
             "sha256": ckpt_sha,
         },
+        "loras": loras,
         "benchmark": {**bench.describe(), "max_items": cfg.get("max_items")},
         **judge_info,
         "ocr_backend": repr(scorers.ocr) if scorers.ocr is not None else None,

@@ -21,6 +21,7 @@ and checkpoints load weights-only.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -249,3 +250,65 @@ def load_editor(
     stage.weights = weights
     log.info("loaded the %s editor from %s (config %s)", weights, path, cfg_path)
     return stage
+
+
+def parse_lora_spec(spec: str) -> tuple[Path, float]:
+    """``PATH[:SCALE]`` → (path, strength); a path that itself exists wins over a split at its last colon
+    (``C:\\loras\\x.safetensors``, ``a:b.safetensors``), and SCALE defaults to 1.0."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and not Path(spec).exists():
+        try:
+            return Path(head), float(tail)
+        except ValueError:
+            pass
+    return Path(spec), 1.0
+
+
+def load_loras(editor: Any, specs: Sequence[str]) -> list[dict[str, Any]]:
+    """Load LoRA files (diffusers, ComfyUI, kohya/musubi or PEFT folder; :mod:`rededit.models.lora_formats`)
+    into the editor's transformer as named peft adapters, each at its strength (``PATH[:SCALE]``), all active.
+
+    Equal to merging ``Σ_i SCALE_i · alpha_i/r_i · B_i A_i`` into the weights by hand (tests/test_lora_formats.py).
+    Sets ``editor.loras`` to one record per file (path, format, strength, sha256 of the files read, adapter name)
+    for provenance, and returns it.
+
+    Raises:
+        EditorLoadError: a file that cannot be read or does not fit the transformer, naming it and why.
+    """
+    if not specs:
+        return []
+    from rededit.models.lora_formats import LoraFormatError, apply_loras, read_lora
+    from rededit.utils.io import sha256_files
+
+    items = []
+    for spec in specs:
+        path, scale = parse_lora_spec(str(spec))
+        if not math.isfinite(scale):
+            raise EditorLoadError(f"LoRA {spec}: the strength must be a finite number")
+        try:
+            items.append((read_lora(path), scale))
+        except LoraFormatError as err:
+            raise EditorLoadError(f"LoRA {err}") from err
+    try:
+        names = apply_loras(editor.backbone.transformer, items)
+    except LoraFormatError as err:
+        raise EditorLoadError(f"LoRA {err}") from err
+    editor.loras = [
+        {
+            "path": str(loaded.path),
+            "format": loaded.format,
+            "scale": scale,
+            "sha256": sha256_files(loaded.files),
+            "adapter": name,
+        }
+        for (loaded, scale), name in zip(items, names)
+    ]
+    for rec in editor.loras:
+        log.info(
+            "LoRA %s (%s) at strength %g as adapter %s",
+            rec["path"],
+            rec["format"],
+            rec["scale"],
+            rec["adapter"],
+        )
+    return editor.loras
