@@ -73,6 +73,9 @@ from typing import Any
 import torch
 
 from rededit.utils.io import atomic_path, atomic_write_text
+from rededit.utils.logging import get_logger
+
+log = get_logger(__name__)
 
 #: The file name diffusers' ``save_lora_weights`` writes and ``load_lora_weights(folder)`` looks for.
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -365,6 +368,14 @@ def from_state_dict(
         r = float(weights[f"{m}.{_A}"].shape[0])
         a = file_alphas.get(m)
         alphas[m] = r if a is None or (a == 0 and fmt == "kohya") else a
+    unset = [m for m in modules if m not in file_alphas]
+    if unset:
+        log.info(
+            "%s: %d of %d modules have no alpha: alpha = rank (scale 1), as diffusers and ComfyUI read them",
+            source,
+            len(unset),
+            len(modules),
+        )
     return LoraState(weights, alphas), fmt
 
 
