@@ -13,10 +13,22 @@ For each manifest row (a condition: references + instruction):
   with the programmatic judge standing in for the VLM on the synthetic task).
 
 Rows whose task has no judge, whose judge is undecided, or with no qualifying negative are dropped (the
-reason is recorded). Output under ``out``: ``images/<id>_rejected.png`` (and ``<id>_chosen.png`` for expert
-positives) at the target's native size, ``decisions.jsonl`` (one line per processed row: the resume
+reason is recorded).
+
+**VLM judge** (``judge=``, ``rededit-data make-pairs --judge <judge config>``; real data has no programmatic
+judge): every row is judged, whatever its task, by the VLM judge of ``rededit-eval``'s ``judge`` node
+(:class:`~rededit.datagen.pair_judge.VLMPairJudge`: cached answers, failed calls counted, never scored 0). The
+positive and each candidate get a score; the lowest-scoring candidate at least ``min_margin`` below the positive
+becomes ``rejected``. Rows whose positive cannot be judged, or with no candidate that far below, are dropped with
+the reason; a candidate whose call failed is left out (its failure counted in ``judge_failed``). A re-run judges
+the rows with a failed call again (the cached answers are reused, the failed calls retried).
+
+Output under ``out``: ``images/<id>_rejected.png`` (and ``<id>_chosen.png`` for expert positives) at the
+target's native size, ``decisions.jsonl`` (one line per processed row: the resume
 log) and ``manifest.parquet`` (kept rows, URIs made absolute so the manifest can live anywhere, a
-``rejected`` column and ``pair_pos_score`` / ``pair_neg_score``), written atomically at the end.
+``rejected`` column, ``pair_pos_score`` / ``pair_neg_score`` and the judge that gave them: ``pair_judge`` =
+the VLM's judge id or :data:`PROGRAMMATIC_JUDGE`, ``pair_judge_prompts`` = the prompt set's hash), written
+atomically at the end. An output folder judged by one judge is not resumed with another.
 Candidate ``k``'s noise derives from (seed, row id, k) through the shared edit loop
 (:mod:`rededit.inference.edit_loop`), so a resumed run makes the same pairs.
 """
@@ -50,6 +62,12 @@ from rededit.utils.progress import track
 log = get_logger(__name__)
 
 URI_COLUMNS = ("target", "edit_mask", "rejected")
+#: ``pair_judge`` of pairs judged by the synthetic bench's programmatic judges.
+PROGRAMMATIC_JUDGE = "rededit.scoring.judges.programmatic"
+
+
+class PairsFolderError(ValueError):
+    """The output folder holds decisions of another judge (resuming would mix two judges' pairs)."""
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -158,8 +176,11 @@ def make_pairs(
     limit: int | None = None,
     ocr: Any = None,
     passthrough_splits: tuple[str, ...] = ("bench",),
+    judge: Any = None,
+    min_margin: float = 1.0,
 ) -> dict[str, int]:
-    """Build pairs (see the module docstring). Returns counts ``{"kept", "dropped", "resumed"}``.
+    """Build pairs (see the module docstring). Returns counts ``{"kept", "dropped", "resumed", "judged",
+    "judge_failed"}`` (the last two: VLM-judged edits of every processed row, resumed ones included).
 
     Rows of ``passthrough_splits`` (the validation split) are copied unpaired, so the new manifest still
     serves ``data.val_split`` (DPO validation samples their negatives from the reference).
@@ -177,7 +198,20 @@ def make_pairs(
         seed: base of the candidate noise.
         limit: process at most this many rows (in manifest order).
         ocr: OCR backend for the text judge (None: its closeness fallback).
+        judge: a :class:`~rededit.datagen.pair_judge.VLMPairJudge` (None: the programmatic judges).
+        min_margin: with ``judge``: the least score gap between the positive and the rejected candidate.
     """
+    if judge is not None and margin is not None:
+        raise ValueError(
+            "make-pairs: margin is the programmatic judges' option; with a VLM judge use min_margin"
+        )
+    if judge is not None and not math.isfinite(min_margin):
+        raise ValueError(f"make-pairs: min_margin must be a finite number, got {min_margin}")
+    identity = (
+        {"judge": PROGRAMMATIC_JUDGE, "judge_prompts": None}
+        if judge is None
+        else {"judge": judge.judge_id, "judge_prompts": judge.prompts_hash}
+    )
     full = Manifest.open(manifest, validate=True)
     src = select_split(full, split)
     root = src.root
@@ -185,15 +219,32 @@ def make_pairs(
     (out / "images").mkdir(parents=True, exist_ok=True)
     log_path = out / "decisions.jsonl"
     done = read_decisions(log_path)
-    counts = {"kept": 0, "dropped": 0, "resumed": 0}
+    for rec in done.values():
+        seen = {"judge": rec.get("judge", PROGRAMMATIC_JUDGE), "judge_prompts": rec.get("judge_prompts")}
+        if seen != identity:
+            raise PairsFolderError(
+                f"make-pairs: {log_path} holds decisions of judge {seen['judge']!r} (prompts "
+                f"{seen['judge_prompts']}), not of {identity['judge']!r} (prompts {identity['judge_prompts']}): "
+                "pair into a fresh --out folder"
+            )
+    counts = {"kept": 0, "dropped": 0, "resumed": 0, "judged": 0, "judge_failed": 0}
     n = len(src) if limit is None else min(len(src), int(limit))
     for i in track(range(n), desc="make-pairs", unit="rows"):
         row = src.row(i)
-        if row["id"] in done:
+        prev = done.get(row["id"])
+        # A row with a failed judge call is judged again (answers that came are cached, failed calls are not):
+        # a re-run retries exactly the failures, and the pair is chosen among every candidate's score.
+        if prev is not None and not prev.get("judge_failed"):
             counts["resumed"] += 1
             continue
-        rec: dict[str, Any] = {"id": row["id"], "kept": False}
-        if row["task"] not in JUDGES:
+        rec: dict[str, Any] = {"id": row["id"], "kept": False, **identity}
+        if judge is not None:
+            rec.update(
+                _pair_row_vlm(
+                    row, root, out, negative_editor, positive, num_candidates, min_margin, steps, seed, judge
+                )
+            )
+        elif row["task"] not in JUDGES:
             rec["reason"] = f"no judge for task {row['task']!r}"
         else:
             rec.update(
@@ -212,9 +263,15 @@ def make_pairs(
             new["target"] = str((out / rec["chosen"]).resolve())
         new["rejected"] = str((out / rec["rejected"]).resolve())
         new["pair_pos_score"], new["pair_neg_score"] = rec["pos_score"], rec["neg_score"]
+        new["pair_judge"], new["pair_judge_prompts"] = (
+            rec.get("judge", PROGRAMMATIC_JUDGE),
+            rec.get("judge_prompts"),
+        )
         kept_rows.append(new)
     counts["kept"] = len(kept_rows)
     counts["dropped"] = sum(1 for r in done.values() if not r.get("kept"))
+    counts["judged"] = sum(int(r.get("judged", 0)) for r in done.values())
+    counts["judge_failed"] = sum(int(r.get("judge_failed", 0)) for r in done.values())
     if full.has("split") and passthrough_splits:
         for i in range(len(full)):
             row = full.row(i)
@@ -226,11 +283,73 @@ def make_pairs(
     write_manifest(
         kept_rows,
         manifest_schema([c for c in src.columns if c not in ("rejected",)] + ["rejected"]),
-        {"pair_pos_score": pa.float32(), "pair_neg_score": pa.float32()},
+        {
+            "pair_pos_score": pa.float32(),
+            "pair_neg_score": pa.float32(),
+            "pair_judge": pa.string(),
+            "pair_judge_prompts": pa.string(),
+        },
         out / "manifest.parquet",
     )
     log.info("make-pairs: %s -> %s", counts, out / "manifest.parquet")
     return counts
+
+
+def _positive_edit(row, root, out: Path, positive, steps, seed, hw) -> tuple[torch.Tensor, str | None]:
+    """An expert editor's edit of the row ``[3, h, w]`` saved as ``images/<id>_chosen.png`` (its relative path)."""
+    pos_img, _ = sample_edits(positive, row, root, 1, seed=seed + 1, steps=steps)
+    pos_img = torch.nn.functional.interpolate(pos_img, size=hw, mode="bilinear", align_corners=False)
+    rel = f"images/{row['id']}_chosen.png"
+    _save(pos_img[0], out / rel, (int(row["target_width"]), int(row["target_height"])))
+    return pos_img[0], rel
+
+
+def _pair_row_vlm(
+    row, root, out: Path, negative_editor, positive, num_candidates, min_margin, steps, seed, judge
+) -> dict:
+    """One row judged by the VLM: positive and candidates scored, the lowest candidate ``min_margin`` below."""
+    cands, (h, w) = sample_edits(negative_editor, row, root, num_candidates, seed=seed, steps=steps)
+    sample = bench_sample(row, root, size=(h, w))
+    text = row_text(row)
+    rec: dict[str, Any] = {}
+    if isinstance(positive, str):
+        if positive != "ground_truth":
+            raise ValueError(f"positive must be 'ground_truth' or an editor, got {positive!r}")
+        pos_img = sample["target"]
+    else:
+        pos_img, rec["chosen"] = _positive_edit(row, root, out, positive, steps, seed, (h, w))
+    pos = judge.score(pos_img, sample, text, f"{row['id']}/positive")
+    scores = [judge.score(cands[k], sample, text, f"{row['id']}/candidate{k}") for k in range(cands.shape[0])]
+    rec.update(
+        {
+            "pos_score": pos.score,
+            "cand_scores": [c.score for c in scores],
+            "judged": 1 + len(scores),
+            "judge_failed": int(pos.score is None) + sum(c.score is None for c in scores),
+        }
+    )
+    if pos.score is None:
+        return {**rec, "reason": f"the judge failed on the positive: {pos.error}"}
+    below = [
+        (c.score, k)
+        for k, c in enumerate(scores)
+        if c.score is not None and pos.score - c.score >= min_margin
+    ]
+    if not below:
+        return {
+            **rec,
+            "reason": f"no candidate scored at least {min_margin:g} below the positive ({pos.score:g})",
+        }
+    neg_score, best = min(below)
+    rel = f"images/{row['id']}_rejected.png"
+    _save(cands[best], out / rel, (int(row["target_width"]), int(row["target_height"])))
+    return {
+        **rec,
+        "kept": True,
+        "rejected": rel,
+        "neg_score": float(neg_score),
+        "pos_score": float(pos.score),
+    }
 
 
 def _pair_row(
