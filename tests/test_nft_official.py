@@ -10,7 +10,9 @@
   parameter gradient is the same for β = 1 and β = 0.2 in both forms.
 * The KL reference: built only for ``form=official`` with ``kl_weight > 0``, a frozen copy of the initial
   backbone outside the module tree; the loss gains ``kl_weight · mean‖v_θ − v_ref‖²`` (logged as ``nft/kl``);
-  a checkpoint records its fingerprint and a resume against another reference is refused.
+  a checkpoint records its fingerprint and a resume against another reference is refused. Slow tier: under
+  2-rank fsdp2 the reference is a sharded twin of the init_from weights (per-rank losses, KL included, equal a
+  single-process step with the deep-copied reference).
 """
 
 from __future__ import annotations
@@ -314,3 +316,32 @@ def test_unknown_nft_option_is_refused(tiny_corpus, tmp_path) -> None:
         _stage(tiny_corpus, tmp_path, "+stage.nft.kl=1")
     with pytest.raises(Exception, match="form must be one of"):
         _stage(tiny_corpus, tmp_path, "stage.nft.form=paper")
+
+
+# ------------------------------------------------------------------------------------------ under FSDP2 (slow)
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(1200)
+def test_kl_reference_is_a_sharded_twin_of_the_initial_weights_under_fsdp2(
+    tiny_corpus, tmp_path, monkeypatch
+) -> None:
+    """2-rank fsdp2, official form with a KL weight: each rank's loss (KL included) equals a single-process step on
+    the same weights and batch with the deep-copied reference, at step 1 (policy = reference) and step 2 (the
+    policy has moved, the sharded reference kept the init_from weights: KL > 0)."""
+    import test_strategies_multiprocess as mp
+
+    official = ("stage.nft.form=official", "stage.nft.kl_weight=0.5")
+    monkeypatch.setitem(mp.RL_STAGES, "nft", (*mp.RL_STAGES["nft"], *official))
+    init = mp._perturbed_init(tmp_path / "init.ckpt")
+    run = tmp_path / "run"
+    proc = mp.launch(run, mp._rl_overrides("nft", tiny_corpus, init, 2), "--dump-batches")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "NFT: sharded KL reference built from the initial backbone" in proc.stdout + proc.stderr
+    rec = mp.records(run)
+    for g in (0, 1):
+        want = mp._single_process_step("nft", tiny_corpus, init, run, g)
+        for rank in (0, 1):
+            got = rec[(g + 1, rank)]
+            assert got["loss"] == pytest.approx(want[rank]["loss"], rel=1e-4, abs=1e-6), (g, rank)
+    assert rec[(1, 0)]["metrics"]["nft/kl"] == pytest.approx(0.0, abs=1e-10)
+    assert rec[(2, 0)]["metrics"]["nft/kl"] > 0
