@@ -207,7 +207,18 @@ def _check_hydra_help(cfg: DictConfig, option: str) -> None:
     assert "experiment: " in template and "eval/benchmark" not in template
 
 
+def _check_adapter(cfg: DictConfig, option: str) -> None:
+    # none = full fine-tune (no peft layer); lora/lokr/loha inject a PEFT adapter (tests/test_adapters.py)
+    from rededit.models import adapters
+
+    assert cfg.stage.adapter.type == option
+    stage = instantiate(cfg.stage, text_encoder=None)
+    stage.configure_model()
+    assert adapters.has_adapter(stage.backbone) is (option != "none")
+
+
 CHECKS: dict[str, Callable[[DictConfig, str], None]] = {
+    "adapter": _check_adapter,
     "stage": _check_stage,
     "backbone": _check_backbone,
     "vae": _check_vae,

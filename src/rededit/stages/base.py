@@ -35,6 +35,7 @@ from torch import nn
 from rededit.flow.path import interpolate
 from rededit.flow.sampler import euler_sample
 from rededit.flow.weighting import loss_weight, region_weights
+from rededit.models import adapters
 from rededit.models.backbone import EditBackbone
 from rededit.models.edit_gate import mask_loss
 from rededit.models.fireedit import normalize_boxes
@@ -121,6 +122,10 @@ class BaseStage(L.LightningModule):
         ref_drop_prob: probability that a training batch loses its reference images and becomes text-to-image
             (its texts re-encoded with the T2I template when the encoder sees images); default 0.
         compile_backbone: ``torch.compile`` the transformer in place (state-dict keys unchanged).
+        adapter: the ``adapter`` node (conf/adapter/, :mod:`rededit.models.adapters`): ``type: none`` (or None)
+            trains every weight; ``lora`` / ``lokr`` / ``loha`` inject a PEFT adapter after ``init_from`` loaded
+            the base, so only the adapter (and FireEdit modules) trains, and checkpoints and the EMA hold only
+            those weights (docs/adapters.md).
     """
 
     def __init__(
@@ -147,8 +152,11 @@ class BaseStage(L.LightningModule):
         text_drop_prob: float = 0.0,
         ref_drop_prob: float = 0.0,
         compile_backbone: bool = False,
+        adapter: Mapping[str, Any] | None = None,
     ):
         super().__init__()
+        self.adapter = None if not adapters.is_enabled(adapter) else adapters.plain(adapter)
+        self._base_fingerprint: float | None = None
         self.backbone_factory = backbone
         self.backbone: EditBackbone | None = None
         self._vae = hidden_from_tree(vae)
@@ -245,7 +253,12 @@ class BaseStage(L.LightningModule):
                 self.load_backbone_from(self.init_from, use_ema=self.init_from_ema)
             elif self.init_from:
                 self._deferred_init_from = self.init_from  # after Lightning materialises the shards
+            self._apply_adapter(plan)  # before sharding: the adapter tensors are sharded with their layers
             parallelize_backbone(self.backbone, self.parallel_mesh(), plan)
+        elif self.init_from:
+            self.load_backbone_from(self.init_from, use_ema=self.init_from_ema)
+        if plan is None:
+            self._apply_adapter(plan)  # after the base weights: a full-model init_from loads into the base
         if self.compile_backbone:
             self.backbone.transformer.compile()  # in place: parameter names and checkpoints are unchanged
         precision = self._trainer.precision if self._trainer is not None else "n/a"
@@ -264,8 +277,32 @@ class BaseStage(L.LightningModule):
             len(blocks),
             "on" if self.compile_backbone else "off",
         )
-        if self.init_from and plan is None:
-            self.load_backbone_from(self.init_from, use_ema=self.init_from_ema)
+
+    def _apply_adapter(self, plan: Any) -> None:
+        """Inject ``stage.adapter`` into the loaded base (no-op for full fine-tuning) and record the base's
+        fingerprint, which a resumed run checks (its checkpoint holds no base weights)."""
+        if self.adapter is None:
+            return
+        if plan is not None and plan.meta_init:
+            raise ValueError(
+                f"adapter={self.adapter['type']} with strategy.parallelize.meta_init=true is not supported yet: "
+                "the base must be loaded before the adapter is injected (set meta_init=false)"
+            )
+        self._base_fingerprint = adapters.weights_fingerprint(self.backbone)
+        adapters.apply_adapter(self.backbone, self.adapter)
+        # Checkpoints hold only trainable weights (on_save_checkpoint); on_load_checkpoint checks they are all there.
+        self.strict_loading = False
+        n_train = sum(p.numel() for p in self.backbone.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in self.backbone.parameters())
+        log.info(
+            "adapter=%s (rank %s, alpha %s%s): %.3fM trainable of %.2fM backbone params",
+            self.adapter["type"],
+            self.adapter.get("rank"),
+            self.adapter.get("alpha"),
+            f", from {self.adapter['init_from']}" if self.adapter.get("init_from") else "",
+            n_train / 1e6,
+            n_all / 1e6,
+        )
 
     def _load_deferred_init_from(self) -> None:
         """Meta-init under FSDP2: rank 0 reads ``init_from`` and broadcasts it into every rank's shards."""
@@ -562,9 +599,29 @@ class BaseStage(L.LightningModule):
         if self.curriculum is not None:
             checkpoint["timestep_curriculum"] = self.curriculum.state_dict()
         checkpoint["skipped_samples"] = self.skipped_samples
+        if self.adapter is not None:
+            self._save_adapter_checkpoint(checkpoint)
+
+    def _save_adapter_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """An adapter run's checkpoint: only the trainable backbone tensors (adapter, FireEdit) and what rebuilds
+        the rest (the adapter config, the base's fingerprint; the base comes from init_from / pretrained_path)."""
+        checkpoint[adapters.CHECKPOINT_KEY] = {
+            "type": self.adapter["type"],
+            "node": self.adapter,
+            "peft_config": adapters.config_to_json(adapters.peft_config_of(self.backbone)),
+            "base_fingerprint": self._base_fingerprint,
+        }
+        state = checkpoint.get("state_dict")
+        if not state or any(adapters.is_dtensor(v) for v in state.values()):
+            return  # a sharded (DCP) state dict keeps every tensor: the strategy loads it by the module's keys
+        trainable = {f"backbone.{n}" for n, p in self.backbone.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {
+            k: v for k, v in state.items() if not k.startswith("backbone.") or k in trainable
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()  # weights load right after this hook; the backbone must exist
+        adapters.check_checkpoint(checkpoint, self.adapter, self.backbone, self._base_fingerprint)
         if self.curriculum is not None and "timestep_curriculum" in checkpoint:
             self.curriculum.load_state_dict(checkpoint["timestep_curriculum"])
         self.skipped_samples = int(checkpoint.get("skipped_samples", 0))

@@ -43,6 +43,13 @@ exactly like the DPO reference (:mod:`rededit.stages.dpo`): a frozen copy outsid
 FSDP2/HSDP a frozen twin sharded like the backbone (:func:`~rededit.stages.dpo.sharded_frozen_twin`), rebuilt
 from ``init_from`` on resume and checked by a fingerprint stored in the checkpoint.
 
+With an adapter (``adapter=lora|lokr|loha``, issue 20) the old policy is no copy of the backbone: it is a second
+adapter ``nft_old`` in the same peft layers (a frozen fp32 copy of the trained adapter, soft-updated by the same
+:class:`OldPolicyEMA`, whose shadow aliases its tensors), run through :class:`~rededit.models.adapters.AdapterView`
+(``nft_old`` active instead of the trained adapter; the FireEdit modules' old weights, when they are on, swapped
+in from fp32 copies). The checkpoint keeps it under ``nft_old_policy`` as before (shadow = the old weights of
+every trainable tensor).
+
 Validation (``val/loss``) is the base stage's flow-matching loss on the held-out targets: a cheap check
 that RL does not destroy the supervised fit (no rollout in validation).
 
@@ -66,6 +73,7 @@ from rededit.flow.path import interpolate
 from rededit.flow.sampler import euler_sample
 from rededit.flow.sde import sde_sample
 from rededit.losses.nft import nft_kl, nft_loss, nft_loss_official, optimality_probability
+from rededit.models import adapters
 from rededit.models.ema import EMAWeights
 from rededit.parallel import copy_shards_
 from rededit.parallel.parallelize import is_sharded
@@ -85,6 +93,8 @@ NFT_FORMS = ("report", "official")
 #: ``stage.nft`` defaults: the official form's knobs are those of NVlabs/DiffusionNFT's config/base.py
 #: (``train.beta = 1e-4`` KL weight, ``train.adv_clip_max = 5``, adaptive weighting always on).
 NFT_DEFAULTS = {"form": "report", "kl_weight": 1.0e-4, "adv_clip": 5.0, "adaptive_weighting": True}
+#: The old policy's adapter of an adapter run (the trained one is adapters.ADAPTER_NAME).
+OLD_ADAPTER = "nft_old"
 # State-dict prefix of the sharded old policy in DCP checkpoints (cf. rededit.callbacks.ema.DCP_PREFIX).
 DCP_OLD_PREFIX = "__nft_old__."
 
@@ -259,8 +269,19 @@ class NFTModule(BaseStage):
 
     def _alias_shadow(self) -> None:
         """Point the EMA shadow at the old policy's parameters (trainable names of the policy)."""
-        old = dict(self.old_policy.named_parameters())
         names = [n for n, p in self.backbone.named_parameters() if p.requires_grad]
+        if isinstance(self.old_policy, adapters.AdapterView):
+            # adapter tensors: the nft_old adapter's; FireEdit tensors: the view's fp32 copies
+            params = dict(self.backbone.named_parameters())
+            own = set(adapters.adapter_parameter_names(self.backbone))
+            self.old_ema.shadow = {
+                n: params[adapters.renamed_adapter_parameter(n, adapters.ADAPTER_NAME, OLD_ADAPTER)].data
+                if n in own
+                else self.old_policy.weights[n]
+                for n in names
+            }
+            return
+        old = dict(self.old_policy.named_parameters())
         self.old_ema.shadow = {n: old[n].data for n in names}
 
     def configure_model(self) -> None:
@@ -271,6 +292,13 @@ class NFTModule(BaseStage):
             # The initial (init_from) weights, before the old policy and training move away from them.
             self._set_reference(copy.deepcopy(self.backbone).eval().requires_grad_(False))
         if self.old_policy is not None:
+            return
+        if self._adapter_on:
+            # A second adapter, not a second backbone (fp32 like peft's adapter weights: the lerp runs in place).
+            extras = adapters.non_adapter_trainables(self.backbone)
+            adapters.add_copy_of_adapter(self.backbone, OLD_ADAPTER)
+            self._old[0] = adapters.AdapterView(self.backbone, OLD_ADAPTER, extras)
+            self._alias_shadow()
             return
         # fp32 so the EMA lerp (fp32 shadow) runs in place on the module's own tensors.
         old = copy.deepcopy(self.backbone).float().eval().requires_grad_(False)
@@ -447,7 +475,10 @@ class NFTModule(BaseStage):
         self.old_ema.last_step = self.trainer.global_step
 
     def _load_old_state(self, state: Mapping[str, Any]) -> None:
-        params = dict(self.old_policy.named_parameters())
+        if isinstance(self.old_policy, adapters.AdapterView):
+            params = self.old_ema.shadow  # aliases of the nft_old adapter and the view's FireEdit copies
+        else:
+            params = dict(self.old_policy.named_parameters())
         with torch.no_grad():
             for name, value in state["shadow"].items():
                 _copy_full_(params[name], value)
@@ -520,6 +551,9 @@ class NFTModule(BaseStage):
                 )
             self._load_old_shards()
             self._load_counters(state)
+            return
+        if isinstance(self.old_policy, adapters.AdapterView):
+            self._load_old_state(state)  # the base is shared: only the old adapter / FireEdit weights load
             return
         # Frozen tensors (not in the EMA state) equal the policy's: take them from the checkpoint too,
         # the old policy was copied from the freshly built backbone before its weights were loaded.
