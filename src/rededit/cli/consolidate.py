@@ -12,6 +12,14 @@ and, for a run that started from a diffusers pipeline folder (``backbone.pretrai
 pipeline folder (``model_index.json``, the base's vae / text_encoder / tokenizer / processor / scheduler,
 hard-linked or copied, ``rededit_export.json``, a model card ``README.md``) that
 ``QwenImageEditPlusPipeline.from_pretrained`` loads.
+
+An adapter run's checkpoint (``adapter=lora|lokr|loha``) holds only the adapter (and FireEdit) weights: the base is
+rebuilt from the run's config (``backbone``, ``stage.init_from``; checked against the base fingerprint the
+checkpoint records) and the export is the adapter layout of ``export_editor`` (base ``transformer/`` + ``adapter/``).
+``--merge-adapter`` instead folds the adapter into the base (peft ``merge``) and writes a plain full editor whose
+outputs equal the adapted model's:
+
+    rededit-consolidate outputs/runs/sft_lora/<date> --merge-adapter --out merged
 """
 
 from __future__ import annotations
@@ -20,9 +28,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from rededit.models import adapters
 from rededit.stages.checkpoints import (
+    adapter_backbone_from_checkpoint,
     backbone_from_state,
-    consolidate_with_step,
+    consolidate_full,
     export_card_info,
     export_editor,
     pipeline_base,
@@ -47,17 +57,36 @@ def find_config(checkpoint: Path) -> Path:
     )
 
 
-def consolidate_to_editor(checkpoint: str | Path, out: str | Path, config: str | Path | None = None) -> Path:
-    """Export ``checkpoint`` to the editor folder ``out`` (see the module docstring); returns ``out``."""
+def consolidate_to_editor(
+    checkpoint: str | Path, out: str | Path, config: str | Path | None = None, *, merge_adapter: bool = False
+) -> Path:
+    """Export ``checkpoint`` to the editor folder ``out`` (see the module docstring); returns ``out``.
+
+    Args:
+        merge_adapter: an adapter run's checkpoint: write the merged full model instead of base + adapter.
+    """
     from omegaconf import OmegaConf
 
     ckpt = resolve_checkpoint(checkpoint)
     config = Path(config) if config else find_config(ckpt)
     cfg = load_trusted_config(config)  # found in (or handed with) a run folder: rededit's targets only
-    raw, shadow, step = consolidate_with_step(ckpt)
-    backbone = backbone_from_state(cfg, raw)
-    ema_state = None
-    if shadow:
+    raw, shadow, step, record = consolidate_full(ckpt)
+    if record is None and merge_adapter:
+        raise ValueError(f"--merge-adapter: {ckpt} is a full fine-tune's checkpoint (it has no adapter)")
+    if record is not None:
+        backbone = adapter_backbone_from_checkpoint(cfg, record, raw, source=ckpt)
+        ema_state = _adapter_ema_state(backbone, shadow) if shadow else None
+        if merge_adapter:
+            # transformer/ = base + EMA adapter (when the run had EMA), backbone_raw = base + raw adapter
+            if shadow:
+                with adapters.swapped_weights(backbone, shadow):
+                    ema_state = adapters.merged_state(backbone)
+            adapters.merge_adapter(backbone)
+            cfg = _without_adapter(cfg)  # the merged editor is a plain one
+    else:
+        backbone = backbone_from_state(cfg, raw)
+        ema_state = None
+    if shadow and record is None:
         ema_state = dict(raw)
         for name, value in shadow.items():
             if name not in ema_state:
@@ -73,8 +102,30 @@ def consolidate_to_editor(checkpoint: str | Path, out: str | Path, config: str |
         components=pipeline_sources(cfg, base) if base is not None else None,
         card=export_card_info(cfg, step=step, run_dir=config.parent) if base is not None else None,
     )
-    log.info("consolidated %s (%s weights) into %s", ckpt, "EMA" if ema_state else "raw", result)
+    how = "" if record is None else (", adapter merged" if merge_adapter else ", base + adapter")
+    log.info("consolidated %s (%s weights%s) into %s", ckpt, "EMA" if ema_state else "raw", how, result)
     return result
+
+
+def _without_adapter(cfg):
+    """The run's config with ``adapter`` (and the stage's copy of it) set to ``none``."""
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg.adapter = {"type": "none"}
+        if cfg.get("stage") is not None and "adapter" in cfg.stage:
+            cfg.stage.adapter = {"type": "none"}
+    return cfg
+
+
+def _adapter_ema_state(backbone, shadow):
+    """The backbone's state dict with the EMA shadow (trainable tensors) in place of the raw ones."""
+    state = dict(backbone.state_dict())
+    for name, value in shadow.items():
+        if name not in state:
+            raise KeyError(f"EMA tensor {name!r} is not a backbone weight")
+        state[name] = value.to(state[name].dtype)
+    return state
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,14 +137,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--config", help="the run's resolved config.yaml (default: found beside the checkpoint)"
     )
+    parser.add_argument(
+        "--merge-adapter",
+        action="store_true",
+        help="an adapter run: write the full transformer with the adapter merged (peft merge)",
+    )
     args = parser.parse_args(argv)
 
     try:
         ckpt = resolve_checkpoint(args.checkpoint)
         config = Path(args.config) if args.config else find_config(ckpt)
         out = Path(args.out) if args.out else config.parent / "export_consolidated"
-        consolidate_to_editor(ckpt, out, config)
-    except (UnsafeCheckpointError, UntrustedConfigError, FileNotFoundError) as err:
+        consolidate_to_editor(ckpt, out, config, merge_adapter=args.merge_adapter)
+    except (UnsafeCheckpointError, UntrustedConfigError, FileNotFoundError, ValueError) as err:
         print(f"rededit-consolidate: {err}", file=sys.stderr)
         return 2
     print(out)

@@ -15,6 +15,9 @@ VAE, text encoder and stage are rebuilt from the saved (resolved) Hydra config, 
 exactly the components it was trained with. An export that is a complete pipeline folder
 (:func:`rededit.stages.checkpoints.export_editor` from a run that started from one) reads its VAE, text
 encoder, tokenizer, processor and scheduler from the export itself, not from the base folder the run named.
+Adapter runs (issue 20): an export's ``transformer/`` is the base and ``adapter/`` (``adapter_raw/`` with
+``raw=True``) the adapter, applied on top; a ``.ckpt`` / run folder of an adapter run rebuilds the base from the run's
+config (``stage.init_from``, checked against the checkpoint's base fingerprint) and loads the adapter from it.
 A saved config may come from anyone: it is read with :func:`rededit.utils.trusted_config.load_trusted_config`
 and checkpoints load weights-only.
 """
@@ -30,12 +33,17 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from rededit.models import adapters
 from rededit.stages.checkpoints import (
+    EXPORT_ADAPTER,
     EXPORT_CONFIG,
     EXPORT_EXTRAS,
+    adapter_backbone_from_checkpoint,
+    consolidate_full,
     is_export_folder,
     is_pipeline_folder,
     load_backbone_state,
+    load_export_adapter,
     resolve_checkpoint,
 )
 from rededit.utils.logging import get_logger
@@ -68,12 +76,15 @@ def find_config(checkpoint: Path) -> Path:
     )
 
 
-def build_editor_from_config(cfg: DictConfig, *, backbone_node: Any | None = None) -> Any:
+def build_editor_from_config(
+    cfg: DictConfig, *, backbone_node: Any | None = None, backbone: torch.nn.Module | None = None
+) -> Any:
     """Instantiate VAE, text encoder and stage from a resolved training config and build the backbone.
 
     Args:
         cfg: config with ``stage``, ``vae`` and ``text_encoder`` nodes (``stage.backbone`` a ``_partial_``).
         backbone_node: replacement for ``stage.backbone`` (e.g. loading from an export's transformer folder).
+        backbone: an already built backbone for the stage (an adapter checkpoint's base + adapter).
 
     Returns:
         the stage (a :class:`~rededit.stages.base.BaseStage`) with ``configure_model()`` done, in eval mode.
@@ -90,7 +101,12 @@ def build_editor_from_config(cfg: DictConfig, *, backbone_node: Any | None = Non
     overrides: dict[str, Any] = {"vae": vae, "text_encoder": text_encoder, "init_from": None}
     if backbone_node is not None:
         overrides["backbone"] = backbone_node
+    node = cfg.stage.get("adapter")
+    if adapters.is_enabled(node):  # the adapter's weights come from the checkpoint too
+        overrides["adapter"] = {**OmegaConf.to_container(node, resolve=True), "init_from": None}
     stage = instantiate(cfg.stage, **overrides)
+    if backbone is not None:
+        stage.backbone = backbone  # configure_model keeps it
     stage.configure_model()
     stage.eval()
     return stage
@@ -218,7 +234,7 @@ def load_editor(
     full_pipeline = export and is_pipeline_folder(path)
     if full_pipeline:
         _self_contained(cfg, path)
-    if export and (not raw or full_pipeline):
+    if export and (not raw or full_pipeline or (path / EXPORT_ADAPTER).is_dir()):
         # The EMA (or only) weights are the diffusers folder itself: build the backbone from it directly
         # instead of a random init that load_backbone_state would overwrite (matters for 20B models).
         node = OmegaConf.to_container(cfg.stage.backbone, resolve=True)
@@ -229,7 +245,22 @@ def load_editor(
 
             stage.backbone.load_state_dict({**stage.backbone.state_dict(), **load_file(path / EXPORT_EXTRAS)})
         weights = (path / "WEIGHTS").read_text().strip() if (path / "WEIGHTS").is_file() else "ema"
-        if raw:  # a full pipeline export: built from its own folder (the base may be elsewhere), raw on top
+        if (path / EXPORT_ADAPTER).is_dir():  # transformer/ is the base: the adapter goes on top
+            if not adapters.has_adapter(stage.backbone):
+                raise EditorLoadError(
+                    f"{path} holds {EXPORT_ADAPTER}/ but its {EXPORT_CONFIG} trains no adapter"
+                )
+            weights = load_export_adapter(stage.backbone, path, raw=raw)
+            if raw:  # the raw FireEdit weights (backbone_raw holds the base and them)
+                from safetensors.torch import load_file
+
+                extras = {
+                    k: v
+                    for k, v in load_file(path / "backbone_raw.safetensors").items()
+                    if not k.startswith("transformer.")
+                }
+                stage.backbone.load_state_dict({**stage.backbone.state_dict(), **extras})
+        elif raw:  # a full pipeline export: built from its own folder (the base may be elsewhere), raw on top
             state, weights = load_backbone_state(path, use_ema=False)
             stage.backbone.load_state_dict(state, strict=True)
     else:
@@ -238,12 +269,27 @@ def load_editor(
                 resolve_checkpoint(path)
             except FileNotFoundError as err:
                 raise EditorLoadError(str(err)) from err
-        stage = build_editor_from_config(cfg)
         try:
-            state, weights = load_backbone_state(path, use_ema=not raw)
+            if export:  # raw weights of a full fine-tune's export (backbone_raw.safetensors)
+                trainable, shadow, record = load_backbone_state(path, use_ema=False)[0], None, None
+            else:
+                trainable, shadow, _, record = consolidate_full(path)
         except UnsafeCheckpointError as err:
             raise EditorLoadError(str(err)) from err
-        stage.backbone.load_state_dict(state, strict=True)
+        if record is not None:
+            # an adapter run: base from its config, adapter (EMA unless raw) from the checkpoint
+            state = {**trainable, **({} if raw or not shadow else shadow)}
+            backbone = adapter_backbone_from_checkpoint(cfg, record, state, source=path)
+            stage = build_editor_from_config(cfg, backbone=backbone)
+            weights = "raw" if raw or not shadow else "ema"
+        else:
+            stage = build_editor_from_config(cfg)
+            # a full fine-tune: the whole backbone (as load_backbone_state)
+            state, weights = dict(trainable), "raw"
+            if shadow and not raw:
+                state.update({k: v.to(state[k].dtype) for k, v in shadow.items()})
+                weights = "ema"
+            stage.backbone.load_state_dict(state, strict=True)
     stage.to(device)
     stage.inference_config = cfg
     stage.checkpoint_path = str(path)

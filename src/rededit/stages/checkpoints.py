@@ -14,6 +14,12 @@
   card ``README.md`` (recipe, stage, steps, data manifest hash, the run's evaluation table when it has one).
   The whole folder is built beside ``out_dir`` and renamed into place (a previous export is swapped out
   only once the new one is complete); files get the mode a plain write gives under the umask.
+* Adapter runs (``adapter=lora|lokr|loha``, issue 20; :func:`export_adapter`): ``transformer/`` and
+  ``backbone_raw.safetensors`` hold the frozen *base* (unmerged, plain keys) and ``adapter/`` the trained adapter
+  (EMA weights when available) as a PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``), plus,
+  for LoRA, ``pytorch_lora_weights.safetensors`` in diffusers' format (``transformer.*`` keys, the adapter config
+  as metadata) that ``QwenImageEditPlusPipeline.load_lora_weights`` reads; ``adapter_raw/`` holds the raw adapter
+  when ``adapter/`` holds the EMA one. ``stage.init_from`` of such an export is the merged model.
 * ``consolidate``: one full (raw, EMA) backbone state from any checkpoint a strategy writes — a Lightning
   ``.ckpt`` file (single device, DDP), a sharded DCP directory (FSDP2/HSDP: ``.metadata`` + ``meta.pt``;
   the EMA shadow is stored as ``__ema__.*`` shards, see ``callbacks/ema.py``) or a DeepSpeed directory
@@ -22,6 +28,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -34,6 +41,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from rededit.models import adapters
 from rededit.parallel import meta_init
 from rededit.parallel.safe_dcp import load_dcp_full
 from rededit.utils.io import (
@@ -53,6 +61,9 @@ EXPORT_EXTRAS = (
 )
 EXPORT_METADATA = "rededit_export.json"  # a full pipeline export: where each component came from
 MODEL_INDEX = "model_index.json"
+EXPORT_ADAPTER = "adapter"  # an adapter run's export: the trained adapter (PEFT folder + diffusers LoRA file)
+EXPORT_ADAPTER_RAW = "adapter_raw"  # ... and its raw weights when adapter/ holds the EMA ones
+DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 EDIT_PIPELINE_CLASS = "QwenImageEditPlusPipeline"
 
 
@@ -104,6 +115,8 @@ def _ema_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor] | None:
 def load_backbone_state(path: str | Path, *, use_ema: bool = True) -> tuple[dict[str, torch.Tensor], str]:
     """Backbone state dict (keys relative to ``EditBackbone``) and which weights it is ("raw"/"ema")."""
     path = Path(path)
+    if path.is_dir() and is_export_folder(path) and (path / EXPORT_ADAPTER).is_dir():
+        return merged_export_state(path, use_ema=use_ema)
     if path.is_dir() and is_export_folder(path):
         if not use_ema:
             return load_file(path / "backbone_raw.safetensors"), "raw"
@@ -114,7 +127,13 @@ def load_backbone_state(path: str | Path, *, use_ema: bool = True) -> tuple[dict
         if (path / EXPORT_EXTRAS).is_file():
             state.update(load_file(path / EXPORT_EXTRAS))
         return state, (path / "WEIGHTS").read_text().strip()
-    raw, shadow = consolidate(path)
+    raw, shadow, _, record = consolidate_full(path)
+    if record is not None:
+        raise ValueError(
+            f"{path} is an adapter run's checkpoint (only adapter weights, no base): chain from its export "
+            "folder (the merged model), or from `rededit-consolidate --merge-adapter` of it, or keep its base "
+            "(stage.init_from=<the run's own init_from>) and continue its adapter with adapter.init_from=<export>/adapter"
+        )
     state = dict(raw)
     if shadow and use_ema:
         for name, value in shadow.items():
@@ -175,6 +194,15 @@ def consolidate_with_step(
     path: str | Path,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, int | None]:
     """:func:`consolidate` plus the checkpoint's ``global_step`` (None when it records none)."""
+    raw, shadow, step, _ = consolidate_full(path)
+    return raw, shadow, step
+
+
+def consolidate_full(
+    path: str | Path,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, int | None, dict[str, Any] | None]:
+    """:func:`consolidate_with_step` plus the adapter record of an adapter run's checkpoint (None for a full
+    fine-tune's): then ``raw`` holds only the trainable tensors (adapter, FireEdit), not the base."""
     ckpt_path = resolve_checkpoint(path)
     ckpt = _load_full_checkpoint(ckpt_path)
     weights = ckpt.get("state_dict", ckpt)
@@ -183,7 +211,13 @@ def consolidate_with_step(
         raise ValueError(f"{ckpt_path}: the checkpoint holds no backbone.* weights")
     shadow = {k.removeprefix(DCP_EMA_PREFIX): v for k, v in weights.items() if k.startswith(DCP_EMA_PREFIX)}
     step = ckpt.get("global_step")
-    return raw, (shadow or _ema_state(ckpt) or None), (int(step) if isinstance(step, int) else None)
+    record = ckpt.get(adapters.CHECKPOINT_KEY)
+    return (
+        raw,
+        (shadow or _ema_state(ckpt) or None),
+        (int(step) if isinstance(step, int) else None),
+        record if isinstance(record, dict) else None,
+    )
 
 
 def backbone_from_state(cfg: Any, state: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -194,6 +228,10 @@ def backbone_from_state(cfg: Any, state: dict[str, torch.Tensor]) -> torch.nn.Mo
     patch = int(cfg.backbone.get("patch_size", 2))
     latent_channels = state["transformer.img_in.weight"].shape[1] // patch**2
     backbone = meta_init(instantiate(cfg.backbone), latent_channels=latent_channels)
+    node = cfg.get("adapter")
+    # an adapter run's gathered state (FSDP2 export): the adapter layers first, then its tensors
+    if adapters.is_enabled(node) and any(".base_layer." in k for k in state):
+        adapters.apply_adapter(backbone, {**adapters.plain(node), "init_from": None})
     backbone.load_state_dict(state, strict=True, assign=True)
     backbone.rebuild_rope()
     return backbone
@@ -450,6 +488,8 @@ def export_editor(
     try:
         make_private_temp_public(tmp_dir)  # mkdtemp is 0700 whatever the umask
         weights = _write_editor(backbone, tmp_dir, config_yaml=config_yaml, ema_state=ema_state)
+        if adapters.has_adapter(backbone):
+            export_adapter(backbone, tmp_dir, ema_state=ema_state)
         if pipeline_from is not None:
             _write_pipeline(tmp_dir, Path(pipeline_from), components, weights, card or {}, out_dir.name)
         if out_dir.exists():
@@ -515,7 +555,10 @@ def _write_editor(
     ema_state: dict[str, torch.Tensor] | None,
 ) -> str:
     """The editor files of an export into ``out_dir`` (an empty folder); returns ``"ema"`` or ``"raw"``."""
-    raw = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    adapted = adapters.has_adapter(backbone)
+    # An adapter run: the files hold the frozen base in plain keys (the adapter goes to adapter/).
+    state = adapters.base_state_dict(backbone) if adapted else backbone.state_dict()
+    raw = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     with atomic_path(out_dir / "backbone_raw.safetensors") as tmp:
         save_file(raw, str(tmp))
     extras = {k: v for k, v in (ema_state or raw).items() if not k.startswith("transformer.")}
@@ -524,7 +567,7 @@ def _write_editor(
             save_file({k: v.detach().cpu().contiguous() for k, v in extras.items()}, str(tmp))
     transformer = backbone.transformer
     saved = None
-    if ema_state is not None:
+    if ema_state is not None and not adapted:  # an adapter's EMA leaves the frozen base as it is
         saved = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
         transformer.load_state_dict(
             {k.removeprefix("transformer."): v for k, v in ema_state.items() if k.startswith("transformer.")}
@@ -533,7 +576,8 @@ def _write_editor(
         final = out_dir / "transformer"
         final.mkdir()
         make_private_temp_public(final)
-        transformer.save_pretrained(final)
+        with adapters.unwrapped(transformer) if adapted else contextlib.nullcontext():
+            transformer.save_pretrained(final)
         for written in final.rglob("*"):  # some writers (safetensors) create 0600 files
             make_private_temp_public(written)
     finally:
@@ -544,3 +588,113 @@ def _write_editor(
     weights = "ema" if ema_state is not None else "raw"
     atomic_write_text(out_dir / "WEIGHTS", weights + "\n")
     return weights
+
+
+# --------------------------------------------------------------------------------------------- adapters (issue 20)
+def export_adapter(
+    backbone: torch.nn.Module, out_dir: str | Path, *, ema_state: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Write the adapter files of an adapter run's export into ``out_dir`` (see the module docstring):
+    ``adapter/`` (PEFT folder; EMA weights when ``ema_state`` is given, and then ``adapter_raw/`` with the raw
+    ones) and, for LoRA, ``adapter/pytorch_lora_weights.safetensors`` in diffusers' format. The one place an
+    export writes adapter files: other formats (ComfyUI, kohya) hook in here. Returns ``out_dir/adapter``."""
+    out_dir = Path(out_dir)
+    folder = out_dir / EXPORT_ADAPTER
+    state = adapters.adapter_state_dict(backbone, state=ema_state)
+    adapters.save_peft_folder(backbone, folder, state=state)
+    if adapters.peft_config_of(backbone).peft_type.value == "LORA":
+        write_diffusers_lora(backbone, folder / DIFFUSERS_LORA_FILE, state)
+    if ema_state is not None:
+        adapters.save_peft_folder(backbone, out_dir / EXPORT_ADAPTER_RAW)
+    return folder
+
+
+def write_diffusers_lora(backbone: torch.nn.Module, path: str | Path, state: dict[str, torch.Tensor]) -> Path:
+    """``path``: the LoRA in diffusers' format, written by ``QwenImageEditPlusPipeline.save_lora_weights``
+    (``transformer.`` + peft's keys, the LoRA config as metadata so alpha / rank / targets survive), atomically."""
+    from diffusers import QwenImageEditPlusPipeline
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory(prefix=".lora-", dir=path.parent) as tmp:
+        QwenImageEditPlusPipeline.save_lora_weights(
+            tmp,
+            transformer_lora_layers=adapters.diffusers_lora_state(backbone, state),
+            weight_name=path.name,
+            transformer_lora_adapter_metadata=adapters.adapter_metadata(backbone),
+        )
+        make_private_temp_public(Path(tmp) / path.name)
+        os.replace(Path(tmp) / path.name, path)
+    return path
+
+
+def load_export_adapter(backbone: torch.nn.Module, export: str | Path, *, raw: bool = False) -> str:
+    """Fill ``backbone``'s adapter (already injected with the export's config) from an adapter export: the
+    ``adapter/`` weights, or ``adapter_raw/`` (when there is one) with ``raw``. Returns ``"ema"``/``"raw"``."""
+    export = Path(export)
+    folder = export / (
+        EXPORT_ADAPTER_RAW if raw and (export / EXPORT_ADAPTER_RAW).is_dir() else EXPORT_ADAPTER
+    )
+    _, state = adapters.load_peft_folder(folder)
+    adapters.load_adapter_state(backbone, state, source=folder)
+    weights = (export / "WEIGHTS").read_text().strip() if (export / "WEIGHTS").is_file() else "raw"
+    return "raw" if raw else weights
+
+
+def merged_export_state(export: str | Path, *, use_ema: bool = True) -> tuple[dict[str, torch.Tensor], str]:
+    """The full backbone state of an adapter export with its adapter merged into the base (``stage.init_from``
+    of an adapter run's export: the next stage starts from what the adapter run made)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    export = Path(export)
+    folder = export / (
+        EXPORT_ADAPTER if use_ema or not (export / EXPORT_ADAPTER_RAW).is_dir() else EXPORT_ADAPTER_RAW
+    )
+    config, state = adapters.load_peft_folder(folder)
+    holder = torch.nn.Module()  # adapters' functions take an object with a .transformer
+    holder.transformer = QwenImageTransformer2DModel.from_pretrained(export / "transformer")
+    holder.transformer.add_adapter(config, adapter_name=adapters.ADAPTER_NAME)
+    adapters.load_adapter_state(holder, state, source=folder)
+    adapters.merge_adapter(holder)
+    merged = {f"transformer.{k}": v for k, v in holder.transformer.state_dict().items()}
+    extras = export / EXPORT_EXTRAS if use_ema else export / "backbone_raw.safetensors"
+    if extras.is_file():
+        merged.update({k: v for k, v in load_file(extras).items() if not k.startswith("transformer.")})
+    weights = (export / "WEIGHTS").read_text().strip() if use_ema else "raw"
+    return merged, f"{weights}, adapter merged"
+
+
+def adapter_backbone_from_checkpoint(
+    cfg: Any, record: Mapping[str, Any], trainable: Mapping[str, torch.Tensor], *, source: str | Path
+) -> torch.nn.Module:
+    """Rebuild an adapter run's backbone from its config and checkpoint: the base from ``cfg.backbone`` and
+    ``cfg.stage.init_from`` (checked against the recorded base fingerprint), the recorded adapter on it, then the
+    checkpoint's trainable tensors (adapter, FireEdit). ``record``: the checkpoint's ``adapter`` entry."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    node = cfg.backbone
+    tc = node.get("transformer_config")
+    patch = int(node.get("patch_size", 2))
+    channels = int(tc.in_channels) // patch**2 if tc is not None and tc.get("in_channels") else None
+    backbone = instantiate(node)(latent_channels=channels)
+    backbone.freeze_unused_text_tail()
+    init_from = OmegaConf.select(cfg, "stage.init_from", default=None)
+    if init_from:
+        state, _ = load_backbone_state(
+            init_from, use_ema=bool(OmegaConf.select(cfg, "stage.init_from_ema", default=True))
+        )
+        backbone.load_state_dict(state, strict=True)
+    want, have = record.get("base_fingerprint"), adapters.weights_fingerprint(backbone)
+    if want is not None and abs(want - have) > 1e-6 * max(1.0, abs(want)):
+        raise ValueError(
+            f"{source}: the base rebuilt from the run's config (backbone, stage.init_from={init_from}) is not the "
+            f"one the adapter was trained on (fingerprint {have:.8g}, recorded {want:.8g}); a random base (no "
+            "init_from, no backbone.pretrained_path) cannot be rebuilt"
+        )
+    adapters.apply_adapter(backbone, {**record["node"], "init_from": None})
+    names = [n for n, p in backbone.named_parameters() if p.requires_grad]
+    missing = [n for n in names if n not in trainable]
+    if missing:
+        raise ValueError(f"{source}: the checkpoint lacks {len(missing)} adapter tensors, e.g. {missing[:3]}")
+    backbone.load_state_dict({n: trainable[n] for n in names}, strict=False)
+    return backbone
