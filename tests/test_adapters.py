@@ -223,9 +223,20 @@ def test_export_and_load_editor_apply_the_adapter(tmp_path) -> None:
     assert sorted(p.name for p in (export / "adapter").iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",
+        "lora_comfyui.safetensors",
+        "lora_kohya.safetensors",
         "pytorch_lora_weights.safetensors",
     ]
     assert not (export / "adapter_raw").exists()  # no EMA: adapter/ holds the raw weights
+    # the three single-file formats carry the same LoRA as the PEFT folder (weights and alpha/r)
+    from rededit.models.lora_formats import read_lora
+
+    peft_lora = read_lora(export / "adapter").lora
+    for name in ("pytorch_lora_weights", "lora_comfyui", "lora_kohya"):
+        lora = read_lora(export / "adapter" / f"{name}.safetensors").lora
+        assert lora.weights.keys() == peft_lora.weights.keys(), name
+        assert all(torch.equal(lora.weights[k], peft_lora.weights[k]) for k in lora.weights), name
+        assert lora.scales() == peft_lora.scales(), name
     transformer = load_file(export / "transformer" / "diffusion_pytorch_model.safetensors")
     base = adapters.base_state_dict(backbone)
     assert transformer.keys() == {

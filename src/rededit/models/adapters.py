@@ -427,19 +427,6 @@ def load_peft_folder(folder: str | Path) -> tuple[Any, dict[str, torch.Tensor]]:
     return config, {k.removeprefix(PEFT_KEY_PREFIX): v for k, v in raw.items()}
 
 
-def diffusers_lora_state(backbone: nn.Module, state: Mapping[str, torch.Tensor] | None = None) -> dict:
-    """``transformer_lora_layers`` for ``QwenImageEditPlusPipeline.save_lora_weights`` (LoRA only): peft's keys
-    relative to the transformer (the pipeline adds ``transformer.``)."""
-    if peft_config_of(backbone).peft_type.value != "LORA":
-        raise AdapterError("only LoRA has a diffusers format (LoKr / LoHa: use the PEFT folder)")
-    return dict(adapter_state_dict(backbone) if state is None else state)
-
-
-def adapter_metadata(backbone: nn.Module, name: str = ADAPTER_NAME) -> dict[str, Any]:
-    """The adapter config as the JSON-able dict diffusers stores beside LoRA weights (alpha, rank, targets)."""
-    return json.loads(config_to_json(peft_config_of(backbone, name)))
-
-
 def count_parameters(module: nn.Module, name_filter: Any = None) -> int:
     return sum(p.numel() for n, p in module.named_parameters() if name_filter is None or name_filter(n))
 

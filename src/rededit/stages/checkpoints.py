@@ -42,6 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rededit.models import adapters
+from rededit.models.lora_formats import DIFFUSERS_WEIGHT_NAME, export_lora_files
 from rededit.parallel import meta_init
 from rededit.parallel.safe_dcp import load_dcp_full
 from rededit.utils.io import (
@@ -52,7 +53,10 @@ from rededit.utils.io import (
     sha256_file,
     write_json,
 )
+from rededit.utils.logging import get_logger
 from rededit.utils.safe_load import UnsafeCheckpointError, forced_weights_only
+
+log = get_logger(__name__)
 
 EMA_STATE_KEY = "EMA"
 EXPORT_CONFIG = "rededit.yaml"
@@ -63,7 +67,7 @@ EXPORT_METADATA = "rededit_export.json"  # a full pipeline export: where each co
 MODEL_INDEX = "model_index.json"
 EXPORT_ADAPTER = "adapter"  # an adapter run's export: the trained adapter (PEFT folder + diffusers LoRA file)
 EXPORT_ADAPTER_RAW = "adapter_raw"  # ... and its raw weights when adapter/ holds the EMA ones
-DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
+DIFFUSERS_LORA_FILE = DIFFUSERS_WEIGHT_NAME  # what QwenImageEditPlusPipeline.load_lora_weights(folder) finds
 EDIT_PIPELINE_CLASS = "QwenImageEditPlusPipeline"
 
 
@@ -596,35 +600,23 @@ def export_adapter(
 ) -> Path:
     """Write the adapter files of an adapter run's export into ``out_dir`` (see the module docstring):
     ``adapter/`` (PEFT folder; EMA weights when ``ema_state`` is given, and then ``adapter_raw/`` with the raw
-    ones) and, for LoRA, ``adapter/pytorch_lora_weights.safetensors`` in diffusers' format. The one place an
-    export writes adapter files: other formats (ComfyUI, kohya) hook in here. Returns ``out_dir/adapter``."""
+    ones) and, for LoRA, the single files the ecosystem loads (:func:`rededit.models.lora_formats.export_lora_files`:
+    diffusers' ``pytorch_lora_weights.safetensors``, ComfyUI's and kohya's) in ``adapter/``. The one place an
+    export writes adapter files. Returns ``out_dir/adapter``."""
     out_dir = Path(out_dir)
     folder = out_dir / EXPORT_ADAPTER
     state = adapters.adapter_state_dict(backbone, state=ema_state)
     adapters.save_peft_folder(backbone, folder, state=state)
-    if adapters.peft_config_of(backbone).peft_type.value == "LORA":
-        write_diffusers_lora(backbone, folder / DIFFUSERS_LORA_FILE, state)
+    config = adapters.peft_config_of(backbone)
+    if config.peft_type.value == "LORA":
+        if config.alpha_pattern or config.rank_pattern:
+            # Per-module ranks/alphas have no single-file spelling we can check here; the PEFT folder keeps them.
+            log.warning("adapter with rank/alpha patterns: only the PEFT folder %s is written", folder)
+        else:
+            export_lora_files(state, float(config.lora_alpha), folder, use_rslora=bool(config.use_rslora))
     if ema_state is not None:
         adapters.save_peft_folder(backbone, out_dir / EXPORT_ADAPTER_RAW)
     return folder
-
-
-def write_diffusers_lora(backbone: torch.nn.Module, path: str | Path, state: dict[str, torch.Tensor]) -> Path:
-    """``path``: the LoRA in diffusers' format, written by ``QwenImageEditPlusPipeline.save_lora_weights``
-    (``transformer.`` + peft's keys, the LoRA config as metadata so alpha / rank / targets survive), atomically."""
-    from diffusers import QwenImageEditPlusPipeline
-
-    path = Path(path)
-    with tempfile.TemporaryDirectory(prefix=".lora-", dir=path.parent) as tmp:
-        QwenImageEditPlusPipeline.save_lora_weights(
-            tmp,
-            transformer_lora_layers=adapters.diffusers_lora_state(backbone, state),
-            weight_name=path.name,
-            transformer_lora_adapter_metadata=adapters.adapter_metadata(backbone),
-        )
-        make_private_temp_public(Path(tmp) / path.name)
-        os.replace(Path(tmp) / path.name, path)
-    return path
 
 
 def load_export_adapter(backbone: torch.nn.Module, export: str | Path, *, raw: bool = False) -> str:
