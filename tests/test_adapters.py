@@ -269,6 +269,28 @@ def test_export_and_load_editor_apply_the_adapter(tmp_path) -> None:
     _, want_state = adapters.load_peft_folder(export / "adapter")
     got = adapters.adapter_state_dict(stage2.backbone)
     assert got.keys() == want_state.keys() and all(torch.equal(got[k], want_state[k]) for k in got)
+    # ... or from a single LoRA file of another tool's format, with another alpha: the same start (B rescaled)
+    for name in ("lora_kohya", "lora_comfyui", "pytorch_lora_weights"):
+        stage3, _ = untrained_tiny_stage(
+            tmp_path / f"run_{name}",
+            "adapter=lora",
+            "adapter.rank=4",
+            "adapter.alpha=2",
+            "backbone.tati=true",
+            f"stage.init_from={export}",
+            f"adapter.init_from={export}/adapter/{name}.safetensors",
+        )
+        with torch.no_grad():
+            a = stage2.backbone.eval()(*inputs)
+            b = stage3.backbone.eval()(*inputs)
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    with pytest.raises(adapters.AdapterError, match=r"rank 4, the run's adapter\.rank is 8"):
+        untrained_tiny_stage(
+            tmp_path / "run_r8",
+            "adapter=lora",
+            "adapter.rank=8",
+            f"adapter.init_from={export}/adapter/lora_kohya.safetensors",
+        )
     with pytest.raises(adapters.AdapterError, match="LORA adapter"):
         untrained_tiny_stage(tmp_path / "run3", "adapter=lokr", f"adapter.init_from={export}/adapter")
     (export / "adapter" / "adapter_config.json").write_text('{"peft_type": "PREFIX_TUNING"}')

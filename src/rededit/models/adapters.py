@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rededit.models.lora_formats import LORA_PARTS, read_lora
 from rededit.utils.io import atomic_path, atomic_write_text
 
 ADAPTER_TYPES = ("none", "lora", "lokr", "loha")
@@ -180,7 +181,8 @@ def apply_adapter(backbone: nn.Module, node: Mapping[str, Any], *, name: str = A
     """Inject the node's adapter into ``backbone.transformer`` and freeze the base (call after loading the base).
 
     peft marks only the adapter trainable inside ``transformer``; FireEdit modules outside it keep their
-    ``requires_grad``. ``node.init_from`` (a PEFT folder) fills the new adapter's weights.
+    ``requires_grad``. ``node.init_from`` (a PEFT folder or a LoRA file, :func:`initial_adapter_state`) fills the
+    new adapter's weights.
 
     Returns:
         the peft config.
@@ -189,14 +191,44 @@ def apply_adapter(backbone: nn.Module, node: Mapping[str, Any], *, name: str = A
     backbone.transformer.add_adapter(config, adapter_name=name)
     source = plain(node).get("init_from")
     if source:
-        folder_config, state = load_peft_folder(source)
+        load_adapter_state(backbone, initial_adapter_state(source, config, node), name=name, source=source)
+    return config
+
+
+def initial_adapter_state(
+    source: str | Path, config: Any, node: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
+    """The weights ``adapter.init_from`` names, with :func:`adapter_state_dict`'s keys: a PEFT folder of the
+    run's adapter type, or a LoRA file in any format :func:`rededit.models.lora_formats.read_lora` reads
+    (diffusers, ComfyUI, kohya/musubi). A LoRA file's ranks must be the run's ``adapter.rank``; its ``lora_B`` is
+    rescaled by (file's alpha/r) / (run's alpha/r), so training starts from exactly the edit the file makes."""
+    path = Path(source)
+    if path.is_dir() and (path / PEFT_CONFIG_FILE).is_file():
+        folder_config, state = load_peft_folder(path)
         if folder_config.peft_type != config.peft_type:
             raise AdapterError(
                 f"adapter.init_from={source} holds a {folder_config.peft_type.value} adapter, the run trains "
                 f"adapter={adapter_type(node)}"
             )
-        load_adapter_state(backbone, state, name=name, source=source)
-    return config
+        return state
+    loaded = read_lora(path)
+    if loaded.lora is None or config.peft_type.value != "LORA":
+        raise AdapterError(
+            f"adapter.init_from={source}: a {loaded.format} file starts only an adapter=lora run (this run trains "
+            f"adapter={adapter_type(node)}); LoKr/LoHa start from a PEFT folder"
+        )
+    lora, state = loaded.lora, {}
+    for module in lora.modules:
+        rank = lora.rank(module)
+        if rank != config.r:
+            raise AdapterError(
+                f"adapter.init_from={source}: {module} has rank {rank}, the run's adapter.rank is {config.r}"
+            )
+        run_scale = config.lora_alpha / (rank**0.5 if config.use_rslora else rank)
+        a, b = (f"{module}.{part}" for part in LORA_PARTS)
+        state[a] = lora.weights[a]
+        state[b] = lora.weights[b] * (lora.scale(module) / run_scale)
+    return state
 
 
 def has_adapter(backbone: nn.Module, name: str = ADAPTER_NAME) -> bool:

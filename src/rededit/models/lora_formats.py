@@ -93,6 +93,7 @@ EXPORT_NAMES = {
 FORMATS = ("diffusers", "comfyui", "kohya", "peft")
 
 _A, _B = "lora_A.weight", "lora_B.weight"
+LORA_PARTS = (_A, _B)  # a module's two LoRA tensors, as peft names them relative to the module
 # suffix → role, for every LoRA spelling rededit reads (longest first so ".default" wins)
 _SUFFIXES = (
     (".lora_A.default.weight", "A"),
