@@ -371,7 +371,7 @@ def test_diffusers_lora_file_edits_as_rededit_in_the_pipeline(tmp_path) -> None:
 
     from rededit.inference.editor import load_editor
     from rededit.stages.checkpoints import DIFFUSERS_LORA_FILE, export_adapter
-    from test_pipeline_parity import CFG, NEGATIVE, PROMPT, SEED, STEPS, TINY_ARCH, _picture, _rededit_edit
+    from test_pipeline_parity import TINY_ARCH, _picture, _rededit_edit, pipeline_run
     from tiny_pipeline import build_tiny_pipeline
 
     torch.set_num_threads(1)
@@ -387,21 +387,9 @@ def test_diffusers_lora_file_edits_as_rededit_in_the_pipeline(tmp_path) -> None:
     pipe = QwenImageEditPlusPipeline.from_pretrained(folder, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
 
-    def edit() -> torch.Tensor:
-        out = pipe(
-            image=images,
-            prompt=PROMPT,
-            negative_prompt=NEGATIVE,
-            true_cfg_scale=CFG,
-            num_inference_steps=STEPS,
-            generator=torch.Generator().manual_seed(SEED),
-            output_type="np",
-        )
-        return out.images[0]
-
-    without = edit()
+    without = pipeline_run(pipe, images)
     pipe.load_lora_weights(str(lora))
-    theirs = edit()
+    theirs = pipeline_run(pipe, images)
     assert float(abs(theirs - without).max()) > 1e-3  # the LoRA changes the edit: the comparison has teeth
     assert float(abs(ours.astype("float64") - theirs.astype("float64")).max()) <= 1e-5
 

@@ -73,6 +73,11 @@ def _pipeline_edit(folder, images, dtype: str = "float32") -> np.ndarray:
 
     pipe = QwenImageEditPlusPipeline.from_pretrained(folder, torch_dtype=getattr(torch, dtype))
     pipe.set_progress_bar_config(disable=True)
+    return pipeline_run(pipe, images)
+
+
+def pipeline_run(pipe, images) -> np.ndarray:
+    """One edit of a loaded pipeline with this module's prompt, negative prompt, steps, CFG and seed."""
     out = pipe(
         image=list(images),
         prompt=PROMPT,
