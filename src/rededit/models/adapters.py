@@ -490,6 +490,9 @@ def weights_fingerprint(backbone: nn.Module) -> float:
     for value in base_state_dict(backbone).values():
         if not torch.is_floating_point(value):
             continue
+        # (not a DTensor: an FSDP2 shard is a tensor subclass too, and has no sharding rule for dequantize)
+        if hasattr(value, "dequantize") and hasattr(value, "__tensor_flatten__") and not is_dtensor(value):
+            value = value.dequantize()  # a torchao-quantised frozen base (models/frozen_base.py) has no abs()
         m = value.detach().float().abs().mean()
         total += float(m.full_tensor() if hasattr(m, "full_tensor") else m)
     return total

@@ -12,6 +12,8 @@ weights and optimizer state (and the EMA shadow, see ``callbacks/ema.py``) and r
 ``.<name>.tmp`` and swapped in after a barrier, so a kill mid-write keeps the previous checkpoint.
 Resuming (``ckpt_path=``) checks a DCP folder's ``.metadata`` against DCP's own classes first and loads with
 every ``torch.load`` weights-only (:mod:`rededit.parallel.safe_dcp`): the folder may have been handed over.
+An adapter run (``strict_loading=False``) writes only its trainable tensors into the DCP directory and resumes
+with :meth:`FSDP2Strategy._load_partial_dcp`, which loads the tensors the folder has (every trainable one).
 """
 
 from __future__ import annotations
@@ -20,15 +22,18 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from rededit.parallel.checkpoint_io import swap_in_dir, tmp_dir_for
 from rededit.parallel.parallelize import ParallelPlan, build_mesh
-from rededit.parallel.safe_dcp import METADATA_FILE, verify_dcp_metadata
+from rededit.parallel.safe_dcp import METADATA_FILE, SafeFileSystemReader, safe_dcp_load, verify_dcp_metadata
 from rededit.utils.logging import get_logger
 from rededit.utils.safe_load import forced_weights_only
 
 log = get_logger(__name__)
+#: Lightning's file of a DCP checkpoint's non-tensor entries (loop, callbacks, hooks' keys).
+LIGHTNING_META_FILE = "meta.pt"
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -77,8 +82,55 @@ class FSDP2Strategy(ModelParallelStrategy):
         path = Path(self.broadcast(checkpoint_path))
         if (path / METADATA_FILE).is_file():
             verify_dcp_metadata(path)  # Lightning reads it with torch's plain-pickle reader next
+            if not self.lightning_module.strict_loading:
+                return self._load_partial_dcp(path)
         with forced_weights_only():  # DCP's byte entries and Lightning's meta.pt: weights and containers only
             return super().load_checkpoint(path, weights_only=True)
+
+    def _load_partial_dcp(self, path: Path) -> dict[str, Any]:
+        """Resume from a DCP directory that holds only some of the module's tensors: an adapter run's checkpoint
+        keeps only the trainable ones (adapter, FireEdit; ``BaseStage.on_save_checkpoint``) and its frozen base is
+        rebuilt from ``stage.init_from`` before this load. Lightning's own loader asks DCP for every key of the
+        module and fails on the base; here the module loads the keys the folder has, every trainable tensor must
+        be among them, and the optimizer states load as Lightning loads them.
+
+        Returns:
+            the non-tensor part of the checkpoint (``meta.pt``), as Lightning's loader does.
+        """
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        module = self.model
+        stored = SafeFileSystemReader(str(path)).read_metadata().state_dict_metadata
+        prefix = "state_dict."
+        present = {k.removeprefix(prefix) for k in stored if k.startswith(prefix)}
+        trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+        missing = [n for n in trainable if n not in present]
+        if missing:
+            raise ValueError(
+                f"{path}: this sharded checkpoint lacks {len(missing)} of the run's {len(trainable)} trainable "
+                f"tensors, e.g. {missing[:3]}: it was written by a run with other trainable weights (a full "
+                "fine-tune, or another adapter type / rank / targets); resume it with that run's options"
+            )
+        model_state = {k: v for k, v in get_model_state_dict(module).items() if k in present}
+        safe_dcp_load({"state_dict": model_state}, path)
+        module.load_state_dict(model_state, strict=False)
+        for idx, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{idx}"
+            optim_state = {key: get_optimizer_state_dict(module, optimizer)}
+            safe_dcp_load(optim_state, path)
+            set_optimizer_state_dict(
+                module,
+                optimizer,
+                optim_state_dict=optim_state[key],
+                options=StateDictOptions(cpu_offload=True),
+            )
+        with forced_weights_only():
+            return torch.load(path / LIGHTNING_META_FILE, weights_only=True)
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None

@@ -35,13 +35,13 @@ from torch import nn
 from rededit.flow.path import interpolate
 from rededit.flow.sampler import euler_sample
 from rededit.flow.weighting import loss_weight, region_weights
-from rededit.models import adapters
+from rededit.models import adapters, frozen_base
 from rededit.models.backbone import EditBackbone
 from rededit.models.edit_gate import mask_loss
 from rededit.models.fireedit import normalize_boxes
 from rededit.models.text_encoder import pad_embeddings
 from rededit.parallel import ParallelPlan, load_full_state, meta_init, parallelize_backbone
-from rededit.stages.checkpoints import load_backbone_state
+from rededit.stages.checkpoints import adapter_backbone_from_checkpoint, load_backbone_state
 from rededit.utils.logging import get_logger
 from rededit.utils.module_tree import hidden_from_tree
 from rededit.utils.seeding import derive_seed, torch_generator
@@ -156,6 +156,8 @@ class BaseStage(L.LightningModule):
     ):
         super().__init__()
         self.adapter = None if not adapters.is_enabled(adapter) else adapters.plain(adapter)
+        # adapter.base_dtype / adapter.quantize (models/frozen_base.py), checked before anything is built
+        self._frozen_base = frozen_base.options(adapters.plain(adapter))
         self._base_fingerprint: float | None = None
         self.backbone_factory = backbone
         self.backbone: EditBackbone | None = None
@@ -290,6 +292,14 @@ class BaseStage(L.LightningModule):
             )
         self._base_fingerprint = adapters.weights_fingerprint(self.backbone)
         adapters.apply_adapter(self.backbone, self.adapter)
+        dtype, scheme = self._frozen_base
+        if dtype is not None or scheme is not None:
+            if plan is not None:
+                raise ValueError(
+                    "adapter.base_dtype / adapter.quantize are single-device options (untested under FSDP2/HSDP)"
+                )
+            # After the fingerprint and the injection: checkpoints and exports describe the full-precision base.
+            frozen_base.reduce_frozen_base(self.backbone, dtype=dtype, quantize=scheme)
         # Checkpoints hold only trainable weights (on_save_checkpoint); on_load_checkpoint checks they are all there.
         self.strict_loading = False
         n_train = sum(p.numel() for p in self.backbone.parameters() if p.requires_grad)
@@ -303,6 +313,16 @@ class BaseStage(L.LightningModule):
             n_train / 1e6,
             n_all / 1e6,
         )
+
+    def export_backbone(self, cfg: Any) -> nn.Module:
+        """The backbone an export writes: this one; for a cast / quantised frozen base (``adapter.base_dtype`` /
+        ``adapter.quantize``) the source's full-precision base rebuilt on the CPU from ``cfg`` (checked against the
+        recorded fingerprint) with this run's trainable tensors, so the export holds the original base."""
+        if not frozen_base.is_reduced(self.backbone):
+            return self.backbone
+        trainable = {n: p.detach().cpu() for n, p in self.backbone.named_parameters() if p.requires_grad}
+        record = {"node": self.adapter, "base_fingerprint": self._base_fingerprint}
+        return adapter_backbone_from_checkpoint(cfg, record, trainable, source="this run's frozen base")
 
     def _load_deferred_init_from(self) -> None:
         """Meta-init under FSDP2: rank 0 reads ``init_from`` and broadcasts it into every rank's shards."""

@@ -236,6 +236,12 @@ def backbone_from_state(cfg: Any, state: dict[str, torch.Tensor]) -> torch.nn.Mo
     # an adapter run's gathered state (FSDP2 export): the adapter layers first, then its tensors
     if adapters.is_enabled(node) and any(".base_layer." in k for k in state):
         adapters.apply_adapter(backbone, {**adapters.plain(node), "init_from": None})
+        # A stage's other adapters (NFT's old policy ``nft_old``, sharded beside the trained one) are training
+        # state, not part of the editor: leave them out (strict loading still catches any other stray key).
+        own = set(backbone.state_dict())
+        layers = [layer for _, layer in adapters.tuner_layers(backbone)]
+        attrs = {a for layer in layers for a in (*layer.adapter_layer_names, *layer.other_param_names)}
+        state = {k: v for k, v in state.items() if k in own or not set(k.split(".")) & attrs}
     backbone.load_state_dict(state, strict=True, assign=True)
     backbone.rebuild_rope()
     return backbone

@@ -28,7 +28,12 @@ online negative on *any* rank make every rank run the reference sampler.
 With an adapter (``adapter=lora|lokr|loha``, issue 20) there is no copy at all: the reference is the same
 backbone with its adapter disabled (:class:`~rededit.models.adapters.AdapterView`; FireEdit modules, which train
 outside the adapter, swap their initial weights in for its forwards), i.e. exactly the base the adapter was
-injected into. This saves one backbone's parameters per device (the 20B transformer in bf16: ≈41 GB).
+injected into. This saves one backbone's parameters per device (the 20B transformer in bf16: ≈41 GB). Under
+FSDP2/HSDP the view runs on the sharded backbone (its forwards all-gather per block like the policy's, on every
+rank together) and its FireEdit copies are the initial shards.
+
+FSDP1-hybrid and DeepSpeed ZeRO-3 cannot hold the deep-copied reference (an unsharded copy on every rank; a copy
+of partitioned placeholders): that combination is refused at start-up (:mod:`rededit.parallel.stage_support`).
 
 Rows without a ``rejected`` image: ``missing_rejected="error"`` refuses them; ``"reference_sample"`` takes
 the reference policy's own sample of the condition as the negative (the self-sampling half of Mix-Policy,
@@ -140,6 +145,9 @@ class DPOModule(BaseStage):
     @property
     def reference(self) -> torch.nn.Module | None:
         return self._reference[0]
+
+    def frozen_copies(self) -> list[str]:
+        return [] if self.adapter is not None else ["DPO reference"]
 
     def configure_model(self) -> None:
         super().configure_model()

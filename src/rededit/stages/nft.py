@@ -48,7 +48,11 @@ adapter ``nft_old`` in the same peft layers (a frozen fp32 copy of the trained a
 :class:`OldPolicyEMA`, whose shadow aliases its tensors), run through :class:`~rededit.models.adapters.AdapterView`
 (``nft_old`` active instead of the trained adapter; the FireEdit modules' old weights, when they are on, swapped
 in from fp32 copies). The checkpoint keeps it under ``nft_old_policy`` as before (shadow = the old weights of
-every trainable tensor).
+every trainable tensor). The KL reference is likewise an ``AdapterView`` with every adapter off and the *initial*
+FireEdit weights, in eval mode: exactly the base the adapter was injected into. Under FSDP2/HSDP the ``nft_old``
+adapter is added before the backbone is sharded (:meth:`adapter_applied`), so its tensors are sharded with their
+layers and the soft update stays local; its gathered shadow goes into ``nft_old_policy`` (no ``__nft_old__``
+shards: those would repeat the whole sharded base).
 
 Validation (``val/loss``) is the base stage's flow-matching loss on the held-out targets: a cheap check
 that RL does not destroy the supervised fit (no rollout in validation).
@@ -237,15 +241,16 @@ class NFTModule(BaseStage):
     def _adapter_on(self) -> bool:
         return getattr(self, "adapter", None) is not None
 
-    def reference_velocity(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The reference's prediction (backbone arguments): the frozen copy, or with a PEFT adapter on the
-        backbone with its adapters disabled (the base the adapter trains on: no copy, as the official trainer's
-        ``disable_adapter``). Call under ``no_grad``."""
+    def frozen_copies(self) -> list[str]:
         if self._adapter_on:
-            from rededit.models.adapters import adapters_disabled
+            return []
+        return ["NFT old policy"] + (["NFT KL reference"] if self.uses_reference else [])
 
-            with adapters_disabled(self.backbone):
-                return self.backbone(*args, **kwargs)
+    def reference_velocity(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The reference's prediction (backbone arguments): the frozen copy, or with a PEFT adapter an
+        :class:`~rededit.models.adapters.AdapterView` of the backbone with its adapters disabled, in eval mode and
+        with the initial FireEdit weights swapped in, i.e. exactly the base the adapter was injected into (no
+        copy, as the official trainer's ``disable_adapter``). Call under ``no_grad``."""
         if self.reference is None:
             raise RuntimeError(
                 "NFT has no KL reference: under FSDP2/HSDP it is built in configure_optimizers, i.e. only "
@@ -255,7 +260,10 @@ class NFTModule(BaseStage):
 
     def _set_reference(self, ref: nn.Module) -> None:
         self._ref[0] = ref
-        self._reference_fingerprint = backbone_fingerprint(ref)
+        if isinstance(ref, adapters.AdapterView):  # the base, not the adapter (as DPO's reference)
+            self._reference_fingerprint = adapters.weights_fingerprint(self.backbone)
+        else:
+            self._reference_fingerprint = backbone_fingerprint(ref)
 
     def _move_frozen(self) -> None:
         super()._move_frozen()
@@ -284,21 +292,33 @@ class NFTModule(BaseStage):
         old = dict(self.old_policy.named_parameters())
         self.old_ema.shadow = {n: old[n].data for n in names}
 
+    def adapter_applied(self) -> None:
+        # A second adapter, not a second backbone (fp32 like peft's adapter weights: the lerp runs in place),
+        # added before FSDP2 shards the backbone so that its tensors are sharded with their layers.
+        if self._adapter_on and not adapters.has_adapter(self.backbone, OLD_ADAPTER):
+            adapters.add_copy_of_adapter(self.backbone, OLD_ADAPTER)
+
     def configure_model(self) -> None:
         super().configure_model()
+        if self._adapter_on:
+            # Views of the (possibly sharded) backbone, no collective but the fingerprint: built on every rank
+            # here under every strategy. The FireEdit copies are taken from the (sharded) initial weights.
+            if self.uses_reference and self.reference is None:
+                ref = adapters.AdapterView(
+                    self.backbone, None, adapters.non_adapter_trainables(self.backbone)
+                )
+                self._set_reference(ref)
+            if self.old_policy is None:
+                extras = adapters.non_adapter_trainables(self.backbone)
+                self._old[0] = adapters.AdapterView(self.backbone, OLD_ADAPTER, extras)
+                self._alias_shadow()
+            return
         if self.parallel_plan() is not None:
             return  # sharded backbone: old policy and reference are built collectively in configure_optimizers
-        if self.uses_reference and self.reference is None and not self._adapter_on:
+        if self.uses_reference and self.reference is None:
             # The initial (init_from) weights, before the old policy and training move away from them.
             self._set_reference(copy.deepcopy(self.backbone).eval().requires_grad_(False))
         if self.old_policy is not None:
-            return
-        if self._adapter_on:
-            # A second adapter, not a second backbone (fp32 like peft's adapter weights: the lerp runs in place).
-            extras = adapters.non_adapter_trainables(self.backbone)
-            adapters.add_copy_of_adapter(self.backbone, OLD_ADAPTER)
-            self._old[0] = adapters.AdapterView(self.backbone, OLD_ADAPTER, extras)
-            self._alias_shadow()
             return
         # fp32 so the EMA lerp (fp32 shadow) runs in place on the module's own tensors.
         old = copy.deepcopy(self.backbone).float().eval().requires_grad_(False)
@@ -307,7 +327,7 @@ class NFTModule(BaseStage):
 
     def configure_optimizers(self) -> Any:
         out = super().configure_optimizers()  # first fills a meta-initialised backbone from init_from
-        if self.old_policy is None and self.parallel_plan() is not None:
+        if self.old_policy is None and self.parallel_plan() is not None and not self._adapter_on:
             # fp32 like the unsharded copy: the EMA lerp writes into its local shards in place.
             self._old[0] = sharded_frozen_twin(self, dtype=torch.float32)
             self._alias_shadow()
@@ -494,6 +514,7 @@ class NFTModule(BaseStage):
         strategy = self._trainer.strategy if self._trainer is not None else None
         return (
             self.old_policy is not None
+            and not isinstance(self.old_policy, adapters.AdapterView)  # its shadow goes into nft_old_policy
             and is_sharded(self.old_policy)
             and bool(getattr(strategy, "_save_distributed_checkpoint", False))
         )
