@@ -259,6 +259,10 @@ def adapter_state_dict(
 
     if state is not None:
         state = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
+        # peft keeps a handed state's tensors of other adapters (NFT's ``nft_old``, also in a state gathered from
+        # a run whose rebuilt backbone has only this adapter): keep this adapter's and the non-adapter tensors
+        attrs = _adapter_attrs(layer for _, layer in tuner_layers(backbone.transformer))
+        state = {k: v for k, v in state.items() if _adapter_of_key(k, attrs) in (None, name)}
     state = get_peft_model_state_dict(backbone.transformer, state_dict=state, adapter_name=name)
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
@@ -318,6 +322,12 @@ def base_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:
 
 def _adapter_attrs(layers: Any) -> set[str]:
     return {a for layer in layers for a in (*layer.adapter_layer_names, *layer.other_param_names)}
+
+
+def _adapter_of_key(key: str, attrs: set[str]) -> str | None:
+    """The adapter name of an adapter tensor's key (``….lora_A.<name>.weight``, ``….lokr_w1.<name>``), else None."""
+    parts = key.split(".")
+    return next((parts[i + 1] for i, part in enumerate(parts[:-1]) if part in attrs), None)
 
 
 # --------------------------------------------------------------------------------------------- switches

@@ -41,6 +41,7 @@ from rededit.models.edit_gate import mask_loss
 from rededit.models.fireedit import normalize_boxes
 from rededit.models.text_encoder import pad_embeddings
 from rededit.parallel import ParallelPlan, load_full_state, meta_init, parallelize_backbone
+from rededit.parallel.stage_support import check_stage_strategy, strategy_kind
 from rededit.stages.checkpoints import adapter_backbone_from_checkpoint, load_backbone_state
 from rededit.utils.logging import get_logger
 from rededit.utils.module_tree import hidden_from_tree
@@ -256,11 +257,13 @@ class BaseStage(L.LightningModule):
             elif self.init_from:
                 self._deferred_init_from = self.init_from  # after Lightning materialises the shards
             self._apply_adapter(plan)  # before sharding: the adapter tensors are sharded with their layers
+            self.adapter_applied()  # a stage's extra adapters (NFT's old policy) are sharded with them too
             parallelize_backbone(self.backbone, self.parallel_mesh(), plan)
         elif self.init_from:
             self.load_backbone_from(self.init_from, use_ema=self.init_from_ema)
         if plan is None:
             self._apply_adapter(plan)  # after the base weights: a full-model init_from loads into the base
+            self.adapter_applied()
         if self.compile_backbone:
             self.backbone.transformer.compile()  # in place: parameter names and checkpoints are unchanged
         precision = self._trainer.precision if self._trainer is not None else "n/a"
@@ -313,6 +316,32 @@ class BaseStage(L.LightningModule):
             n_train / 1e6,
             n_all / 1e6,
         )
+
+    def adapter_applied(self) -> None:
+        """Called right after the adapter is injected and before FSDP2 shards the backbone (a no-op without an
+        adapter or here): stages add adapters of their own (NFT's old policy) so that they are sharded too."""
+
+    def frozen_copies(self) -> list[str]:
+        """The frozen models this stage builds as copies of the backbone (none here; DPO's reference, NFT's old
+        policy and KL reference without an adapter): what :meth:`setup` checks against the strategy."""
+        return []
+
+    def setup(self, stage: str) -> None:
+        """Refuse, before any weight is built, a strategy under which this stage's frozen models or its adapter
+        cannot be held (:mod:`rededit.parallel.stage_support`: FSDP1 / DeepSpeed ZeRO-3 deep copies, adapters
+        outside single device / DDP / FSDP2 / HSDP)."""
+        if self._trainer is None:
+            return
+        check_stage_strategy(
+            strategy_kind(self.trainer.strategy),
+            self.stage_name(),
+            frozen_copies=self.frozen_copies(),
+            adapter=None if self.adapter is None else self.adapter["type"],
+        )
+
+    def stage_name(self) -> str:
+        """The stage's name in messages (``dpo``, ``nft``, ``sft``, ...)."""
+        return type(self).__name__.removesuffix("Module").lower()
 
     def export_backbone(self, cfg: Any) -> nn.Module:
         """The backbone an export writes: this one; for a cast / quantised frozen base (``adapter.base_dtype`` /
@@ -632,8 +661,9 @@ class BaseStage(L.LightningModule):
             "base_fingerprint": self._base_fingerprint,
         }
         state = checkpoint.get("state_dict")
-        if not state or any(adapters.is_dtensor(v) for v in state.values()):
-            return  # a sharded (DCP) state dict keeps every tensor: the strategy loads it by the module's keys
+        if not state:
+            return
+        # Sharded (DCP) state dicts too: FSDP2Strategy.load_checkpoint then loads only the tensors a folder has.
         trainable = {f"backbone.{n}" for n, p in self.backbone.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {
             k: v for k, v in state.items() if not k.startswith("backbone.") or k in trainable
