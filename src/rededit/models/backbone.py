@@ -63,6 +63,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from rededit.models.block_swap import BlockSwap
 from rededit.models.edit_gate import EditGate, capture_output
 from rededit.models.fireedit import (
     HVCA_KEY,
@@ -209,6 +210,9 @@ class EditBackbone(nn.Module):
             options: ``every``, ``scales``, ``num_heads``).
         edit_gate: the edit gate (:class:`~rededit.models.edit_gate.EditGate` options: ``gate``, ``init_bias``);
             the last forward's logits ``[B, 1, h, w]`` are :attr:`last_gate_logits` (the stage's mask loss).
+        block_swap: keep the frozen weights of the last ``block_swap`` transformer blocks on the CPU and stream
+            them to the device per forward with prefetch (:mod:`rededit.models.block_swap`; 0: off). Saves memory
+            in training only with ``gradient_checkpointing``; streams frozen weights only (an adapter run's base).
     """
 
     def __init__(
@@ -231,6 +235,7 @@ class EditBackbone(nn.Module):
         hvca: bool | Mapping[str, Any] = False,
         variant: str | None = None,
         edit_gate: bool | Mapping[str, Any] = False,
+        block_swap: int = 0,
     ) -> None:
         super().__init__()
         from diffusers import QwenImageTransformer2DModel
@@ -312,6 +317,7 @@ class EditBackbone(nn.Module):
         self._build_edit_gate(edit_gate, dtype)
         self.set_zero_cond_t(zero_cond_t)
         self.set_gradient_checkpointing(gradient_checkpointing)
+        self.block_swap = BlockSwap(self.transformer, int(block_swap)) if block_swap else None
 
     def _build_fireedit(self, region_tokens: Any, tati: Any, hvca: Any, dtype: torch.dtype | None) -> None:
         """Create only the FireEdit parts that are on (none: no parameter, no hook, no cost)."""
