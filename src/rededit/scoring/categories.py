@@ -72,6 +72,7 @@ DEFAULT_TASK_MAP: dict[str, str | None] = {
     "text": "text",
     "viewpoint": "viewpoint",
     "compose": "compose",
+    "invert": "color",
 }
 
 

@@ -4,12 +4,13 @@
 ``rededit-data synth`` is its command line.
 """
 
-from rededit.datagen.synth.tasks import BUILDERS, REVERSIBLE, TASKS, Sample, SynthConfig
+from rededit.datagen.synth.tasks import BUILDERS, OPT_IN_TASKS, REVERSIBLE, TASKS, Sample, SynthConfig
 from rededit.datagen.synth.writer import DEFAULT_TASK_WEIGHTS, generate_sample, synthesize, task_schedule
 
 __all__ = [
     "BUILDERS",
     "DEFAULT_TASK_WEIGHTS",
+    "OPT_IN_TASKS",
     "REVERSIBLE",
     "TASKS",
     "Sample",

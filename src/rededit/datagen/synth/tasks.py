@@ -9,6 +9,9 @@ Tasks (``task`` column):
 
 * ``t2i``: 0 references, caption → scene.
 * ``add`` / ``remove`` / ``replace`` / ``color``: one object edited; mask = its pixels.
+* ``invert``: one named object's colours inverted (every pixel ``v → 255 − v``); mask = its pixels. Opt-in
+  (:data:`OPT_IN_TASKS`): in no default mix, so the demo editor has never seen it and an adapter can be
+  measured learning it (``experiment=demo_lora``, issue 20).
 * ``background``: the background swapped; mask = everything outside objects and the sign.
 * ``stylize``: an algorithmic filter over the whole image; ``restore``: degraded → clean.
 * ``text``: one word on a sign changed; ``ocr_target`` = the sign's full new text.
@@ -35,9 +38,11 @@ from rededit.datagen.synth.scene import (
     OBJECT_SIZE,
     SHAPES,
     Background,
+    Colour,
     Obj,
     Scene,
     SceneSpec,
+    colour_distance,
     contrasting,
     foreground_mask,
     full_mask,
@@ -524,6 +529,55 @@ def build_compose(rng: np.random.Generator, cfg: SynthConfig) -> Sample:
     )
 
 
+# An object colour whose negative lies closer than this (RGB distance) to itself (grey: 128 → 127) has no
+# visible inversion: it would give a ground truth equal to its source, which no judge can decide.
+INVERT_MIN_DISTANCE = 110.0
+
+
+def inverted(colour: Colour) -> Colour:
+    """The negative ``255 − rgb`` of ``colour``, named after the nearest object colour (for captions only:
+    the pixels are the exact negative, the name is the word a person would use for it, e.g. red → cyan)."""
+    rgb = tuple(255 - v for v in colour.rgb)
+    near = min(OBJECT_COLOURS, key=lambda c: colour_distance(c, Colour("", "", rgb)))
+    return Colour(near.name, near.zh, rgb)
+
+
+def build_invert(rng: np.random.Generator, cfg: SynthConfig) -> Sample:
+    """``invert``: the named object's pixels become ``255 − v`` (shapes are drawn without anti-aliasing, so the
+    re-rendered target equals Picture 1 with exactly the mask's pixels negated); the rest is unchanged.
+    Inversion is its own inverse, so the Task Inversion twin is another ``invert``."""
+    w, h, _ = _size(rng, cfg)
+    for _ in range(10):
+        scene = _scene_with_objects(rng, cfg, w, h, 1, 4, 0.2)
+        picks = [
+            k
+            for k, o in enumerate(scene.objects)
+            if colour_distance(o.colour, inverted(o.colour)) >= INVERT_MIN_DISTANCE
+        ]
+        if picks:
+            break
+    else:
+        raise RuntimeError("could not draw a scene with an object whose colour inversion is visible")
+    j = picks[int(rng.integers(len(picks)))]
+    old = scene.objects[j]
+    new = dataclasses.replace(old, colour=inverted(old.colour))
+    tgt_scene = scene.with_object(j, new)
+    texts = T.invert_texts(rng, T.random_pics(rng, 1), scene, old)
+    inv_texts = T.invert_texts(rng, T.random_pics(rng, 1), tgt_scene, new)
+    return Sample(
+        "invert",
+        "invert_object",
+        old.shape,
+        render(tgt_scene),
+        [render(scene)],
+        tgt_scene,
+        object_mask(scene, j),
+        texts,
+        inverse=Inverse("invert", "invert_object", inv_texts, scene),
+        source_scene=scene,
+    )
+
+
 BUILDERS: dict[str, Callable[[np.random.Generator, SynthConfig], Sample]] = {
     "t2i": build_t2i,
     "add": build_add,
@@ -536,6 +590,11 @@ BUILDERS: dict[str, Callable[[np.random.Generator, SynthConfig], Sample]] = {
     "text": build_text,
     "viewpoint": build_viewpoint,
     "compose": build_compose,
+    "invert": build_invert,
 }
-TASKS: tuple[str, ...] = tuple(BUILDERS)
-REVERSIBLE: frozenset[str] = frozenset({"add", "remove", "replace", "color", "background"})
+# Tasks a corpus draws only when its task weights name them (``--task-weights invert=1``): no default mix holds
+# them, so the demo editor has never seen them (issue 20's adapter acceptance learns one).
+OPT_IN_TASKS: tuple[str, ...] = ("invert",)
+# The tasks of the default mix (DEFAULT_TASK_WEIGHTS); every builder is BUILDERS.
+TASKS: tuple[str, ...] = tuple(t for t in BUILDERS if t not in OPT_IN_TASKS)
+REVERSIBLE: frozenset[str] = frozenset({"add", "remove", "replace", "color", "background", "invert"})

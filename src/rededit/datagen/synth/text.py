@@ -231,6 +231,29 @@ def color_texts(rng, pics: Pics, scene: Scene, obj: Obj, new: Colour) -> Texts:
     )  # fmt: skip
 
 
+def invert_texts(rng, pics: Pics, scene: Scene, obj: Obj) -> Texts:
+    """Colour inversion of ``obj`` (its pixels become their negative). Never names the resulting colour:
+    the negative of a palette colour is only near a named one."""
+    s = _obj_slots(obj, scene, pics) | {"it": pics.it()}
+    return _texts(
+        rng,
+        (
+            "invert the colours of the {obj} {where}.",
+            "turn the {obj} {where} into its colour negative, keeping everything else unchanged.",
+            "apply a colour inversion to the {obj} located {where} only.",
+            "make the {obj} {where} look like a photographic negative; leave the background and the other shapes as they are.",
+            "in {it}, invert the {colour} {shape} {pos}.",
+        ),
+        ("invert the {shape}", "{shape} → negative", "negative {colour} {shape}", "invert colours of the {shape}",
+         "invert the {colour} {shape}"),
+        ("invert the colours of the {obj}", "make the {shape} a negative", "invert the {shape}'s colours"),
+        ("把{where_zh}的{obj_zh}颜色反转。", "将{where_zh}的{obj_zh}变成反色，其余保持不变。"),
+        ("{shape_zh}反色", "反转{shape_zh}的颜色"),
+        ("把{obj_zh}的颜色反转", "把{shape_zh}变成反色"),
+        **s,
+    )  # fmt: skip
+
+
 def add_texts(rng, pics: Pics, scene: Scene, obj: Obj) -> Texts:
     """``scene`` is the target (it holds ``obj``)."""
     s = _obj_slots(obj, scene, pics) | {"a_obj": a_obj(obj), "it": pics.it()}

@@ -33,7 +33,7 @@ from PIL import Image
 from rededit.data.schema import manifest_schema
 from rededit.datagen.synth import text as T
 from rededit.datagen.synth.scene import BACKGROUND_KINDS, OBJECT_SIZE
-from rededit.datagen.synth.tasks import BUILDERS, TASKS, Sample, SynthConfig
+from rededit.datagen.synth.tasks import BUILDERS, Sample, SynthConfig
 from rededit.utils.io import atomic_path, atomic_write_bytes
 from rededit.utils.logging import get_logger
 from rededit.utils.progress import Progress
@@ -43,6 +43,8 @@ log = get_logger(__name__)
 
 # Roughly the report's split (§2.1: T2I vs I2I, semantic / stylistic / structural edits), tilted
 # towards edits because the synthetic corpus exists to teach editing.
+# The opt-in tasks (tasks.OPT_IN_TASKS: ``invert``) have weight 0 here: a corpus holds them only when
+# ``--task-weights`` names them.
 DEFAULT_TASK_WEIGHTS: dict[str, float] = {
     "t2i": 0.14,
     "add": 0.10,
@@ -83,10 +85,11 @@ def task_schedule(seed: int, split: str, n: int, task_weights: Mapping[str, floa
     Raises:
         ValueError: unknown task names, negative weights or no positive weight.
     """
-    unknown = sorted(set(task_weights) - set(TASKS))
+    unknown = sorted(set(task_weights) - set(BUILDERS))
     if unknown:
-        raise ValueError(f"unknown synth tasks {unknown}; known: {list(TASKS)}")
-    names = [t for t in TASKS if task_weights.get(t, 0.0) > 0]
+        raise ValueError(f"unknown synth tasks {unknown}; known: {list(BUILDERS)}")
+    # BUILDERS order (opt-in tasks last), so adding a task never moves the draws of a mix without it.
+    names = [t for t in BUILDERS if task_weights.get(t, 0.0) > 0]
     if any(v < 0 for v in task_weights.values()) or not names:
         raise ValueError(
             f"task_weights need non-negative values with at least one > 0, got {dict(task_weights)}"

@@ -7,7 +7,7 @@ Instead of a VLM asking "did the edit follow the instruction?" (§4.2), these ju
 ``x`` with ``gt`` and ``source`` where the edit happened, in a way that survives blur (an editor's outputs
 are smoother than the flat renders):
 
-* **region closeness** (add / remove / replace / color / background / compose, text without OCR): on the
+* **region closeness** (add / remove / replace / color / invert / background / compose, text without OCR): on the
   discriminative pixels ``D = M ∧ ‖gt − source‖ > τ`` (where the edit changes something), the per-pixel
   colour distances ``d_gt = ‖x − gt‖`` and ``d_src = ‖x − source‖`` give the closeness
   ``c = mean_D d_src / (d_gt + d_src)``: 1 for ``x = gt``, 0 for ``x = source``, 0.5 half-way (a half-done
@@ -67,6 +67,7 @@ __all__ = [
     "judge_background",
     "judge_color",
     "judge_compose",
+    "judge_invert",
     "judge_many",
     "judge_remove",
     "judge_replace",
@@ -93,6 +94,7 @@ T2I_MAX_RATIO = 0.5
 T2I_MIN_OBJECTS = 0.5
 OCR_MIN_SIMILARITY = 1.0
 OCR_MIN_HEIGHT = 64  # pixels: OCR engines read small sign crops better upscaled
+INVERT_MAX_ERROR = 0.2  # RGB distance on [0, 1] (≈ 30/255 per channel): invert's absolute check
 PRESERVE_PSNR = 25.0  # dB, the demo editor's goal for PSNR outside the edit region
 
 
@@ -415,6 +417,48 @@ def judge_color(
     )
 
 
+def judge_invert(
+    pred: torch.Tensor,
+    sample: Mapping[str, Any],
+    *,
+    tau: float = TAU,
+    min_closeness: float = MIN_CLOSENESS,
+    min_iou: float = MIN_IOU,
+    iou_context: float = IOU_CONTEXT,
+    iou_edge: int = IOU_EDGE,
+    max_error: float = INVERT_MAX_ERROR,
+) -> JudgeResult:
+    """``invert`` (opt-in synthetic task): inside the object's mask the prediction is the negative
+    ``1 − source`` (the ground truth there), and only the object's pixels changed.
+
+    The ``color`` checks (closeness ≥ ``min_closeness``, region IoU ≥ ``min_iou``) plus an absolute one: the
+    mean colour distance to the ground truth on the changed pixels ``D``, ``mean_D ‖x − gt‖`` (also measured
+    with both blurred by :data:`CLOSENESS_SIGMA` px, the smaller counts, so a soft but right edit passes)
+    ≤ ``max_error``. Why the extra check: closeness is relative to the source, so any colour far from the
+    object's (a removal to a background that happens to lie on the negative's side) scores ≥ 0.65, while an
+    inversion has exactly one right colour per pixel. The synthesis never inverts a colour whose negative is
+    within ``INVERT_MIN_DISTANCE`` of itself (grey), so ``D`` is the whole visible object.
+    """
+    res = _object_judge(pred, sample, "object inverted", tau, min_closeness, min_iou, iou_context, iou_edge)
+    if not res.defined:
+        return res
+    x, gt, src, mask = _prepare(pred, sample)
+    d = mask & (_dist(gt, src) > tau)
+    err = float(_dist(x, gt)[d].mean())
+    xs, gs, ss = (_gaussian(v, CLOSENESS_SIGMA) for v in (x, gt, src))
+    ds = mask & (_dist(gs, ss) > tau)
+    if bool(ds.any()):
+        err = min(err, float(_dist(xs, gs)[ds].mean()))
+    ok = res.passed and err <= max_error
+    return JudgeResult(
+        bool(ok),
+        res.score,
+        f"{res.detail}, error to the negative {err:.3f} (≤{max_error})",
+        True,
+        {**res.values, "error": err},
+    )
+
+
 def judge_compose(
     pred: torch.Tensor,
     sample: Mapping[str, Any],
@@ -698,6 +742,7 @@ JUDGES: dict[str, Callable[..., JudgeResult]] = {
     "text": judge_text,
     "viewpoint": judge_viewpoint,
     "compose": judge_compose,
+    "invert": judge_invert,
 }
 
 
