@@ -34,6 +34,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rededit.models import adapters
+from rededit.models.lora_formats import LoraFormatError, apply_loras, read_lora
 from rededit.stages.checkpoints import (
     EXPORT_ADAPTER,
     EXPORT_CONFIG,
@@ -46,6 +47,7 @@ from rededit.stages.checkpoints import (
     load_export_adapter,
     resolve_checkpoint,
 )
+from rededit.utils.io import sha256_files
 from rededit.utils.logging import get_logger
 from rededit.utils.paths import CONF_DIR
 from rededit.utils.safe_load import UnsafeCheckpointError
@@ -323,9 +325,6 @@ def load_loras(editor: Any, specs: Sequence[str]) -> list[dict[str, Any]]:
     """
     if not specs:
         return []
-    from rededit.models.lora_formats import LoraFormatError, apply_loras, read_lora
-    from rededit.utils.io import sha256_files
-
     items = []
     for spec in specs:
         path, scale = parse_lora_spec(str(spec))
