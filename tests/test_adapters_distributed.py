@@ -38,6 +38,7 @@ import torch
 
 from conftest import REPO, compose, untrained_tiny_stage
 from rededit.models import adapters
+from test_strategies_multiprocess import per_rank_metrics
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -211,41 +212,6 @@ def _load_step(stage, run: Path, g: int, adapter: bool) -> None:
             stage._load_old_state(full["nft_old_policy"])
 
 
-def _per_rank(stage_name: str, stage, run: Path, g: int) -> dict[int, dict]:
-    from rededit.losses.dpo import dpo_loss
-
-    out = {}
-    for rank in (0, 1):
-        batch = torch.load(run / "records" / f"batch_g{g}_rank{rank}.pt", weights_only=False)
-        stage._trainer = types.SimpleNamespace(global_rank=rank, world_size=2, global_step=g, barebones=True)
-        with torch.no_grad():
-            if stage_name == "dpo":
-                p = stage.pair_losses(batch)
-                per = dpo_loss(
-                    p["loss_w"],
-                    p["loss_l"],
-                    p["ref_loss_w"],
-                    p["ref_loss_l"],
-                    stage.beta,
-                    stage.omega,
-                    stage.lam,
-                )
-                out[rank] = {
-                    "loss": float(per.mean()),
-                    "dpo/ref_loss_w": float(p["ref_loss_w"].mean()),
-                    "dpo/loss_w": float(p["loss_w"].mean()),
-                }
-            else:
-                loss, parts = stage.nft_step(batch)
-                logs = parts["logs"]
-                out[rank] = {
-                    "loss": float(loss),
-                    **{k: float(logs[k]) for k in ("nft/policy_old_mse", "nft/kl")},
-                }
-    stage._trainer = None
-    return out
-
-
 def _check_rl_run(stage_name: str, manifest: Path, init: Path, root: Path, tag: str, adapter: bool) -> None:
     full, resumed = root / f"{stage_name}_{tag}", root / f"{stage_name}_{tag}_resumed"
     rec = _records(full)
@@ -255,7 +221,7 @@ def _check_rl_run(stage_name: str, manifest: Path, init: Path, root: Path, tag: 
     at = RESUME_AT[stage_name]
     for g in (0, at):
         _load_step(stage, full, g, adapter)
-        want = _per_rank(stage_name, stage, full, g)
+        want = per_rank_metrics(stage_name, stage, full, g)
         for rank in (0, 1):
             got = rec[(g + 1, rank)]
             assert got["loss"] == pytest.approx(want[rank]["loss"], rel=1e-4, abs=1e-6), (tag, g, rank)

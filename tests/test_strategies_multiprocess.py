@@ -304,7 +304,6 @@ def _single_process_step(stage_name: str, manifest: Path, init: Path, run: Path,
     the 2-rank run's weights at ``g`` (consolidated checkpoint) and its dumped batch, with rank r's streams."""
     from hydra.utils import instantiate
 
-    from rededit.losses.dpo import dpo_loss
     from rededit.stages.checkpoints import _load_full_checkpoint, consolidate
 
     cfg = compose(
@@ -325,6 +324,14 @@ def _single_process_step(stage_name: str, manifest: Path, init: Path, run: Path,
             ):  # a gathered checkpoint: the trainable tensors' shadow, the frozen ones = the policy's
                 old = {**raw, **full["nft_old_policy"]["shadow"]}
             stage.old_policy.load_state_dict(old)
+    return per_rank_metrics(stage_name, stage, run, g)
+
+
+def per_rank_metrics(stage_name: str, stage, run: Path, g: int) -> dict[int, dict]:
+    """Each rank's loss and stage metrics of the batch it saw before optimizer step ``g`` (its dumped batch in
+    ``run/records``), recomputed in this process by ``stage`` with that rank's streams."""
+    from rededit.losses.dpo import dpo_loss
+
     out = {}
     for rank in (0, 1):
         batch = torch.load(run / "records" / f"batch_g{g}_rank{rank}.pt", weights_only=False)
@@ -343,18 +350,13 @@ def _single_process_step(stage_name: str, manifest: Path, init: Path, run: Path,
                 )
                 out[rank] = {
                     "loss": float(per.mean()),
-                    "dpo/ref_loss_w": float(p["ref_loss_w"].mean()),
-                    "dpo/ref_loss_l": float(p["ref_loss_l"].mean()),
-                    "dpo/loss_w": float(p["loss_w"].mean()),
+                    **{f"dpo/{k}": float(p[k].mean()) for k in ("ref_loss_w", "ref_loss_l", "loss_w")},
                 }
             else:
                 loss, parts = stage.nft_step(batch)
                 logs = parts["logs"]
-                out[rank] = {
-                    "loss": float(loss),
-                    "reward/mean": float(logs["reward/mean"]),
-                    "nft/policy_old_mse": float(logs["nft/policy_old_mse"]),
-                }
+                keys = ("reward/mean", "nft/policy_old_mse", "nft/kl")
+                out[rank] = {"loss": float(loss), **{k: float(logs[k]) for k in keys if k in logs}}
     stage._trainer = None
     return out
 
