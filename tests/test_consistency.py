@@ -303,15 +303,27 @@ def test_max_samples_draw_is_unbiased_and_favours_weighty_samples(face_loss) -> 
     assert hits[0] < 0.05 * hits[3]
 
 
-def test_sft_stage_adds_and_logs_the_loss(faces, tmp_path, monkeypatch) -> None:
-    """SFTModule with ``experiment=demo_sft loss/consistency=face``: eq. 7 per sample, and the logged keys.
+# With a LoRA adapter and a FireEdit option on (issue 20): the live output layer lets gradients reach the blocks.
+ADAPTER_ON = ["adapter=lora", "adapter.rank=4", "backbone.tati=true", "backbone.zero_init_output=false"]
+
+
+@pytest.mark.parametrize("extra_overrides", [[], ADAPTER_ON], ids=["full", "lora+tati"])
+def test_sft_stage_adds_and_logs_the_loss(faces, tmp_path, monkeypatch, extra_overrides) -> None:
+    """SFTModule with ``experiment=demo_sft loss/consistency=face``: eq. 7 per sample, and the logged keys; with an
+    adapter and TATI on, the loss trains the adapter and TATI and nothing else.
     (The SFace model is the process-wide converted copy: instantiating it again costs a deepcopy.)"""
     from hydra.utils import instantiate
 
     from conftest import compose
 
     cfg = compose(
-        ["experiment=demo_sft", "loss/consistency=face", "backbone.transformer_config.num_layers=1"], tmp_path
+        [
+            "experiment=demo_sft",
+            "loss/consistency=face",
+            "backbone.transformer_config.num_layers=1",
+            *extra_overrides,
+        ],
+        tmp_path,
     )
     torch.manual_seed(0)
     stage = instantiate(cfg.stage, text_encoder=None)
@@ -341,7 +353,12 @@ def test_sft_stage_adds_and_logs_the_loss(faces, tmp_path, monkeypatch) -> None:
     # φ stays out of the checkpoint.
     assert not any(k.startswith("auxiliary_losses") for k in stage.state_dict())
     loss.backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in stage.backbone.parameters())
+    grads = {n for n, p in stage.backbone.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads
+    if extra_overrides:
+        assert {n for n, p in stage.backbone.named_parameters() if p.requires_grad} >= grads
+        assert all(".lora_" in n or n.startswith("tati.") for n in grads), sorted(grads)[:3]
+        assert any(".lora_B." in n for n in grads) and any(n.startswith("tati.") for n in grads)
 
 
 def test_phi_cap_lives_in_the_loss_group(tmp_path) -> None:
