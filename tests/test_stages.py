@@ -62,7 +62,15 @@ def test_fast_dev_run(overrides, tiny_corpus, tmp_path) -> None:
     extra = EMBEDDED if production else ()
     cfg = compose(train_overrides(tiny_corpus, *overrides, *extra, "debug=fast_dev_run"), tmp_path)
     if OmegaConf.missing_keys(cfg):  # a recipe that needs local weights: same recipe on the embedded parts
-        cfg = compose(train_overrides(tiny_corpus, *overrides, *EMBEDDED, "debug=fast_dev_run"), tmp_path)
+        extra = EMBEDDED
+        cfg = compose(train_overrides(tiny_corpus, *overrides, *extra, "debug=fast_dev_run"), tmp_path)
+    init = cfg.stage.get("init_from")
+    # A recipe that starts from a trained editor (demo_lora: make demo's export), absent on a fresh clone.
+    if init and not Path(init).exists():
+        cfg = compose(
+            train_overrides(tiny_corpus, *overrides, *extra, "stage.init_from=null", "debug=fast_dev_run"),
+            tmp_path,
+        )
     result = run(cfg)
     metrics = result["metrics"]
     assert torch.isfinite(torch.tensor(metrics["train/loss"])) and torch.isfinite(
