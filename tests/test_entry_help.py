@@ -37,3 +37,19 @@ def test_rededit_train_help_uses_the_entry_point_template() -> None:
     head = out.stdout.split("== Config ==")[0]
     assert "rededit-train" in head and "experiment: " in head
     assert "eval/benchmark" not in head and "engine/pipeline" not in head
+
+
+def test_rededit_memory_help_lists_the_training_groups() -> None:
+    """``rededit-memory`` composes ``train.yaml`` plus its own node: its ``--help`` runs (it crashed on the unregistered
+    help resolver) and lists the training groups it takes."""
+    out = subprocess.run(
+        [sys.executable, "-m", "rededit.cli.memory", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    head = out.stdout.split("== Config ==")[0]
+    assert "rededit-memory" in head and "adapter: " in head and "experiment: " in head
+    assert "eval/benchmark" not in head

@@ -26,6 +26,11 @@ def _default_groups(primary: str, conf_dir: Path) -> dict[str, str]:
     defaults = OmegaConf.to_container(OmegaConf.load(conf_dir / f"{primary}.yaml")).get("defaults", [])
     out = {}
     for entry in defaults:
+        if isinstance(entry, str) and (conf_dir / f"{entry}.yaml").is_file():
+            out.update(
+                _default_groups(entry, conf_dir)
+            )  # a primary built on another (memory.yaml on train.yaml)
+            continue
         if not isinstance(entry, dict):
             continue  # _self_ or a plain config name
         (key,) = entry

@@ -14,8 +14,11 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from rededit.cli import help as entry_help
 from rededit.stages.memory import estimate
 from rededit.utils.paths import CONF_DIR
+
+entry_help.register()  # `--help` lists this entry point's groups (conf/hydra/help/rededit.yaml)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="memory", version_base="1.3")
