@@ -271,26 +271,49 @@ def build_replace(rng: np.random.Generator, cfg: SynthConfig) -> Sample:
     )
 
 
-def build_color(rng: np.random.Generator, cfg: SynthConfig) -> Sample:
-    w, h, _ = _size(rng, cfg)
-    scene = _scene_with_objects(rng, cfg, w, h, 1, 4, 0.2)
-    j = _pick_index(rng, scene)
+def _recoloured(
+    rng: np.random.Generator,
+    task: str,
+    op: str,
+    scene: Scene,
+    j: int,
+    colour: Colour,
+    texts_for: Callable[[np.random.Generator, Scene, Obj, Obj], T.Texts],
+) -> Sample:
+    """Object ``j`` of ``scene`` in ``colour``: the target, mask = the object's pixels, the texts of the edit and
+    of its Task Inversion twin (``texts_for(rng, scene, from_obj, to_obj)``; drawn in that order)."""
     old = scene.objects[j]
-    new = dataclasses.replace(old, colour=_new_colour(rng, scene, old))
+    new = dataclasses.replace(old, colour=colour)
     tgt_scene = scene.with_object(j, new)
-    texts = T.color_texts(rng, T.random_pics(rng, 1), scene, old, new.colour)
-    inv_texts = T.color_texts(rng, T.random_pics(rng, 1), tgt_scene, new, old.colour)
+    texts = texts_for(rng, scene, old, new)
+    inv_texts = texts_for(rng, tgt_scene, new, old)
     return Sample(
-        "color",
-        "recolour_object",
+        task,
+        op,
         old.shape,
         render(tgt_scene),
         [render(scene)],
         tgt_scene,
         object_mask(scene, j),
         texts,
-        inverse=Inverse("color", "recolour_object", inv_texts, scene),
+        inverse=Inverse(task, op, inv_texts, scene),
         source_scene=scene,
+    )
+
+
+def build_color(rng: np.random.Generator, cfg: SynthConfig) -> Sample:
+    w, h, _ = _size(rng, cfg)
+    scene = _scene_with_objects(rng, cfg, w, h, 1, 4, 0.2)
+    j = _pick_index(rng, scene)
+    colour = _new_colour(rng, scene, scene.objects[j])
+    return _recoloured(
+        rng,
+        "color",
+        "recolour_object",
+        scene,
+        j,
+        colour,
+        lambda rng, sc, a, b: T.color_texts(rng, T.random_pics(rng, 1), sc, a, b.colour),
     )
 
 
@@ -559,22 +582,14 @@ def build_invert(rng: np.random.Generator, cfg: SynthConfig) -> Sample:
     else:
         raise RuntimeError("could not draw a scene with an object whose colour inversion is visible")
     j = picks[int(rng.integers(len(picks)))]
-    old = scene.objects[j]
-    new = dataclasses.replace(old, colour=inverted(old.colour))
-    tgt_scene = scene.with_object(j, new)
-    texts = T.invert_texts(rng, T.random_pics(rng, 1), scene, old)
-    inv_texts = T.invert_texts(rng, T.random_pics(rng, 1), tgt_scene, new)
-    return Sample(
+    return _recoloured(
+        rng,
         "invert",
         "invert_object",
-        old.shape,
-        render(tgt_scene),
-        [render(scene)],
-        tgt_scene,
-        object_mask(scene, j),
-        texts,
-        inverse=Inverse("invert", "invert_object", inv_texts, scene),
-        source_scene=scene,
+        scene,
+        j,
+        inverted(scene.objects[j].colour),
+        lambda rng, sc, a, b: T.invert_texts(rng, T.random_pics(rng, 1), sc, a),
     )
 
 
