@@ -38,7 +38,7 @@ import torch
 
 from conftest import REPO, compose, untrained_tiny_stage
 from rededit.models import adapters
-from test_strategies_multiprocess import per_rank_metrics
+from test_strategies_multiprocess import free_port, per_rank_metrics, records
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -120,14 +120,6 @@ STEPS = {"sft": 3, "dpo": 2, "nft": 3}
 RESUME_AT = {"sft": 1, "dpo": 1, "nft": 2}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _overrides(
     stage: str, strategy: str, manifest: Path, init: Path, adapter: bool, *extra: str
 ) -> list[str]:
@@ -152,22 +144,13 @@ def _launch(plan: list[dict], root: Path) -> subprocess.CompletedProcess:
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         str(REPO / "tests" / "multiprocess" / "run_plan.py"),
         str(root / "plan.json"),
     ]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=1800)
     (root / "launch.log").write_text(proc.stdout + proc.stderr)
     return proc
-
-
-def _records(run: Path) -> dict[tuple[int, int], dict]:
-    rows = {}
-    for path in sorted((run / "records").glob("rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            r = json.loads(line)
-            rows[(r["global_step"], r["rank"])] = r
-    return rows
 
 
 def _ckpt(run: Path, step: int) -> Path:
@@ -214,7 +197,7 @@ def _load_step(stage, run: Path, g: int, adapter: bool) -> None:
 
 def _check_rl_run(stage_name: str, manifest: Path, init: Path, root: Path, tag: str, adapter: bool) -> None:
     full, resumed = root / f"{stage_name}_{tag}", root / f"{stage_name}_{tag}_resumed"
-    rec = _records(full)
+    rec = records(full)
     assert sorted({s for s, _ in rec}) == list(range(1, STEPS[stage_name] + 1))
     assert all(math.isfinite(r["loss"]) for r in rec.values())
     stage = _stage(stage_name, manifest, init, adapter)
@@ -260,7 +243,7 @@ def _check_rl_run(stage_name: str, manifest: Path, init: Path, root: Path, tag: 
         trained = load_file(export / "adapter_raw" / "adapter_model.safetensors")
         assert trained and not any(OLD in k for k in trained)
     if resumed.is_dir():
-        rec_resumed = _records(resumed)
+        rec_resumed = records(resumed)
         assert sorted({s for s, _ in rec_resumed}) == list(range(at + 1, STEPS[stage_name] + 1))
         for key, row in rec_resumed.items():
             assert row["ids"] == rec[key]["ids"] and row["loss"] == rec[key]["loss"], (tag, key)
@@ -289,7 +272,7 @@ def _check_sft(manifest: Path, init: Path, root: Path, strategy: str, tmp_path: 
     from rededit.stages.checkpoints import _load_full_checkpoint, consolidate
 
     full, resumed = root / "sft_lora", root / "sft_lora_resumed"
-    rec = _records(full)
+    rec = records(full)
     assert all(math.isfinite(r["loss"]) for r in rec.values())
     # 1. step-0 gradients: only the adapter's, equal to one process on the global batch
     got = torch.load(full / "records" / "step0_grads.pt", weights_only=True)
@@ -306,7 +289,7 @@ def _check_sft(manifest: Path, init: Path, root: Path, strategy: str, tmp_path: 
     backbone_keys = {k for k in saved["state_dict"] if k.startswith("backbone.")}
     assert backbone_keys and all(".lora_A.default." in k or ".lora_B.default." in k for k in backbone_keys)
     # 3. resume from step 1: the same losses, adapter and EMA tensors
-    rec_resumed = _records(resumed)
+    rec_resumed = records(resumed)
     assert sorted({s for s, _ in rec_resumed}) == list(range(RESUME_AT["sft"] + 1, STEPS["sft"] + 1))
     for key, row in rec_resumed.items():
         assert row["ids"] == rec[key]["ids"] and row["loss"] == rec[key]["loss"], key

@@ -53,7 +53,8 @@ COMMON = (
 )
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now (torchrun's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -66,7 +67,7 @@ def launch(out: Path, overrides: list[str], *args: str, nproc: int = 2) -> subpr
         "-m",
         "torch.distributed.run",
         f"--nproc_per_node={nproc}",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         str(SCRIPT),
         "--out",
         str(out),
@@ -225,7 +226,7 @@ def test_frozen_copy_under_fsdp2(tmp_path) -> None:
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         str(REPO / "tests" / "multiprocess" / "frozen_copy.py"),
     ]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
