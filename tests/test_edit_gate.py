@@ -15,29 +15,19 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import TINY_TRANSFORMER, compose, read_step_metric, train_overrides
+from conftest import compose, read_step_metric, train_overrides
 from rededit.flow.weighting import loss_weight
 from rededit.models.backbone import EditBackbone
 from rededit.models.edit_gate import mask_loss, mask_targets
+from test_fireedit_options import build as build_tiny
+from test_fireedit_options import inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def build(**kw) -> EditBackbone:
-    torch.manual_seed(0)
-    kw = {"prediction": "x0", "source_residual": True, "zero_init_output": True, **kw}
-    return EditBackbone(transformer_config=dict(TINY_TRANSFORMER), **kw)
-
-
-def inputs(b: int = 2, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, 4, 8, 8, generator=g)
-    ref = torch.randn(b, 4, 8, 8, generator=g)
-    sigma = torch.linspace(0.2, 0.9, b)
-    text = torch.randn(b, 5, 32, generator=g)
-    mask = torch.ones(b, 5, dtype=torch.bool)
-    mask[0, 3:] = False
-    return x, [ref], sigma, text, mask
+    """The FireEdit tests' tiny backbone, in the x0 + source-residual mode the gate needs."""
+    return build_tiny(**{"prediction": "x0", "source_residual": True, "zero_init_output": True, **kw})
 
 
 def x0_of(backbone: EditBackbone, args) -> torch.Tensor:
