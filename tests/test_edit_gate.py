@@ -206,31 +206,39 @@ def test_stage_mask_loss_needs_a_gate(tmp_path) -> None:
         stage.flow_loss(_batch())
 
 
-def test_export_with_the_gate_reloads_identically(gate_stages, tmp_path) -> None:
+def assert_export_reloads(stage, cfg, option: str, override: str, tmp_path) -> None:
+    """Export ``stage``'s backbone (built with ``override``) with random weights in its ``option.*`` part (an EMA
+    state); the export reloads (``load_editor``) with the part built and predicts exactly as a freshly built
+    backbone holding that state."""
     from rededit.inference.editor import load_editor
     from rededit.stages.checkpoints import EXPORT_EXTRAS, export_editor
 
-    (stage, cfg), _ = gate_stages
     ema = {k: v.clone() for k, v in stage.backbone.state_dict().items()}
-    ema["edit_gate.head.weight"] = torch.randn_like(ema["edit_gate.head.weight"])
-    ema["edit_gate.head.bias"] = torch.randn_like(ema["edit_gate.head.bias"])
+    for key in [k for k in ema if k.startswith(f"{option}.")]:
+        ema[key] = torch.randn_like(ema[key])
     out = export_editor(
         stage.backbone, tmp_path / "export", config_yaml=OmegaConf.to_yaml(cfg, resolve=True), ema_state=ema
     )
     assert (out / EXPORT_EXTRAS).is_file()
     editor = load_editor(out)
-    assert editor.backbone.edit_gate is not None
-    reference = _stage(tmp_path / "ref", "backbone.edit_gate=true")[0].backbone
-    reference.load_state_dict(ema, strict=True)
+    assert getattr(editor.backbone, option) is not None
+    reference = _stage(tmp_path / "ref", override)
+    reference[0].backbone.load_state_dict(ema, strict=True)
     g = torch.Generator().manual_seed(3)
     x, ref = torch.randn(2, 48, 8, 8, generator=g), torch.randn(2, 48, 8, 8, generator=g)
     text, sigma = torch.randn(2, 4, 384, generator=g), torch.tensor([0.3, 0.7])
     with torch.no_grad():
         assert torch.equal(
-            editor.backbone(x, [ref], sigma, text, None), reference(x, [ref], sigma, text, None)
+            editor.backbone(x, [ref], sigma, text, None), reference[0].backbone(x, [ref], sigma, text, None)
         )
-    raw = load_editor(out, raw=True)
-    assert torch.equal(raw.backbone.edit_gate.head.weight, stage.backbone.edit_gate.head.weight)
+    raw = load_editor(out, raw=True).backbone.state_dict()
+    own = {k: v for k, v in stage.backbone.state_dict().items() if k.startswith(f"{option}.")}
+    assert own and all(torch.equal(raw[k], v) for k, v in own.items())
+
+
+def test_export_with_the_gate_reloads_identically(gate_stages, tmp_path) -> None:
+    (stage, cfg), _ = gate_stages
+    assert_export_reloads(stage, cfg, "edit_gate", "backbone.edit_gate=true", tmp_path)
 
 
 def test_training_logs_the_mask_loss(tiny_corpus, tmp_path) -> None:

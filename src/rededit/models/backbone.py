@@ -49,6 +49,11 @@ Edit gate (optional, ``edit_gate``, off by default, :mod:`rededit.models.edit_ga
 residual only): a per-latent-pixel gate on the predicted change, ``x̂0 = z_ref1 + sigmoid(g) ⊙ Δ``, with ``g``
 from a linear head on the transformer's final image hidden states; ``{gate: false}`` builds the head for the
 stage's localisation loss only. Off builds nothing; weights under ``edit_gate.*``, exported like FireEdit's.
+
+Pixel head (optional, ``pixel_head``, off by default, :mod:`rededit.models.pixel_head`; x0-prediction with source
+residual only): a per-pixel decoder that adds to the change a term computed from each token's final hidden state
+and the pixel's own values in Picture 1 and in ``x_t``, so a change can follow an outline inside a token. Off
+builds nothing; weights under ``pixel_head.*``, zero-initialised output (the init still returns Picture 1).
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ from rededit.models.fireedit import (
     normalize_boxes,
 )
 from rededit.models.packing import img_shapes_for, pack_latents, unpack_latents
+from rededit.models.pixel_head import PixelHead
 from rededit.models.vae import as_dtype
 from rededit.utils.logging import get_logger
 from rededit.utils.offline import require_local_folder
@@ -210,6 +216,8 @@ class EditBackbone(nn.Module):
             options: ``every``, ``scales``, ``num_heads``).
         edit_gate: the edit gate (:class:`~rededit.models.edit_gate.EditGate` options: ``gate``, ``init_bias``);
             the last forward's logits ``[B, 1, h, w]`` are :attr:`last_gate_logits` (the stage's mask loss).
+        pixel_head: the per-pixel change decoder (:class:`~rededit.models.pixel_head.PixelHead` options:
+            ``pixels``, ``features``, ``hidden``); x0-prediction with ``source_residual`` only.
         block_swap: keep the frozen weights of the last ``block_swap`` transformer blocks on the CPU and stream
             them to the device per forward with prefetch (:mod:`rededit.models.block_swap`; 0: off). Saves memory
             in training only with ``gradient_checkpointing``; streams frozen weights only (an adapter run's base).
@@ -236,6 +244,7 @@ class EditBackbone(nn.Module):
         variant: str | None = None,
         edit_gate: bool | Mapping[str, Any] = False,
         block_swap: int = 0,
+        pixel_head: bool | Mapping[str, Any] = False,
     ) -> None:
         super().__init__()
         from diffusers import QwenImageTransformer2DModel
@@ -315,6 +324,7 @@ class EditBackbone(nn.Module):
         self.source_residual = bool(source_residual)
         self._build_fireedit(region_tokens, tati, hvca, dtype)
         self._build_edit_gate(edit_gate, dtype)
+        self._build_pixel_head(pixel_head, dtype)
         self.set_zero_cond_t(zero_cond_t)
         self.set_gradient_checkpointing(gradient_checkpointing)
         self.block_swap = BlockSwap(self.transformer, int(block_swap)) if block_swap else None
@@ -353,6 +363,20 @@ class EditBackbone(nn.Module):
         self.edit_gate = EditGate(self.transformer.inner_dim, self.patch_size, **opts)
         if dtype is not None:
             self.edit_gate.to(dtype)
+
+    def _build_pixel_head(self, pixel_head: Any, dtype: torch.dtype | None) -> None:
+        """Create the pixel head when asked (off: no parameter, no hook)."""
+        opts = _option(pixel_head, "pixel_head")
+        self.pixel_head = None
+        if opts is None:
+            return
+        if not self.source_residual:
+            raise ValueError(
+                "backbone.pixel_head needs prediction='x0' and source_residual=true (it decodes the change)"
+            )
+        self.pixel_head = PixelHead(self.transformer.inner_dim, self.patch_size, self.latent_channels, **opts)
+        if dtype is not None:
+            self.pixel_head.to(dtype)
 
     @property
     def fireedit(self) -> dict[str, bool]:
@@ -475,8 +499,9 @@ class EditBackbone(nn.Module):
             ctx = self.hvca.context(self.transformer.img_in, references[0], (h, w), p)
             attention_kwargs = {HVCA_KEY: ctx}
         gate = self.edit_gate
-        # The gate reads the final image hidden states (norm_out's output = proj_out's input) [B, N_img, D].
-        capture = capture_output(self.transformer.norm_out) if gate is not None else contextlib.nullcontext()
+        # The gate and the pixel head read the final image hidden states (norm_out's output = proj_out's input).
+        heads = gate is not None or self.pixel_head is not None
+        capture = capture_output(self.transformer.norm_out) if heads else contextlib.nullcontext()
         with capture as final:
             out = self.transformer(
                 hidden_states=hidden.to(param_dtype),
@@ -489,6 +514,9 @@ class EditBackbone(nn.Module):
             )[0]
         # Target tokens come first in the image stream; reference outputs are discarded (as the pipeline does).
         pred = unpack_latents(out[:, :n_target], h, w, p)
+        if self.pixel_head is not None:
+            base = self.residual_base(references[0], (h, w)) if references else None
+            pred = pred + self.pixel_head(final[-1][:, :n_target], base, noisy_target, sigma).to(pred.dtype)
         if gate is not None:
             self.last_gate_logits = gate.logits(final[-1][:, :n_target], h, w)
         if self.source_residual and references:
