@@ -80,3 +80,13 @@ def test_export_with_the_head_reloads_identically(tmp_path) -> None:
     override = "backbone.pixel_head={pixels:16,features:4}"
     stage, cfg = _stage(tmp_path / "on", override)
     assert_export_reloads(stage, cfg, "pixel_head", override, tmp_path)
+
+
+def test_an_adapter_run_freezes_the_base_output_heads() -> None:
+    from rededit.models.adapters import apply_adapter
+
+    backbone = build(pixel_head={"features": 4}, edit_gate=True)
+    apply_adapter(backbone, {"type": "lora", "rank": 2, "alpha": 2, "target_modules": ["attn.to_q"]})
+    assert not any(p.requires_grad for p in backbone.pixel_head.parameters())
+    assert not any(p.requires_grad for p in backbone.edit_gate.parameters())
+    assert any(p.requires_grad for n, p in backbone.named_parameters() if "lora_A" in n)
