@@ -50,7 +50,8 @@ def _blur(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
 
 
 def test_bench_has_every_task(samples):
-    assert set(samples) == set(TASKS) == set(JUDGES) - {"invert"}  # invert: opt-in, tests/test_synth_invert.py
+    # invert: opt-in, tests/test_synth_invert.py
+    assert set(samples) == set(TASKS) == set(JUDGES) - {"invert"}
     assert all(len(v) >= 2 for v in samples.values())
 
 

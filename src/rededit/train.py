@@ -112,7 +112,8 @@ def export(model: L.LightningModule, trainer: L.Trainer, cfg: DictConfig) -> Pat
     if sharded:
         backbone = backbone_from_state(cfg, raw)
     elif hasattr(model, "export_backbone"):
-        backbone = model.export_backbone(cfg)  # a cast / quantised frozen base: the source's base + the adapter
+        # a cast / quantised frozen base: the source's base + the adapter
+        backbone = model.export_backbone(cfg)
     # From a diffusers pipeline folder: a complete pipeline folder (issue 19), its other components taken
     # from the folders the run loaded them from.
     base = pipeline_base(cfg)
