@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 
 from conftest import compose, read_step_metric, train_overrides
@@ -251,3 +252,45 @@ def test_training_logs_the_mask_loss(tiny_corpus, tmp_path) -> None:
     run(cfg)
     logged = read_step_metric(tmp_path, "train/mask_loss")
     assert logged and all(0 < v < 5 for v in logged.values())
+
+
+def test_gate_split_trains_the_ungated_prediction_on_the_edited_pixels(gate_stages, tmp_path) -> None:
+    """(G3): masked samples' flow term is the ungated prediction's error on their edited pixels only; the
+    unmasked sample keeps the composite loss; the gate learns only from (G2)."""
+    (on, _), _ = gate_stages
+    split, _ = _stage(
+        tmp_path,
+        "backbone.edit_gate=true",
+        "+stage.weighting.mask_loss=2.0",
+        "+stage.weighting.gate_split=true",
+    )
+    split.backbone.load_state_dict(on.backbone.state_dict())
+    batch = _batch()
+    loss, parts = split.flow_loss(batch)
+    base, _ = on.flow_loss(batch)
+    w = loss_weight(parts["sigma"], **split.weighting)
+    torch.testing.assert_close(loss[2], base[2])  # no mask: unchanged
+    # by hand: z_ref1 + Δ against x0 on the mask, in velocity space
+    bb = split.backbone
+    x0_edit = bb.last_ungated_x0
+    v_edit = bb.velocity_from_x0(parts["x_t"], x0_edit, parts["sigma"])
+    v = bb.velocity_target(
+        parts["x0"],
+        (parts["x_t"] - (1 - parts["sigma"]).reshape(-1, 1, 1, 1) * parts["x0"])
+        / parts["sigma"].reshape(-1, 1, 1, 1),
+        parts["sigma"],
+    )
+    m = mask_targets(batch["edit_mask"], tuple(v.shape[-2:]))
+    want = ((v_edit - v).pow(2).mean(1, keepdim=True) * m).flatten(1).sum(1) / m.flatten(1).sum(1)
+    torch.testing.assert_close(
+        loss[:2], w[:2] * want[:2] + 2.0 * parts["mask_loss"][:2], rtol=1e-4, atol=1e-5
+    )
+    # pixels outside the mask do not reach the flow term: the gate head gets gradient from (G2) only
+    split.backbone.zero_grad()
+    want[:2].sum().backward()  # the flow term of the masked samples (equal to the stage's, checked above)
+    assert (
+        split.backbone.edit_gate.head.weight.grad is None
+        or split.backbone.edit_gate.head.weight.grad.abs().max() == 0
+    )
+    with pytest.raises(InstantiationException, match=r"gate_split needs stage\.weighting\.mask_loss"):
+        _stage(tmp_path / "bad", "backbone.edit_gate=true", "+stage.weighting.gate_split=true")

@@ -354,6 +354,7 @@ class EditBackbone(nn.Module):
         opts = _option(edit_gate, "edit_gate")
         self.edit_gate = None
         self.last_gate_logits: torch.Tensor | None = None
+        self.last_ungated_x0: torch.Tensor | None = None  # z_ref1 + Δ [B, C, h, w] (the stage's split loss)
         if opts is None:
             return
         if not self.source_residual:
@@ -519,10 +520,13 @@ class EditBackbone(nn.Module):
             pred = pred + self.pixel_head(final[-1][:, :n_target], base, noisy_target, sigma).to(pred.dtype)
         if gate is not None:
             self.last_gate_logits = gate.logits(final[-1][:, :n_target], h, w)
+            self.last_ungated_x0 = None  # set below when there is a Picture 1
         if self.source_residual and references:
+            base = self.residual_base(references[0], (h, w)).to(pred.dtype)
             if gate is not None:
+                self.last_ungated_x0 = pred + base
                 pred = gate.composite(pred, self.last_gate_logits)
-            pred = pred + self.residual_base(references[0], (h, w)).to(pred.dtype)
+            pred = pred + base
         if self.prediction == "x0":
             pred = self.velocity_from_x0(noisy_target.to(pred.dtype), pred, sigma.to(pred.dtype))
         return pred

@@ -15,6 +15,19 @@ latent grid (``m ∈ [0, 1]``, soft targets)::
 
     L_mask = mean_{h,w} BCE(g, m) = −mean[m·log σ(g) + (1 − m)·log(1 − σ(g))]           (G2)
 
+Split loss (``stage.weighting.gate_split``, off by default). Trained through (G1) with an edit-region weight
+α, the composite regresses onto an α-weighted target: wherever the editor is unsure whether a pixel is edited
+(probability ``p``), the minimiser leans toward the edit by ``p(1+α) / (1 + pα)`` instead of ``p``, a bias that
+costs preservation (learnability round 12). The conditional mean of a pixel that is kept with probability
+``1 − p`` and edited otherwise is ``z_ref1 + p·(E[x0 | edited] − z_ref1)``, which is (G1) when ``sigmoid(g)``
+is ``p`` and ``Δ = E[x0 | edited] − z_ref1``. So the split trains the two factors apart, each unbiased: ``g``
+by (G2) (a calibrated ``p``), and the ungated prediction ``z_ref1 + Δ`` only on the edited pixels::
+
+    L_split = Σ_{h,w} m · ‖z_ref1 + Δ − x0‖² / Σ_{h,w} m                                        (G3)
+
+(per channel mean, in the stage's loss space), which gives the edit's pixels the whole sample's weight however
+small the edit is. Samples without a usable mask keep the usual loss on the composite.
+
 ``gate=False`` builds the head for (G2) only (an auxiliary localisation task, the output stays
 ``z_ref1 + Δ``). Init: the head's weight is zero and its bias ``init_bias`` (default 0: σ(g) = ½, the
 uncommitted "don't know where", where (G2) and the gate's share of the flow loss have their largest

@@ -37,7 +37,7 @@ from rededit.flow.sampler import euler_sample
 from rededit.flow.weighting import loss_weight, region_weights
 from rededit.models import adapters, frozen_base
 from rededit.models.backbone import EditBackbone
-from rededit.models.edit_gate import mask_loss
+from rededit.models.edit_gate import mask_loss, mask_targets
 from rededit.models.fireedit import normalize_boxes
 from rededit.models.text_encoder import pad_embeddings
 from rededit.parallel import ParallelPlan, load_full_state, meta_init, parallelize_backbone
@@ -103,7 +103,10 @@ class BaseStage(L.LightningModule):
             ``region_weight_final`` (default: the same α) anneals α along a cosine to that value at
             ``trainer.max_steps`` (learn *what* to edit early, preservation late); and ``mask_loss`` λ ≥ 0
             (default 0, off): λ × the localisation loss (G2) of :mod:`rededit.models.edit_gate` between the
-            backbone's edit-gate logits and the edit mask, added to each sample's loss (needs ``backbone.edit_gate``).
+            backbone's edit-gate logits and the edit mask, added to each sample's loss (needs ``backbone.edit_gate``);
+            ``gate_split`` (default false): samples with a usable mask train the ungated prediction on their
+            edited pixels only (G3 of :mod:`rededit.models.edit_gate`) instead of the composite, so the gate
+            (trained by (G2), needs ``mask_loss`` > 0) alone decides where; α is then unused for them.
         optimizer: factory ``(param_groups) -> Optimizer`` (``_partial_`` AdamW of Table 1).
         weight_decay: decay of weight matrices (norms, biases and embeddings get none).
         warmup_steps: linear LR warm-up (Table 1: 0 for Pretrain/CT, 500 for SFT/DPO).
@@ -177,6 +180,11 @@ class BaseStage(L.LightningModule):
         self.mask_loss_weight = float(self.weighting.pop("mask_loss", 0.0) or 0.0)
         if self.mask_loss_weight < 0:
             raise ValueError(f"stage.weighting.mask_loss must be >= 0, got {self.mask_loss_weight}")
+        self.gate_split = bool(self.weighting.pop("gate_split", False))
+        if self.gate_split and self.mask_loss_weight <= 0:
+            raise ValueError(
+                "stage.weighting.gate_split needs stage.weighting.mask_loss > 0 (the gate learns where from it)"
+            )
         self.optimizer_factory = optimizer
         self.weight_decay = float(weight_decay)
         self.warmup_steps = int(warmup_steps)
@@ -519,24 +527,48 @@ class BaseStage(L.LightningModule):
         w = loss_weight(sigma, **self.weighting).to(mse.device)
         parts = {"sigma": sigma, "mse": mse.detach(), "x0": x0, "x_t": x_t, "v_hat": v_hat, "refs": refs}
         parts["text_dropped"] = dropped
-        loss = w * mse
         if self.mask_loss_weight > 0:
-            loss = loss + self.mask_loss_weight * self._gate_mask_loss(batch, refs, dropped, parts)
-        return loss, parts
+            use = self._mask_usable(batch, refs, dropped)
+            gate_term = self._gate_mask_loss(batch, use, parts)
+            if self.gate_split and bool(use.any()):
+                mse = torch.where(use.to(mse.device), self._split_mse(batch, x_t, v, sigma), mse)
+                parts["mse"] = mse.detach()
+            return w * mse + self.mask_loss_weight * gate_term, parts
+        return w * mse, parts
 
-    def _gate_mask_loss(
-        self, batch: Mapping[str, Any], refs: list[torch.Tensor], dropped: torch.Tensor, parts: dict
+    def _split_mse(
+        self, batch: Mapping[str, Any], x_t: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor
     ) -> torch.Tensor:
-        """Localisation loss (G2) ``[B]`` of the last backbone forward's gate logits ``[B, 1, h, w]``, on samples with
-        a real edit mask whose instruction and Picture 1 the backbone saw (without them *where* is unknowable)."""
+        """(G3) per sample ``[B]``: the ungated prediction's squared error on the edited pixels (mask-weighted
+        mean), in the same velocity space as the plain loss."""
+        x0_edit = self.backbone.last_ungated_x0
+        if x0_edit is None or not self.backbone.edit_gate.gate:
+            raise ValueError(
+                "stage.weighting.gate_split needs backbone.edit_gate with its gate on and a Picture 1"
+            )
+        v_edit = self.backbone.velocity_from_x0(x_t.to(x0_edit.dtype), x0_edit, sigma.to(x0_edit.dtype))
+        m = mask_targets(batch["edit_mask"].to(v.device), tuple(v.shape[-2:]))  # [B, 1, h, w]
+        err = (v_edit.float() - v).pow(2).mean(1, keepdim=True)  # mean over channels
+        return (err * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1e-6)
+
+    @staticmethod
+    def _mask_usable(
+        batch: Mapping[str, Any], refs: list[torch.Tensor], dropped: torch.Tensor
+    ) -> torch.Tensor:
+        """``[B]`` bool: samples with a real edit mask whose instruction and Picture 1 the backbone saw (without
+        them *where* is unknowable)."""
+        b = dropped.shape[0]
+        has = torch.as_tensor(batch.get("has_edit_mask", torch.zeros(b, dtype=torch.bool)), dtype=torch.bool)
+        return has.cpu() & ~dropped.cpu() & torch.tensor(bool(refs))
+
+    def _gate_mask_loss(self, batch: Mapping[str, Any], use: torch.Tensor, parts: dict) -> torch.Tensor:
+        """Localisation loss (G2) ``[B]`` of the last backbone forward's gate logits ``[B, 1, h, w]`` on the samples
+        ``use`` (:meth:`_mask_usable`)."""
         logits = getattr(self.backbone, "last_gate_logits", None)
         if getattr(self.backbone, "edit_gate", None) is None or logits is None:
             raise ValueError(
                 "stage.weighting.mask_loss > 0 needs backbone.edit_gate (true, or {gate: false})"
             )
-        b = logits.shape[0]
-        has = torch.as_tensor(batch.get("has_edit_mask", torch.zeros(b, dtype=torch.bool)), dtype=torch.bool)
-        use = has.cpu() & ~dropped.cpu() & torch.tensor(bool(refs))
         per_sample = mask_loss(logits, batch["edit_mask"], use)
         parts["mask_loss"] = per_sample.detach()
         if self._trainer is not None and self.training and bool(use.any()):
