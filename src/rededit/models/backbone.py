@@ -375,6 +375,10 @@ class EditBackbone(nn.Module):
             raise ValueError(
                 "backbone.pixel_head needs prediction='x0' and source_residual=true (it decodes the change)"
             )
+        if opts.get("gate") and self.edit_gate is None:
+            raise ValueError(
+                "backbone.pixel_head.gate needs backbone.edit_gate (it refines the gate per pixel)"
+            )
         self.pixel_head = PixelHead(self.transformer.inner_dim, self.patch_size, self.latent_channels, **opts)
         if dtype is not None:
             self.pixel_head.to(dtype)
@@ -515,11 +519,15 @@ class EditBackbone(nn.Module):
             )[0]
         # Target tokens come first in the image stream; reference outputs are discarded (as the pipeline does).
         pred = unpack_latents(out[:, :n_target], h, w, p)
+        pixel_logits = None
         if self.pixel_head is not None:
             base = self.residual_base(references[0], (h, w)) if references else None
-            pred = pred + self.pixel_head(final[-1][:, :n_target], base, noisy_target, sigma).to(pred.dtype)
+            change, pixel_logits = self.pixel_head(final[-1][:, :n_target], base, noisy_target, sigma)
+            pred = pred + change.to(pred.dtype)
         if gate is not None:
             self.last_gate_logits = gate.logits(final[-1][:, :n_target], h, w)
+            if pixel_logits is not None:  # per-pixel gate: the site's logit + the pixel's own term
+                self.last_gate_logits = self.last_gate_logits + pixel_logits.to(self.last_gate_logits.dtype)
             self.last_ungated_x0 = None  # set below when there is a Picture 1
         if self.source_residual and references:
             base = self.residual_base(references[0], (h, w)).to(pred.dtype)

@@ -87,28 +87,39 @@ class EditGate(nn.Module):
         return unpack_latents(tokens, h, w, self.patch_size)
 
     def composite(self, delta: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """``sigmoid(g) ⊙ Δ`` ``[B, C, h, w]`` (G1's gated change); ``Δ`` unchanged when ``gate`` is off."""
+        """``sigmoid(g) ⊙ Δ`` ``[B, C, h, w]`` (G1's gated change); ``Δ`` unchanged when ``gate`` is off.
+
+        ``logits`` ``[B, P, h, w]``: one logit per latent site (``P = 1``) or per pixel of it (``P`` pixels,
+        channel ``c·P + q`` of ``Δ`` belongs to pixel ``q``, as in :mod:`rededit.models.pixel_head`)."""
         if not self.gate:
             return delta
-        return torch.sigmoid(logits).to(delta.dtype) * delta
+        gate = torch.sigmoid(logits).to(delta.dtype)
+        return gate.repeat(1, delta.shape[1] // gate.shape[1], 1, 1) * delta
 
     def extra_repr(self) -> str:
         return f"gate={self.gate}"
 
 
-def mask_targets(edit_mask: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
-    """``m`` of (G2): the edit mask ``[B, 1, H, W]`` area-averaged onto the latent grid ``[B, 1, h, w]``."""
-    return nn.functional.adaptive_avg_pool2d(edit_mask.float(), tuple(int(v) for v in latent_hw))
+def mask_targets(edit_mask: torch.Tensor, latent_hw: tuple[int, int], pixels: int = 1) -> torch.Tensor:
+    """``m`` of (G2): the edit mask ``[B, 1, H, W]`` area-averaged onto the latent grid ``[B, 1, h, w]``, or with
+    ``pixels = f²`` > 1 onto the ``f·h × f·w`` pixel grid and unshuffled to ``[B, pixels, h, w]`` (pixel ``q`` of a
+    latent site = channel ``q``, ``pixel_unshuffle``'s layout)."""
+    h, w = (int(v) for v in latent_hw)
+    f = round(pixels**0.5)
+    if f * f != pixels:
+        raise ValueError(f"per-pixel gate targets need a square number of pixels per site, got {pixels}")
+    m = nn.functional.adaptive_avg_pool2d(edit_mask.float(), (h * f, w * f))
+    return m if f == 1 else nn.functional.pixel_unshuffle(m, f)
 
 
 def mask_loss(logits: torch.Tensor, edit_mask: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
     """Per-sample localisation loss (G2) ``[B]`` in float32; 0 where ``use`` ``[B]`` (bool) is False.
 
     Args:
-        logits: gate logits ``[B, 1, h, w]``.
+        logits: gate logits ``[B, P, h, w]`` (``P`` = 1, or pixels per latent site).
         edit_mask: ``[B, 1, H, W]`` in {0, 1} (any ``H, W``; area-averaged to ``h, w``).
         use: which samples have a real mask (``has_edit_mask``, text not dropped, Picture 1 present).
     """
-    m = mask_targets(edit_mask.to(logits.device), tuple(logits.shape[-2:]))
+    m = mask_targets(edit_mask.to(logits.device), tuple(logits.shape[-2:]), pixels=logits.shape[1])
     bce = nn.functional.binary_cross_entropy_with_logits(logits.float(), m, reduction="none")
     return bce.flatten(1).mean(1) * use.to(device=logits.device, dtype=torch.float32)

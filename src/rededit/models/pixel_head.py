@@ -14,6 +14,11 @@ Wang et al. 2025), with Picture 1's pixel as an extra input for editing::
     Δ_q = MLP([f_q, r_q, x_q, σ])             with ``noisy=True``: also the noisy target's value and σ     (P2')
 
 ``h`` is the transformer's final image hidden state of a target token (``norm_out``'s output, ``[B, N, D]``),
+With ``gate=True`` (needs ``backbone.edit_gate``) the MLP has one more output per pixel, ``γ_q``, added to the
+edit gate's token-level logit ``g`` of that pixel's latent site, so the gate of (G1) in
+:mod:`rededit.models.edit_gate` becomes per pixel, ``sigmoid(g + γ_q)``: *where* can follow a pixel's own value
+(e.g. "the red object's pixels"), which a token-level gate cannot inside an 8×8-pixel token.
+
 ``Δ`` is added to ``proj_out``'s change (both start at zero, so a fresh backbone still returns Picture 1
 exactly). ``noisy`` is off by default: measured at equal steps (learnability round 12) a head that reads
 ``x_q`` learns to copy it, which wins the low-σ loss but lets the sampler's noise through from σ = 1 (washed-out,
@@ -47,6 +52,7 @@ class PixelHead(nn.Module):
         features: ``F``, the per-pixel feature width taken from the hidden state.
         hidden: the per-pixel MLP's hidden width.
         noisy: also feed the pixel's noisy-target value and σ (P2').
+        gate: also output a per-pixel gate logit ``γ_q`` (module doc).
     """
 
     def __init__(
@@ -58,6 +64,7 @@ class PixelHead(nn.Module):
         features: int = 16,
         hidden: int = 32,
         noisy: bool = False,
+        gate: bool = False,
     ) -> None:
         super().__init__()
         if pixels < 1 or latent_channels % pixels:
@@ -67,12 +74,13 @@ class PixelHead(nn.Module):
         self.channels = int(latent_channels) // self.pixels  # k, values per pixel
         self.features = int(features)
         self.noisy = bool(noisy)
+        self.gate = bool(gate)
         inputs = self.features + self.channels + (self.channels + 1 if self.noisy else 0)
         self.to_features = nn.Linear(dim, self.patch_size**2 * self.pixels * self.features)
         self.mlp = nn.Sequential(
             nn.Linear(inputs, int(hidden)),
             nn.GELU(approximate="tanh"),
-            nn.Linear(int(hidden), self.channels),
+            nn.Linear(int(hidden), self.channels + int(self.gate)),
         )
         # Zero output layer: Δ = 0 at the start (the backbone's "return Picture 1" init); its gradient does
         # not depend on its own weight, so it trains from zero.
@@ -86,8 +94,9 @@ class PixelHead(nn.Module):
 
     def forward(
         self, hidden: torch.Tensor, reference: torch.Tensor | None, noisy: torch.Tensor, sigma: torch.Tensor
-    ) -> torch.Tensor:
-        """The per-pixel change ``Δ`` ``[B, C, h, w]`` (P2).
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The per-pixel change ``Δ`` ``[B, C, h, w]`` (P2) and, with ``gate``, the per-pixel gate logits ``γ``
+        ``[B, pixels, h, w]`` (else None).
 
         Args:
             hidden: the target tokens' final hidden states ``[B, (h/p)(w/p), D]``.
@@ -108,8 +117,9 @@ class PixelHead(nn.Module):
             sig = sigma.to(dtype).reshape(b, 1, 1, 1, 1).expand(b, self.pixels, h, w, 1)
             parts += [self._pixels_last(noisy.to(dtype)), sig]
         x = torch.cat(parts, dim=-1)
-        delta = self.mlp(x)  # [B, pixels, h, w, k]
-        return delta.permute(0, 4, 1, 2, 3).reshape(b, c, h, w)
+        out = self.mlp(x)  # [B, pixels, h, w, k (+1)]
+        delta = out[..., : self.channels].permute(0, 4, 1, 2, 3).reshape(b, c, h, w)
+        return delta, (out[..., self.channels] if self.gate else None)
 
     def extra_repr(self) -> str:
-        return f"pixels={self.pixels}, channels_per_pixel={self.channels}, features={self.features}, noisy={self.noisy}"
+        return f"pixels={self.pixels}, channels_per_pixel={self.channels}, features={self.features}, noisy={self.noisy}, gate={self.gate}"
