@@ -90,3 +90,29 @@ def test_an_adapter_run_freezes_the_base_output_heads() -> None:
     assert not any(p.requires_grad for p in backbone.pixel_head.parameters())
     assert not any(p.requires_grad for p in backbone.edit_gate.parameters())
     assert any(p.requires_grad for n, p in backbone.named_parameters() if "lora_A" in n)
+
+
+def test_per_pixel_gate_targets_and_compositing_follow_the_rgb_pixels() -> None:
+    """``pixel_head.gate``: the gate logits are per RGB pixel ``[B, 16, h, w]``; the mask loss's targets and the
+    compositing use the space-to-depth autoencoder's pixel layout, so closing one pixel's gate keeps exactly that
+    pixel of Picture 1."""
+    from rededit.models.edit_gate import EditGate, mask_targets
+
+    vae = PixelSpaceToDepthVAE(factor=4, scale=2.0)
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[0, 0, 5, 9] = 1.0
+    m = mask_targets(mask, (4, 4), pixels=16)
+    assert m.shape == (1, 16, 4, 4) and m.sum() == 1
+    assert torch.equal(m.repeat(1, 3, 1, 1) > 0, vae.encode(mask.expand(1, 3, 16, 16)) > 0)
+    gate = EditGate(dim=8, patch_size=2)
+    delta = torch.randn(1, 48, 4, 4)
+    logits = torch.where(m > 0, 30.0, -30.0)  # open only at pixel (5, 9)
+    change = vae.decode(gate.composite(delta, logits)) - vae.decode(torch.zeros_like(delta))
+    moved = change.abs().sum(1)[0] > 1e-6
+    assert moved[5, 9] and moved.sum() == 1
+    on = build(pixel_head={"gate": True, "pixels": 1}, edit_gate=True)
+    x, refs, sigma, text, mask_ = inputs()
+    on(x, refs, sigma, text, mask_)
+    assert on.last_gate_logits.shape == (2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"needs backbone\.edit_gate"):
+        build(pixel_head={"gate": True})
