@@ -10,40 +10,28 @@ identity baseline's, per task. Learnability round 13 (README) used it::
 
 from __future__ import annotations
 
-import argparse
+import sys
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
-from rededit.data.manifest import Manifest
-from rededit.eval.demo_report import load_samples, select_rows
-from rededit.inference.editor import load_editor
-from rededit.inference.sizing import editor_buckets, sizes_fn
 from rededit.models.edit_gate import mask_targets
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder's shared helper, bench_items
+import bench_items
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--manifest", required=True)
-    p.add_argument("--per-task", type=int, default=16)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    editor = load_editor(args.checkpoint)
+    args = bench_items.parser(__doc__, per_task=16).parse_args()
+    editor, samples = bench_items.load(args)
     backbone = editor.backbone
     if backbone.edit_gate is None:
         raise SystemExit(f"{args.checkpoint}: the editor has no edit gate")
-    manifest = Manifest.open(args.manifest)
-    samples = load_samples(
-        manifest, select_rows(manifest, "bench", args.per_task), sizes_fn(editor, editor_buckets(editor))
-    )
     stats: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for s in samples:
-            if len(s["references"]) != 1 or s["mask"] is None:
-                continue
             batch = {
                 "target": s["target"][None],
                 "references": [s["references"][0][None]],

@@ -9,35 +9,24 @@ and of |one edit − ground truth| (images in [−1, 1]). Learnability round 12 
 
 from __future__ import annotations
 
-import argparse
+import sys
+from pathlib import Path
 
 import torch
 
-from rededit.data.manifest import Manifest
-from rededit.eval.demo_report import edit_request, load_samples, select_rows
+from rededit.eval.demo_report import edit_request
 from rededit.inference.edit_loop import edit_batch
-from rededit.inference.editor import load_editor
-from rededit.inference.sizing import editor_buckets, sizes_fn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder's shared helper, bench_items
+import bench_items
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--manifest", required=True)
-    p.add_argument("--per-task", type=int, default=4)
+    p = bench_items.parser(__doc__, per_task=4)
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--steps", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    editor = load_editor(args.checkpoint)
-    manifest = Manifest.open(args.manifest)
-    rows = select_rows(manifest, "bench", args.per_task)
-    samples = [
-        s
-        for s in load_samples(manifest, rows, sizes_fn(editor, editor_buckets(editor)))
-        if len(s["references"]) == 1 and s["mask"] is not None
-    ]
+    editor, samples = bench_items.load(args)
     requests = [edit_request(s) for s in samples]
     target = torch.stack([s["target"] for s in samples])
     inside = torch.stack([s["mask"] for s in samples]).bool().expand_as(target)
