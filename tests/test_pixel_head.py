@@ -59,11 +59,11 @@ def test_a_pixel_is_an_rgb_pixel_of_the_space_to_depth_autoencoder(noisy: bool) 
     torch.nn.init.normal_(head.mlp[-1].weight)
     image = torch.rand(1, 3, 16, 16) * 2 - 1
     hidden = torch.randn(1, 4, 8)  # 2×2 tokens of a 4×4 latent
-    noisy, sigma = torch.randn(1, 48, 4, 4), torch.tensor([0.5])
-    base, _ = head(hidden, vae.encode(image), noisy, sigma)
+    x_t, sigma = torch.randn(1, 48, 4, 4), torch.tensor([0.5])
+    base, _ = head(hidden, vae.encode(image), x_t, sigma)
     moved = image.clone()
     moved[0, :, 5, 9] += 0.7  # one RGB pixel of Picture 1
-    diff = (vae.decode(head(hidden, vae.encode(moved), noisy, sigma)[0]) - vae.decode(base)).abs().sum(1)[0]
+    diff = (vae.decode(head(hidden, vae.encode(moved), x_t, sigma)[0]) - vae.decode(base)).abs().sum(1)[0]
     assert diff[5, 9] > 0
     diff[5, 9] = 0
     assert torch.count_nonzero(diff) == 0  # no other pixel's change moved

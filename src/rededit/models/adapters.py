@@ -183,8 +183,8 @@ def apply_adapter(backbone: nn.Module, node: Mapping[str, Any], *, name: str = A
     """Inject the node's adapter into ``backbone.transformer`` and freeze the base (call after loading the base).
 
     peft marks only the adapter trainable inside ``transformer``; FireEdit modules outside it keep their
-    ``requires_grad``; the base's output heads (``edit_gate``, ``pixel_head``) are frozen. ``node.init_from`` (a PEFT folder or a LoRA file, :func:`initial_adapter_state`) fills the
-    new adapter's weights.
+    ``requires_grad``; the base's output heads (``edit_gate``, ``pixel_head``) are frozen. ``node.init_from``
+    (a PEFT folder or a LoRA file, :func:`initial_adapter_state`) fills the new adapter's weights.
 
     Returns:
         the peft config.

@@ -52,8 +52,9 @@ stage's localisation loss only. Off builds nothing; weights under ``edit_gate.*`
 
 Pixel head (optional, ``pixel_head``, off by default, :mod:`rededit.models.pixel_head`; x0-prediction with source
 residual only): a per-pixel decoder that adds to the change a term computed from each token's final hidden state
-and the pixel's own values in Picture 1 and in ``x_t``, so a change can follow an outline inside a token. Off
-builds nothing; weights under ``pixel_head.*``, zero-initialised output (the init still returns Picture 1).
+and the pixel's own value in Picture 1 (and in ``x_t`` with ``noisy``), so a change can follow an outline inside a
+token; with ``gate`` it also adds a per-pixel term to the edit gate's logit. Off builds nothing; weights under
+``pixel_head.*``, zero-initialised output (the init still returns Picture 1).
 """
 
 from __future__ import annotations
@@ -217,7 +218,8 @@ class EditBackbone(nn.Module):
         edit_gate: the edit gate (:class:`~rededit.models.edit_gate.EditGate` options: ``gate``, ``init_bias``);
             the last forward's logits ``[B, 1, h, w]`` are :attr:`last_gate_logits` (the stage's mask loss).
         pixel_head: the per-pixel change decoder (:class:`~rededit.models.pixel_head.PixelHead` options:
-            ``pixels``, ``features``, ``hidden``); x0-prediction with ``source_residual`` only.
+            ``pixels``, ``features``, ``hidden``, ``noisy``, ``gate``); x0-prediction with ``source_residual``
+            only (``gate`` also needs ``edit_gate``); the logits are then per pixel, ``[B, pixels, h, w]``.
         block_swap: keep the frozen weights of the last ``block_swap`` transformer blocks on the CPU and stream
             them to the device per forward with prefetch (:mod:`rededit.models.block_swap`; 0: off). Saves memory
             in training only with ``gradient_checkpointing``; streams frozen weights only (an adapter run's base).
@@ -519,9 +521,13 @@ class EditBackbone(nn.Module):
             )[0]
         # Target tokens come first in the image stream; reference outputs are discarded (as the pipeline does).
         pred = unpack_latents(out[:, :n_target], h, w, p)
+        # Picture 1 on the target's latent grid: the residual's base and the pixel head's input (which needs the
+        # residual mode), computed once.
+        base = None
+        if self.source_residual and references:
+            base = self.residual_base(references[0], (h, w)).to(pred.dtype)
         pixel_logits = None
         if self.pixel_head is not None:
-            base = self.residual_base(references[0], (h, w)) if references else None
             change, pixel_logits = self.pixel_head(final[-1][:, :n_target], base, noisy_target, sigma)
             pred = pred + change.to(pred.dtype)
         if gate is not None:
@@ -529,8 +535,7 @@ class EditBackbone(nn.Module):
             if pixel_logits is not None:  # per-pixel gate: the site's logit + the pixel's own term
                 self.last_gate_logits = self.last_gate_logits + pixel_logits.to(self.last_gate_logits.dtype)
             self.last_ungated_x0 = None  # set below when there is a Picture 1
-        if self.source_residual and references:
-            base = self.residual_base(references[0], (h, w)).to(pred.dtype)
+        if base is not None:
             if gate is not None:
                 self.last_ungated_x0 = pred + base
                 pred = gate.composite(pred, self.last_gate_logits)

@@ -562,8 +562,8 @@ class BaseStage(L.LightningModule):
         return has.cpu() & ~dropped.cpu() & torch.tensor(bool(refs))
 
     def _gate_mask_loss(self, batch: Mapping[str, Any], use: torch.Tensor, parts: dict) -> torch.Tensor:
-        """Localisation loss (G2) ``[B]`` of the last backbone forward's gate logits ``[B, 1, h, w]`` on the samples
-        ``use`` (:meth:`_mask_usable`)."""
+        """Localisation loss (G2) ``[B]`` of the last backbone forward's gate logits ``[B, P, h, w]`` (``P`` = 1, or
+        pixels per latent site with ``pixel_head.gate``) on the samples ``use`` (:meth:`_mask_usable`)."""
         logits = getattr(self.backbone, "last_gate_logits", None)
         if getattr(self.backbone, "edit_gate", None) is None or logits is None:
             raise ValueError(
