@@ -29,8 +29,10 @@ as one "pixel" of ``C`` channels (any learned VAE). T2I rows (no Picture 1) pass
 
 Written here because it is two small layers on top of diffusers' unmodified ``QwenImageTransformer2DModel``
 (the hidden states come through the same one-call forward hook as the edit gate); cost: one
-``D → p²·pixels·F`` linear per target token and a ``(F + 2k) → hidden → k`` MLP per pixel (~6 % of a tiny-preset
-step). Off by default; measured in the learnability lever table.
+``D → p²·pixels·F`` linear per target token and an ``(F + k) → hidden → k`` MLP per pixel (``F + 2k + 1`` inputs
+with ``noisy``, ``k + 1`` outputs with ``gate``): the demo backbone's forward + backward takes 1.15× as long with
+it (batch 8, 1 thread, idle 2-core machine; experiments/benchmarks/learnability/pixel_head_cost.py). Off by
+default; its effect on edits is in the learnability lever table.
 """
 
 from __future__ import annotations
