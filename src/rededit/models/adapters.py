@@ -10,7 +10,7 @@ The adapter is a PEFT tuner injected through diffusers' PEFT integration of ``Qw
 
 Only the adapter trains inside ``transformer`` (peft freezes the rest of it); FireEdit modules
 (``region_tokens``, ``tati``, ``hvca``) live outside ``transformer`` and keep training when they are on. The
-output heads of the base (``edit_gate``, ``pixel_head``) are frozen with it: they decode every output, and a LoRA
+output heads and extra input of the base (``edit_gate``, ``pixel_head``, ``source_in``) are frozen with it: they decode every output, and a LoRA
 file cannot carry them, so training them would make ``rededit-edit --lora`` on the base differ from the run.
 
 Default targets: the ones the Qwen-Image LoRA ecosystem (DiffSynth-Studio, musubi-tuner, ai-toolkit) trains, the
@@ -183,7 +183,7 @@ def apply_adapter(backbone: nn.Module, node: Mapping[str, Any], *, name: str = A
     """Inject the node's adapter into ``backbone.transformer`` and freeze the base (call after loading the base).
 
     peft marks only the adapter trainable inside ``transformer``; FireEdit modules outside it keep their
-    ``requires_grad``; the base's output heads (``edit_gate``, ``pixel_head``) are frozen. ``node.init_from``
+    ``requires_grad``; the base's output heads and extra input (``edit_gate``, ``pixel_head``, ``source_in``) are frozen. ``node.init_from``
     (a PEFT folder or a LoRA file, :func:`initial_adapter_state`) fills the new adapter's weights.
 
     Returns:
@@ -191,9 +191,9 @@ def apply_adapter(backbone: nn.Module, node: Mapping[str, Any], *, name: str = A
     """
     config = build_peft_config(node, frozen_tail_modules(backbone))
     backbone.transformer.add_adapter(config, adapter_name=name)
-    for head in (getattr(backbone, "edit_gate", None), getattr(backbone, "pixel_head", None)):
-        if head is not None:
-            head.requires_grad_(False)  # part of the base (module doc)
+    for part in ("edit_gate", "pixel_head", "source_in"):
+        if getattr(backbone, part, None) is not None:
+            getattr(backbone, part).requires_grad_(False)  # part of the base (module doc)
     source = plain(node).get("init_from")
     if source:
         load_adapter_state(backbone, initial_adapter_state(source, config, node), name=name, source=source)

@@ -55,6 +55,11 @@ residual only): a per-pixel decoder that adds to the change a term computed from
 and the pixel's own value in Picture 1 (and in ``x_t`` with ``noisy``), so a change can follow an outline inside a
 token; with ``gate`` it also adds a per-pixel term to the edit gate's logit. Off builds nothing; weights under
 ``pixel_head.*``, zero-initialised output (the init still returns Picture 1).
+
+Source input (optional, ``source_in``, off by default, :mod:`rededit.models.source_in`; needs ``source_residual``):
+Picture 1's token at the same place added to each target token's input embedding (channel-concat conditioning as a
+sum after ``img_in``), zero-initialised; for editors trained from scratch (a published checkpoint has no such
+weight). Weights under ``source_in.*``.
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ from rededit.models.fireedit import (
 )
 from rededit.models.packing import img_shapes_for, pack_latents, unpack_latents
 from rededit.models.pixel_head import PixelHead
+from rededit.models.source_in import SourceIn
 from rededit.models.vae import as_dtype
 from rededit.utils.logging import get_logger
 from rededit.utils.offline import require_local_folder
@@ -220,6 +226,8 @@ class EditBackbone(nn.Module):
         pixel_head: the per-pixel change decoder (:class:`~rededit.models.pixel_head.PixelHead` options:
             ``pixels``, ``features``, ``hidden``, ``noisy``, ``gate``); x0-prediction with ``source_residual``
             only (``gate`` also needs ``edit_gate``); the logits are then per pixel, ``[B, pixels, h, w]``.
+        source_in: add Picture 1's packed token to each target token's input embedding
+            (:class:`~rededit.models.source_in.SourceIn`); needs ``source_residual``.
         block_swap: keep the frozen weights of the last ``block_swap`` transformer blocks on the CPU and stream
             them to the device per forward with prefetch (:mod:`rededit.models.block_swap`; 0: off). Saves memory
             in training only with ``gradient_checkpointing``; streams frozen weights only (an adapter run's base).
@@ -247,6 +255,7 @@ class EditBackbone(nn.Module):
         edit_gate: bool | Mapping[str, Any] = False,
         block_swap: int = 0,
         pixel_head: bool | Mapping[str, Any] = False,
+        source_in: bool = False,
     ) -> None:
         super().__init__()
         from diffusers import QwenImageTransformer2DModel
@@ -327,6 +336,15 @@ class EditBackbone(nn.Module):
         self._build_fireedit(region_tokens, tati, hvca, dtype)
         self._build_edit_gate(edit_gate, dtype)
         self._build_pixel_head(pixel_head, dtype)
+        self.source_in = None
+        if source_in:
+            if not self.source_residual:
+                raise ValueError(
+                    "backbone.source_in needs source_residual=true (it reads Picture 1 the same way)"
+                )
+            self.source_in = SourceIn(tcfg.in_channels, self.transformer.inner_dim)
+            if dtype is not None:
+                self.source_in.to(dtype)
         self.set_zero_cond_t(zero_cond_t)
         self.set_gradient_checkpointing(gradient_checkpointing)
         self.block_swap = BlockSwap(self.transformer, int(block_swap)) if block_swap else None
@@ -505,11 +523,21 @@ class EditBackbone(nn.Module):
             # Passed through the blocks' arguments, so checkpointed blocks recompute with the same context.
             ctx = self.hvca.context(self.transformer.img_in, references[0], (h, w), p)
             attention_kwargs = {HVCA_KEY: ctx}
+        # Picture 1 on the target's latent grid: the residual's base, the pixel head's and the source input's
+        # input (all need the residual mode), computed once.
+        base = None
+        if self.source_residual and references:
+            base = self.residual_base(references[0], (h, w))
         gate = self.edit_gate
         # The gate and the pixel head read the final image hidden states (norm_out's output = proj_out's input).
         heads = gate is not None or self.pixel_head is not None
         capture = capture_output(self.transformer.norm_out) if heads else contextlib.nullcontext()
-        with capture as final:
+        source = (
+            self.source_in.added_to(self.transformer.img_in, pack_latents(base.to(param_dtype), p))
+            if self.source_in is not None and base is not None
+            else contextlib.nullcontext()
+        )
+        with capture as final, source:
             out = self.transformer(
                 hidden_states=hidden.to(param_dtype),
                 encoder_hidden_states=text_emb,
@@ -521,11 +549,8 @@ class EditBackbone(nn.Module):
             )[0]
         # Target tokens come first in the image stream; reference outputs are discarded (as the pipeline does).
         pred = unpack_latents(out[:, :n_target], h, w, p)
-        # Picture 1 on the target's latent grid: the residual's base and the pixel head's input (which needs the
-        # residual mode), computed once.
-        base = None
-        if self.source_residual and references:
-            base = self.residual_base(references[0], (h, w)).to(pred.dtype)
+        if base is not None:
+            base = base.to(pred.dtype)
         pixel_logits = None
         if self.pixel_head is not None:
             change, pixel_logits = self.pixel_head(final[-1][:, :n_target], base, noisy_target, sigma)
