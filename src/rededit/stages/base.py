@@ -47,6 +47,9 @@ from rededit.utils.logging import get_logger
 from rededit.utils.module_tree import hidden_from_tree
 from rededit.utils.seeding import derive_seed, torch_generator
 
+# Weighting schemes that ``stage.weighting.relative`` may replace (both mean "plain x0 error" for the ratio).
+RELATIVE_SCHEMES = ("uniform", "x0_mse")
+
 log = get_logger(__name__)
 
 # Distinct streams per (epoch, data step): the sampler's step restarts each epoch.
@@ -106,7 +109,10 @@ class BaseStage(L.LightningModule):
             backbone's edit-gate logits and the edit mask, added to each sample's loss (needs ``backbone.edit_gate``);
             ``gate_split`` (default false): samples with a usable mask train the ungated prediction on their
             edited pixels only (G3 of :mod:`rededit.models.edit_gate`) instead of the composite, so the gate
-            (trained by (G2), needs ``mask_loss`` > 0) alone decides where; α is then unused for them.
+            (trained by (G2), needs ``mask_loss`` > 0) alone decides where; α is then unused for them;
+            ``relative`` (default false): each sample's loss is its x0-space error over the error of returning
+            Picture 1 (zeros for T2I) under the same pixel weights — the per-sample edit ratio the demo report
+            scores — so a small object edit pulls as hard as a whole-image repaint (:meth:`relative_mse`).
         optimizer: factory ``(param_groups) -> Optimizer`` (``_partial_`` AdamW of Table 1).
         weight_decay: decay of weight matrices (norms, biases and embeddings get none).
         warmup_steps: linear LR warm-up (Table 1: 0 for Pretrain/CT, 500 for SFT/DPO).
@@ -126,11 +132,20 @@ class BaseStage(L.LightningModule):
         ref_drop_prob: probability that a training batch loses its reference images and becomes text-to-image
             (its texts re-encoded with the T2I template when the encoder sees images); default 0.
         compile_backbone: ``torch.compile`` the transformer in place (state-dict keys unchanged).
+        preserve_base: ``{except_tasks: [...]}`` or None (off): with an adapter, rows of every task *not* listed
+            train toward the base's own prediction (the adapter switched off, same ``x_t``, σ and conditions)
+            instead of their ground truth, so the adapter learns the listed (new) tasks and keeps the base's
+            behaviour on the rest; the base's prediction costs one extra no-grad forward per batch. In the spirit
+            of ai-toolkit's "differential output preservation" and DreamBooth's prior preservation, with the
+            regularisation rows' targets taken from the base instead of from their ground truth.
         adapter: the ``adapter`` node (conf/adapter/, :mod:`rededit.models.adapters`): ``type: none`` (or None)
             trains every weight; ``lora`` / ``lokr`` / ``loha`` inject a PEFT adapter after ``init_from`` loaded
             the base, so only the adapter (and FireEdit modules) trains, and checkpoints and the EMA hold only
             those weights (docs/adapters.md).
     """
+
+    # Whether the stage trains with :meth:`flow_loss` (what ``preserve_base`` acts on); DPO and NFT have their own.
+    trains_flow_loss = True
 
     def __init__(
         self,
@@ -157,11 +172,21 @@ class BaseStage(L.LightningModule):
         ref_drop_prob: float = 0.0,
         compile_backbone: bool = False,
         adapter: Mapping[str, Any] | None = None,
+        preserve_base: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         self.adapter = None if not adapters.is_enabled(adapter) else adapters.plain(adapter)
         # adapter.base_dtype / adapter.quantize (models/frozen_base.py), checked before anything is built
         self._frozen_base = frozen_base.options(adapters.plain(adapter))
+        self.preserve_except: frozenset[str] | None = None
+        if preserve_base is not None:
+            unknown = set(preserve_base) - {"except_tasks"}
+            if unknown or self.adapter is None or not self.trains_flow_loss:
+                raise ValueError(
+                    "stage.preserve_base takes {except_tasks: [...]}, needs an adapter (the base is the adapter-off "
+                    f"model) and a flow-matching stage ({type(self).__name__}); got {dict(preserve_base)} with adapter={adapter and dict(adapter).get('type')}"
+                )
+            self.preserve_except = frozenset(str(t) for t in preserve_base.get("except_tasks") or ())
         self._base_fingerprint: float | None = None
         self.backbone_factory = backbone
         self.backbone: EditBackbone | None = None
@@ -181,6 +206,14 @@ class BaseStage(L.LightningModule):
         if self.mask_loss_weight < 0:
             raise ValueError(f"stage.weighting.mask_loss must be >= 0, got {self.mask_loss_weight}")
         self.gate_split = bool(self.weighting.pop("gate_split", False))
+        self.relative = bool(self.weighting.pop("relative", False))
+        if self.relative and (
+            self.gate_split or self.weighting.get("scheme", "uniform") not in RELATIVE_SCHEMES
+        ):
+            raise ValueError(
+                "stage.weighting.relative is an x0-space ratio: it replaces w(σ) (scheme must be one of "
+                f"{RELATIVE_SCHEMES}) and is not defined with gate_split or preserve_base"
+            )
         if self.gate_split and self.mask_loss_weight <= 0:
             raise ValueError(
                 "stage.weighting.gate_split needs stage.weighting.mask_loss > 0 (the gate learns where from it)"
@@ -514,17 +547,22 @@ class BaseStage(L.LightningModule):
             refs, text_emb, text_mask, dropped = self.drop_conditions(batch, refs, text_emb, text_mask)
         sigma, eps = self._draw(batch, x0)
         x_t = interpolate(x0, eps, sigma)
-        v_hat = self.backbone(
-            x_t, refs, sigma, text_emb, text_mask, regions=self.backbone.batch_regions(batch)
-        )
+        regions = self.backbone.batch_regions(batch)
+        # Before the trained forward: the backbone keeps its last forward's gate logits for the mask loss.
+        v_base = self._base_velocity(batch, x_t, refs, sigma, text_emb, text_mask, regions)
+        v_hat = self.backbone(x_t, refs, sigma, text_emb, text_mask, regions=regions)
         # The backbone's own target: ε − x0, damped below σ_min in x0-prediction mode (see EditBackbone).
         v = self.backbone.velocity_target(x0, eps, sigma)
+        if v_base is not None:
+            v = torch.where(v_base[1].to(v.device).view(-1, 1, 1, 1), v_base[0].float(), v)
         err = (v_hat.float() - v).pow(2)
         alpha = self.region_weight_now()
-        if alpha > 0:
-            err = err * region_weights(batch, alpha, err.shape[-2:]).to(err.device)
+        pixel_w = region_weights(batch, alpha, err.shape[-2:]).to(err.device) if alpha > 0 else None
+        if pixel_w is not None:
+            err = err * pixel_w
         mse = err.flatten(1).mean(1)
         w = loss_weight(sigma, **self.weighting).to(mse.device)
+        loss = self.relative_mse(x0, x_t, v_hat, sigma, refs, pixel_w) if self.relative else w * mse
         parts = {"sigma": sigma, "mse": mse.detach(), "x0": x0, "x_t": x_t, "v_hat": v_hat, "refs": refs}
         parts["text_dropped"] = dropped
         if self.mask_loss_weight > 0:
@@ -533,8 +571,57 @@ class BaseStage(L.LightningModule):
             if self.gate_split and bool(use.any()):
                 mse = torch.where(use.to(mse.device), self._split_mse(batch, x_t, v, sigma), mse)
                 parts["mse"] = mse.detach()
-            return w * mse + self.mask_loss_weight * gate_term, parts
-        return w * mse, parts
+            return (loss if not self.gate_split else w * mse) + self.mask_loss_weight * gate_term, parts
+        return loss, parts
+
+    def _base_velocity(
+        self,
+        batch: Mapping[str, Any],
+        x_t: torch.Tensor,
+        refs: Sequence[torch.Tensor],
+        sigma: torch.Tensor,
+        text_emb: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        regions: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``stage.preserve_base``: (the adapter-off backbone's velocity ``[B, C, h, w]``, rows it is the target of
+        ``[B]`` bool), or None when preservation is off or no row of the batch is preserved."""
+        if self.preserve_except is None:
+            return None
+        keep = torch.tensor([task not in self.preserve_except for task in batch["tasks"]], dtype=torch.bool)
+        if not bool(keep.any()):
+            return None
+        with torch.no_grad(), adapters.adapters_disabled(self.backbone):
+            v_base = self.backbone(x_t, refs, sigma, text_emb, text_mask, regions=regions)
+        return v_base, keep
+
+    def relative_mse(
+        self,
+        x0: torch.Tensor,
+        x_t: torch.Tensor,
+        v_hat: torch.Tensor,
+        sigma: torch.Tensor,
+        refs: Sequence[torch.Tensor],
+        pixel_w: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Per sample ``[B]``: ``Σ w·(x̂0 − x0)² / max(Σ w·(z_ref1 − x0)², f)`` (``stage.weighting.relative``).
+
+        ``z_ref1`` is Picture 1 on the target grid as the backbone received it (zeros for T2I rows or a dropped
+        Picture 1: the identity of a generator is "predict nothing"), ``w`` the region weights (1 without α).
+        The denominator is a constant (no gradient); ``f`` = 5 % of the batch's mean identity error keeps a
+        row whose edit barely changes Picture 1 from taking the whole step. A ratio is the same in x0 and
+        velocity space, so w(σ) does not apply; which σ are trained is the timestep sampler's choice.
+        """
+        x0_hat = self.backbone.predicted_x0(x_t, v_hat.float(), sigma)
+        base = (
+            self.backbone.residual_base(refs[0], tuple(x0.shape[-2:])).float()
+            if refs
+            else torch.zeros_like(x0)
+        )
+        weight = 1.0 if pixel_w is None else pixel_w
+        num = ((x0_hat - x0).pow(2) * weight).flatten(1).mean(1)
+        den = ((base - x0).pow(2) * weight).flatten(1).mean(1).detach()
+        return num / den.clamp_min(0.05 * den.mean().clamp_min(1e-12))
 
     def _split_mse(
         self, batch: Mapping[str, Any], x_t: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor

@@ -116,6 +116,8 @@ class DPOModule(BaseStage):
         **kwargs: :class:`BaseStage` arguments.
     """
 
+    trains_flow_loss = False  # its own loss: stage.preserve_base does not apply
+
     def __init__(
         self,
         *,

@@ -159,6 +159,8 @@ class NFTModule(BaseStage):
         **kwargs: :class:`BaseStage` arguments.
     """
 
+    trains_flow_loss = False  # its own loss: stage.preserve_base does not apply
+
     def __init__(
         self,
         *,
