@@ -6,7 +6,7 @@
 * the region weights enter numerator and denominator alike; schemes it would cancel, ``gate_split`` and
   ``preserve_base`` are refused.
 
-``stage.preserve_base`` (output preservation for adapter runs):
+``stage.preserve_base`` (output preservation for adapter runs; ``weight`` scales the preserved rows only):
 * refused without an adapter; at the adapter's zero start every preserved row has loss 0 while the new task's rows
   keep their ground-truth loss; once the adapter moved, a preserved row's loss is its distance to the adapter-off
   output (not to its ground truth), and its gradient reaches only the adapter.
@@ -126,3 +126,24 @@ def test_preserved_rows_train_toward_the_adapter_off_output(tmp_path) -> None:
     loss[1:].sum().backward()  # the preserved rows' gradient reaches the adapter only
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)
     assert all(p.grad is None for n, p in stage.backbone.named_parameters() if not p.requires_grad)
+
+
+def test_preserve_weight_scales_the_preserved_rows_only(tmp_path) -> None:
+    losses = []
+    for weight in (1, 3):
+        stage = _stage(
+            tmp_path / str(weight),
+            "adapter=lora",
+            "adapter.rank=2",
+            f"stage.preserve_base={{except_tasks:[color],weight:{weight}}}",
+            perturb=True,
+        )
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for name, p in stage.backbone.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.05)
+            losses.append(stage.flow_loss(_with_tasks(_batch(), ["color", "add", "remove"]))[0])
+    torch.testing.assert_close(losses[1][0], losses[0][0])
+    torch.testing.assert_close(losses[1][1:], 3 * losses[0][1:])
+    assert torch.all(losses[0][1:] > 0)

@@ -132,9 +132,9 @@ class BaseStage(L.LightningModule):
         ref_drop_prob: probability that a training batch loses its reference images and becomes text-to-image
             (its texts re-encoded with the T2I template when the encoder sees images); default 0.
         compile_backbone: ``torch.compile`` the transformer in place (state-dict keys unchanged).
-        preserve_base: ``{except_tasks: [...]}`` or None (off): with an adapter, rows of every task *not* listed
-            train toward the base's own prediction (the adapter switched off, same ``x_t``, σ and conditions)
-            instead of their ground truth, so the adapter learns the listed (new) tasks and keeps the base's
+        preserve_base: ``{except_tasks: [...], weight: 1.0}`` or None (off): with an adapter, rows of every task
+            *not* listed train toward the base's own prediction (the adapter switched off, same ``x_t``, σ and
+            conditions) instead of their ground truth, their loss multiplied by ``weight``, so the adapter learns the listed (new) tasks and keeps the base's
             behaviour on the rest; the base's prediction costs one extra no-grad forward per batch. In the spirit
             of ai-toolkit's "differential output preservation" and DreamBooth's prior preservation, with the
             regularisation rows' targets taken from the base instead of from their ground truth.
@@ -179,14 +179,16 @@ class BaseStage(L.LightningModule):
         # adapter.base_dtype / adapter.quantize (models/frozen_base.py), checked before anything is built
         self._frozen_base = frozen_base.options(adapters.plain(adapter))
         self.preserve_except: frozenset[str] | None = None
+        self.preserve_weight = 1.0
         if preserve_base is not None:
-            unknown = set(preserve_base) - {"except_tasks"}
+            unknown = set(preserve_base) - {"except_tasks", "weight"}
             if unknown or self.adapter is None or not self.trains_flow_loss:
                 raise ValueError(
                     "stage.preserve_base takes {except_tasks: [...]}, needs an adapter (the base is the adapter-off "
                     f"model) and a flow-matching stage ({type(self).__name__}); got {dict(preserve_base)} with adapter={adapter and dict(adapter).get('type')}"
                 )
             self.preserve_except = frozenset(str(t) for t in preserve_base.get("except_tasks") or ())
+            self.preserve_weight = float(preserve_base.get("weight", 1.0))
         self._base_fingerprint: float | None = None
         self.backbone_factory = backbone
         self.backbone: EditBackbone | None = None
@@ -562,6 +564,8 @@ class BaseStage(L.LightningModule):
             err = err * pixel_w
         mse = err.flatten(1).mean(1)
         w = loss_weight(sigma, **self.weighting).to(mse.device)
+        if v_base is not None and self.preserve_weight != 1.0:
+            w = torch.where(v_base[1].to(w.device), w * self.preserve_weight, w)
         loss = self.relative_mse(x0, x_t, v_hat, sigma, refs, pixel_w) if self.relative else w * mse
         parts = {"sigma": sigma, "mse": mse.detach(), "x0": x0, "x_t": x_t, "v_hat": v_hat, "refs": refs}
         parts["text_dropped"] = dropped
