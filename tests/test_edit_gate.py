@@ -45,14 +45,21 @@ def trained_pair(**gate) -> tuple[EditBackbone, EditBackbone]:
     return plain, gated
 
 
-def test_off_builds_nothing() -> None:
-    plain, off = build(), build(edit_gate=False)
-    assert off.edit_gate is None and list(off.state_dict()) == list(plain.state_dict())
+def assert_off_builds_nothing(option: str, hooked: str) -> EditBackbone:
+    """``option=False`` builds nothing: no attribute, the plain state dict, bit-identical outputs (with a
+    non-zero output layer) and no hook left on ``transformer.<hooked>``; returns the backbone built off."""
+    plain, off = build(), build(**{option: False})
+    assert getattr(off, option) is None and list(off.state_dict()) == list(plain.state_dict())
     torch.nn.init.normal_(plain.transformer.proj_out.weight, std=0.2)
     off.load_state_dict(plain.state_dict(), strict=True)
     args = inputs()
     assert torch.equal(off(*args), plain(*args))
-    assert off.last_gate_logits is None and not off.transformer.norm_out._forward_hooks
+    assert not getattr(off.transformer, hooked)._forward_hooks
+    return off
+
+
+def test_off_builds_nothing() -> None:
+    assert assert_off_builds_nothing("edit_gate", "norm_out").last_gate_logits is None
 
 
 def test_on_adds_only_its_head_and_starts_from_picture_1() -> None:

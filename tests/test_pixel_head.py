@@ -16,18 +16,14 @@ import torch
 
 from rededit.models.pixel_head import PixelHead
 from rededit.models.vae import PixelSpaceToDepthVAE
-from test_edit_gate import _stage, assert_export_reloads, build, x0_of
+from test_edit_gate import _stage, assert_export_reloads, assert_off_builds_nothing, build, x0_of
 from test_fireedit_options import inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def test_off_builds_nothing() -> None:
-    plain, off = build(), build(pixel_head=False)
-    assert off.pixel_head is None and list(off.state_dict()) == list(plain.state_dict())
-    args = inputs()
-    assert torch.equal(off(*args), plain(*args))
-    assert not off.transformer.norm_out._forward_hooks
+    assert_off_builds_nothing("pixel_head", "norm_out")
 
 
 def test_on_adds_only_its_weights_and_starts_from_picture_1() -> None:

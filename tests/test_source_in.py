@@ -13,18 +13,14 @@ import pytest
 import torch
 
 from rededit.models.packing import pack_latents
-from test_edit_gate import _stage, assert_export_reloads, build
+from test_edit_gate import _stage, assert_export_reloads, assert_off_builds_nothing, build
 from test_fireedit_options import inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def test_off_builds_nothing() -> None:
-    plain, off = build(), build(source_in=False)
-    assert off.source_in is None and list(off.state_dict()) == list(plain.state_dict())
-    args = inputs()
-    assert torch.equal(off(*args), plain(*args))
-    assert not off.transformer.img_in._forward_hooks
+    assert_off_builds_nothing("source_in", "img_in")
 
 
 def test_on_adds_only_its_weights_and_starts_as_the_plain_backbone() -> None:
