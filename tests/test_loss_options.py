@@ -81,6 +81,7 @@ def test_relative_loss_weights_the_region_in_both_terms(tmp_path) -> None:
     [
         ["stage.weighting.scheme=logit_normal"],
         ["backbone.edit_gate=true", "+stage.weighting.mask_loss=1", "+stage.weighting.gate_split=true"],
+        ["stage.weighting.scheme=x0_mse", "adapter=lora", "stage.preserve_base={except_tasks:[color]}"],
     ],
 )
 def test_relative_loss_refuses_what_it_would_silently_change(tmp_path, overrides) -> None:

@@ -210,7 +210,9 @@ class BaseStage(L.LightningModule):
         self.gate_split = bool(self.weighting.pop("gate_split", False))
         self.relative = bool(self.weighting.pop("relative", False))
         if self.relative and (
-            self.gate_split or self.weighting.get("scheme", "uniform") not in RELATIVE_SCHEMES
+            self.gate_split
+            or self.preserve_except is not None
+            or self.weighting.get("scheme", "uniform") not in RELATIVE_SCHEMES
         ):
             raise ValueError(
                 "stage.weighting.relative is an x0-space ratio: it replaces w(σ) (scheme must be one of "
@@ -575,7 +577,8 @@ class BaseStage(L.LightningModule):
             if self.gate_split and bool(use.any()):
                 mse = torch.where(use.to(mse.device), self._split_mse(batch, x_t, v, sigma), mse)
                 parts["mse"] = mse.detach()
-            return (loss if not self.gate_split else w * mse) + self.mask_loss_weight * gate_term, parts
+                loss = w * mse  # gate_split excludes relative (checked at init)
+            return loss + self.mask_loss_weight * gate_term, parts
         return loss, parts
 
     def _base_velocity(
