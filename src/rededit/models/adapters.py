@@ -192,8 +192,9 @@ def apply_adapter(backbone: nn.Module, node: Mapping[str, Any], *, name: str = A
     config = build_peft_config(node, frozen_tail_modules(backbone))
     backbone.transformer.add_adapter(config, adapter_name=name)
     for part in ("edit_gate", "pixel_head", "source_in"):
-        if getattr(backbone, part, None) is not None:
-            getattr(backbone, part).requires_grad_(False)  # part of the base (module doc)
+        module = getattr(backbone, part, None)
+        if module is not None:
+            module.requires_grad_(False)  # part of the base (module doc)
     source = plain(node).get("init_from")
     if source:
         load_adapter_state(backbone, initial_adapter_state(source, config, node), name=name, source=source)

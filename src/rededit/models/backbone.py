@@ -336,15 +336,7 @@ class EditBackbone(nn.Module):
         self._build_fireedit(region_tokens, tati, hvca, dtype)
         self._build_edit_gate(edit_gate, dtype)
         self._build_pixel_head(pixel_head, dtype)
-        self.source_in = None
-        if source_in:
-            if not self.source_residual:
-                raise ValueError(
-                    "backbone.source_in needs source_residual=true (it reads Picture 1 the same way)"
-                )
-            self.source_in = SourceIn(tcfg.in_channels, self.transformer.inner_dim)
-            if dtype is not None:
-                self.source_in.to(dtype)
+        self._build_source_in(source_in, dtype)
         self.set_zero_cond_t(zero_cond_t)
         self.set_gradient_checkpointing(gradient_checkpointing)
         self.block_swap = BlockSwap(self.transformer, int(block_swap)) if block_swap else None
@@ -402,6 +394,19 @@ class EditBackbone(nn.Module):
         self.pixel_head = PixelHead(self.transformer.inner_dim, self.patch_size, self.latent_channels, **opts)
         if dtype is not None:
             self.pixel_head.to(dtype)
+
+    def _build_source_in(self, source_in: bool, dtype: torch.dtype | None) -> None:
+        """Create the source input when asked (off: no parameter, no hook)."""
+        self.source_in = None
+        if not source_in:
+            return
+        if not self.source_residual:
+            raise ValueError(
+                "backbone.source_in needs source_residual=true (it reads Picture 1 the same way)"
+            )
+        self.source_in = SourceIn(self.transformer.config.in_channels, self.transformer.inner_dim)
+        if dtype is not None:
+            self.source_in.to(dtype)
 
     @property
     def fireedit(self) -> dict[str, bool]:
