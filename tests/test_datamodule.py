@@ -317,8 +317,18 @@ def test_a_manifest_path_outside_its_folder_is_a_bad_sample_unless_allowed(corpu
     )
     assert any(p.row_id == victim and "outside" in p.message for p in problems)
     allowed = _dm(bad_dir / "manifest.parquet", 0, world=1, allow_outside_root=True)
-    assert os.environ.get(ALLOW_ENV) == "1"
+    assert os.environ.get(ALLOW_ENV) == os.path.abspath(bad_dir)  # this manifest's folder only
     assert not [sid for b in allowed.train_dataloader() for sid in b["skipped"]]
+    # The same process reads other folders (a benchmark in the sample callback, an evaluation): they stay
+    # confined, so a handed-over benchmark cannot climb out because the training manifest may.
+    from rededit.data.images import load_image
+    from rededit.data.uri import PathOutsideRootError
+
+    other = tmp_path / "bench"
+    other.mkdir()
+    with pytest.raises(PathOutsideRootError, match="outside"):
+        load_image(os.path.relpath(outside, other), other)
+    assert load_image(os.path.relpath(outside, bad_dir), bad_dir).size
 
 
 def test_every_data_command_takes_allow_outside_root(corpus, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -19,7 +20,13 @@ from rededit.data.images import (
     transform_boxes,
     transform_points,
 )
-from rededit.data.uri import ALLOW_ENV, PathOutsideRootError, outside_root_allowed_here
+from rededit.data.uri import (
+    ALLOW_ENV,
+    PathOutsideRootError,
+    allow_outside_root,
+    outside_root_allowed,
+    outside_root_allowed_here,
+)
 
 
 def _noise_png(w: int, h: int, seed: int = 0) -> bytes:
@@ -60,6 +67,31 @@ def test_uris_may_not_leave_their_root_unless_allowed(tmp_path, monkeypatch):
     monkeypatch.setenv(ALLOW_ENV, "1")  # data.allow_outside_root=true / --allow-outside-root
     with pytest.raises(ImageDecodeError):  # read now (and not an image)
         load_image("../secret.png", root)
+
+
+def test_leaving_one_root_is_allowed_for_that_root_only(tmp_path):
+    """``data.allow_outside_root=true`` had set a process-wide flag: every folder read afterwards (a benchmark in
+    the sample callback, an evaluation in the same process) could climb out too. The datamodule now allows only
+    its manifest's folder; the command-line escape hatch restores what was there before."""
+    Image.new("RGB", (3, 3)).save(tmp_path / "outside.png")
+    corpus, bench = tmp_path / "corpus", tmp_path / "bench"
+    corpus.mkdir(), bench.mkdir()
+    allow_outside_root(True, root=corpus)
+    allow_outside_root(True, root=corpus)  # idempotent
+    assert os.environ[ALLOW_ENV] == str(corpus)
+    assert load_image("../outside.png", corpus).size == (3, 3)
+    with pytest.raises(PathOutsideRootError):
+        load_image("../outside.png", bench)
+    with outside_root_allowed_here():
+        assert load_image("../outside.png", bench).size == (3, 3)
+    assert os.environ[ALLOW_ENV] == str(corpus)  # restored, not widened
+    allow_outside_root(True, root=bench)
+    assert load_image("../outside.png", bench).size == (3, 3)
+    allow_outside_root(True)  # every root ...
+    allow_outside_root(True, root=corpus)  # ... is not narrowed by one root
+    assert outside_root_allowed() and outside_root_allowed(tmp_path / "any")
+    allow_outside_root(False)
+    assert not outside_root_allowed(corpus)
 
 
 def test_load_image_missing_file_is_file_not_found(tmp_path):

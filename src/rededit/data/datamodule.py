@@ -14,6 +14,7 @@ steps (the stage draws each sample's noise and σ from its id, :meth:`BaseStage.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -277,8 +278,10 @@ class EditDataModule(L.LightningDataModule):
         self.num_workers = int(num_workers)
         self.on_bad_sample = on_bad_sample
         self.max_image_pixels = None if max_image_pixels is None else int(max_image_pixels)
-        if allow_outside_root:  # process-wide (and inherited by workers): rededit.data.uri's docstring
-            allow_outside_root_env(True)
+        if (
+            allow_outside_root
+        ):  # this manifest's folder only (inherited by workers): rededit.data.uri's docstring
+            allow_outside_root_env(True, root=Path(manifest).parent)
         self.validate_files = validate_files
         self._world_size, self._rank = world_size, rank
         self.resset = ResolutionSet.from_config(self.bucket_cfg)

@@ -12,8 +12,12 @@ A manifest may come from anyone, so by default a URI must stay inside the manife
 path, a ``file://`` URI or a relative path that climbs out with ``..`` is refused
 (:class:`PathOutsideRootError`, a ``ValueError``: the dataset skips and counts the row, ``validate`` names
 it). Manifests that name images elsewhere on purpose (``rededit-data make-pairs`` and ``mine-hard`` write
-absolute paths) are read with ``data.allow_outside_root=true`` / ``--allow-outside-root``, which set
-:data:`ALLOW_ENV` for this process and its data-loader workers.
+absolute paths) are read with ``data.allow_outside_root=true`` / ``--allow-outside-root``, recorded in
+:data:`ALLOW_ENV` so that data-loader workers (forked or spawned) inherit it. The training datamodule allows
+only *its manifest's folder* to be left (the variable holds that root): a benchmark or cache read by the same
+process (the sample callback, an evaluation) stays confined to its own folder. ``ALLOW_ENV=1`` (set by hand,
+by ``rededit-data --allow-outside-root`` or :func:`outside_root_allowed_here` around paths the user typed)
+lets every root be left.
 """
 
 from __future__ import annotations
@@ -44,37 +48,54 @@ class PathOutsideRootError(ValueError):
     """A URI that names a file outside the folder its manifest (or benchmark) lives in."""
 
 
-def outside_root_allowed() -> bool:
-    """Whether URIs may leave their root in this process (``REDEDIT_ALLOW_OUTSIDE_ROOT=1``)."""
-    return os.environ.get(ALLOW_ENV) == "1"
+ALL_ROOTS = "1"  # ALLOW_ENV value: every root may be left
 
 
-def allow_outside_root(allowed: bool = True) -> None:
-    """Let (or stop letting) URIs of this process and its future workers leave their root."""
-    if allowed:
-        os.environ[ALLOW_ENV] = "1"
-    else:
+def _norm(root: str | Path) -> str:
+    return os.path.normpath(os.path.abspath(root))
+
+
+def outside_root_allowed(root: str | Path | None = None) -> bool:
+    """Whether URIs under ``root`` may leave it in this process: :data:`ALLOW_ENV` is ``1`` (every root) or
+    lists ``root`` (``os.pathsep``-separated). With ``root=None``: whether every root may be left."""
+    value = os.environ.get(ALLOW_ENV, "")
+    if value == ALL_ROOTS:
+        return True
+    return root is not None and _norm(root) in value.split(os.pathsep)
+
+
+def allow_outside_root(allowed: bool = True, root: str | Path | None = None) -> None:
+    """Let (or stop letting) URIs leave ``root`` (``None``: every root) in this process and its future
+    workers. Allowing one root never narrows an earlier allowance of every root."""
+    value = os.environ.get(ALLOW_ENV, "")
+    if not allowed:
         os.environ.pop(ALLOW_ENV, None)
+    elif root is None:
+        os.environ[ALLOW_ENV] = ALL_ROOTS
+    elif value != ALL_ROOTS and _norm(root) not in value.split(os.pathsep):
+        os.environ[ALLOW_ENV] = os.pathsep.join([v for v in value.split(os.pathsep) if v] + [_norm(root)])
 
 
 @contextlib.contextmanager
 def outside_root_allowed_here() -> Iterator[None]:
-    """Within the block, URIs may leave their root (paths the user typed on their own command line)."""
-    previous = outside_root_allowed()
-    allow_outside_root(True)
+    """Within the block, URIs may leave every root (paths the user typed on their own command line)."""
+    previous = os.environ.get(ALLOW_ENV)
+    os.environ[ALLOW_ENV] = ALL_ROOTS
     try:
         yield
     finally:
-        allow_outside_root(previous)
+        if previous is None:
+            os.environ.pop(ALLOW_ENV, None)
+        else:
+            os.environ[ALLOW_ENV] = previous
 
 
 def check_inside(path: Path, root: str | Path, uri: str) -> Path:
-    """``path`` if it lies inside ``root`` (lexically: ``..`` resolved, symlinks not followed) or leaving the
-    root is allowed; else :class:`PathOutsideRootError` naming the URI and how to allow it."""
-    if outside_root_allowed():
+    """``path`` if it lies inside ``root`` (lexically: ``..`` resolved, symlinks not followed) or leaving this
+    root is allowed (:func:`outside_root_allowed`); else :class:`PathOutsideRootError` naming the URI and how to allow it."""
+    if outside_root_allowed(root):
         return path
-    base = os.path.normpath(os.path.abspath(root))
-    full = os.path.normpath(os.path.abspath(path))
+    base, full = _norm(root), _norm(path)
     if full != base and not full.startswith(base.rstrip(os.sep) + os.sep):
         raise PathOutsideRootError(
             f"{uri!r} names a file outside {base} (absolute, file:// or ..); refused because a manifest or "
