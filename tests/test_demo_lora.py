@@ -101,3 +101,47 @@ def test_edit_lora_reproduces_the_merged_model_of_a_tiny_run(tiny_corpus, tmp_pa
     torch.testing.assert_close(
         ours, edit_batch(load_editor(merged), [request], seed=0, steps=2, cfg_scale=1.0), atol=1e-5, rtol=0
     )
+
+
+def _report(errors: dict[str, list[float]]) -> dict:
+    """A demo_report ``metrics.json`` with per-item edit-region errors."""
+    samples = [
+        {"id": f"{task}-{i}", "task": task, "edit_region_error": e}
+        for task, errs in errors.items()
+        for i, e in enumerate(errs)
+    ]
+    tasks = {t: {"n": len(e), "edit_region_error": sum(e) / len(e)} for t, e in errors.items()}
+    return {"settings": {"manifest": "m", "seed": 0}, "tasks": tasks, "samples": samples}
+
+
+def test_comparison_interval_separates_a_regression_from_the_draw_of_items():
+    """With 16 items a ratio of 1.06 can be noise or damage: the paired bootstrap interval says which. A LoRA that
+    adds 10 % to every item's error has an interval above 1; one that reshuffles errors between items does not."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments/demo_lora/compare.py"
+    spec = importlib.util.spec_from_file_location("demo_lora_compare", path)
+    cmp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cmp)
+    rng = np.random.default_rng(0)
+    base = list(rng.uniform(0.1, 0.5, 16))
+    shuffled = list(rng.permutation(base))
+    result = cmp.compare(
+        _report({"color": base, "invert": base, "remove": base}),
+        _report({"color": [e * 1.1 for e in base], "invert": [e * 0.4 for e in base], "remove": shuffled}),
+        "invert",
+        0.5,
+        0.05,
+    )
+    rows = result["rows"]
+    assert rows["color"]["ratio_low"] > 1.05 and abs(rows["color"]["ratio"] - 1.1) < 1e-9
+    assert rows["remove"]["ratio_low"] < 1.0 < rows["remove"]["ratio_high"]
+    assert rows["invert"]["ratio_low"] == pytest.approx(0.4) == rows["invert"]["ratio_high"]
+    assert "95 % interval" in cmp.render(result) and not result["goal"]["met"]
+    # Items missing from one report: no interval rather than a wrong one.
+    partial = _report({"color": base[:8], "invert": base, "remove": base})
+    assert np.isnan(
+        cmp.compare(_report({"color": base, "invert": base, "remove": base}), partial, "invert", 0.5, 0.05)[
+            "rows"
+        ]["color"]["ratio_low"]
+    )
