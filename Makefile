@@ -50,6 +50,7 @@ demo: $(STAMP) ## build the synthetic corpus, train the tiny editor (one stage) 
 	$(BIN)/rededit-data buckets --manifest $(DEMO_DIR)/corpus/manifest.parquet --buckets tiny --token-budget 1024 \
 		--world-size 2 --rank-schedule $(DEMO_DIR)/rank_schedule.jsonl --top 12
 	$(BIN)/rededit-data encode-text --manifest $(DEMO_DIR)/corpus/manifest.parquet --cache $(DEMO_DIR)/text_cache
+	rm -rf $(DEMO_DIR)/checkpoints  # a fresh run: rededit-train refuses to mix with an earlier run's checkpoints
 	$(BIN)/rededit-train experiment=demo $(DEMO_DATA) hydra.run.dir=$(DEMO_DIR)
 	$(BIN)/python -m rededit.eval.demo_report --checkpoint $(DEMO_DIR)/export --manifest $(DEMO_DIR)/corpus/manifest.parquet \
 		--out $(DEMO_DIR) --max-per-task $(DEMO_PER_TASK) --runs demo=$(DEMO_DIR)
@@ -63,6 +64,7 @@ demo-lora: $(STAMP) ## after `make demo`: a LoRA learns colour inversion on the 
 		--task-weights $(DEMO_LORA_MIX) --overwrite
 	$(BIN)/rededit-data validate $(DEMO_LORA_DIR)/corpus/manifest.parquet
 	$(BIN)/rededit-data encode-text --manifest $(DEMO_LORA_DIR)/corpus/manifest.parquet --cache $(DEMO_LORA_DIR)/text_cache
+	rm -rf $(DEMO_LORA_DIR)/checkpoints
 	$(BIN)/rededit-train experiment=demo_lora stage.init_from=$(DEMO_DIR)/export \
 		data.manifest=$(DEMO_LORA_DIR)/corpus/manifest.parquet data.text_cache=$(DEMO_LORA_DIR)/text_cache \
 		hydra.run.dir=$(DEMO_LORA_DIR)

@@ -90,3 +90,26 @@ def test_only_the_launching_rank_takes_the_lock(monkeypatch) -> None:
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("SLURM_PROCID", "3")
     assert not is_launching_rank()
+
+
+def test_a_fresh_run_into_a_folder_with_checkpoints_is_refused_before_it_writes(
+    tmp_path, tiny_corpus
+) -> None:
+    """The trap (make demo-lora run twice): Lightning wrote the second run's checkpoints as ``last-v1.ckpt``,
+    ``step0000500-v1.ckpt`` ... beside the first run's, and ``rededit-consolidate <run>`` merged the first run's
+    ``last.ckpt`` (8-bit difference 57 from the export). A fresh run there is refused; ``ckpt_path=auto`` resumes."""
+    import rededit.train as train
+    from rededit.utils.config_checks import ConfigError
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"an earlier run's checkpoint")
+    (tmp_path / "config.yaml").write_text("first run's config\n")
+    with pytest.raises(
+        ConfigError, match=r"already holds checkpoints of an earlier run \(last\.ckpt\).*ckpt_path=auto"
+    ):
+        train.run(compose([f"data.manifest={tiny_corpus}"], tmp_path))
+    assert (tmp_path / "config.yaml").read_text() == "first run's config\n"
+    assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == b"an earlier run's checkpoint"
+    train.refuse_stale_checkpoints(
+        compose([f"data.manifest={tiny_corpus}", "ckpt_path=auto"], tmp_path), tmp_path
+    )
