@@ -108,13 +108,17 @@ def consolidate_to_editor(
 
 
 def _without_adapter(cfg):
-    """The run's config with ``adapter`` (and the stage's copy of it) set to ``none``."""
+    """The run's config with ``adapter`` (and the stage's copy of it) set to ``none``, and without
+    ``stage.preserve_base`` (it needs the adapter: a stage built from the merged editor's config refused it)."""
     from omegaconf import open_dict
 
     with open_dict(cfg):
         cfg.adapter = {"type": "none"}
-        if cfg.get("stage") is not None and "adapter" in cfg.stage:
-            cfg.stage.adapter = {"type": "none"}
+        if cfg.get("stage") is not None:
+            if "adapter" in cfg.stage:
+                cfg.stage.adapter = {"type": "none"}
+            if "preserve_base" in cfg.stage:
+                cfg.stage.preserve_base = None
     return cfg
 
 

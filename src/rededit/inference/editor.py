@@ -103,10 +103,6 @@ def build_editor_from_config(
     overrides: dict[str, Any] = {"vae": vae, "text_encoder": text_encoder, "init_from": None}
     if backbone_node is not None:
         overrides["backbone"] = backbone_node
-    if cfg.stage.get("preserve_base") is not None:
-        # A training-only loss option that needs the adapter: an editor merged from an adapter run
-        # (rededit-consolidate --merge-adapter) keeps it in its saved config without the adapter.
-        overrides["preserve_base"] = None
     node = cfg.stage.get("adapter")
     if adapters.is_enabled(node):  # the adapter's weights come from the checkpoint too
         overrides["adapter"] = {**OmegaConf.to_container(node, resolve=True), "init_from": None}
