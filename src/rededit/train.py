@@ -38,7 +38,12 @@ from rededit.stages.checkpoints import (
     pipeline_base,
     pipeline_sources,
 )
-from rededit.utils.config_checks import ConfigError, check_train_config, remove_unstarted_run
+from rededit.utils.config_checks import (
+    ConfigError,
+    check_train_config,
+    checkpoint_names,
+    remove_unstarted_run,
+)
 from rededit.utils.io import atomic_write_text
 from rededit.utils.logging import get_logger
 from rededit.utils.run_id import register_resolvers, resolve_ckpt_path
@@ -194,13 +199,10 @@ def refuse_stale_checkpoints(cfg: DictConfig, out_dir: Path) -> None:
     Lightning would add ``-v1`` to the clashing names and leave the earlier run's ``last.ckpt`` in place, so
     ``rededit-consolidate <run>`` (and ``ckpt_path=auto`` later) would read the other run's weights, and this
     run's ``config.yaml`` would no longer describe them."""
-    folder = out_dir / "checkpoints"
-    if cfg.get("ckpt_path") is not None or not folder.is_dir():
-        return
-    found = sorted(p.name for p in folder.iterdir())
+    found = [] if cfg.get("ckpt_path") is not None else checkpoint_names(out_dir)
     if found:
         raise ConfigError(
-            f"{folder} already holds checkpoints of an earlier run ({', '.join(found[:4])}"
+            f"{out_dir / 'checkpoints'} already holds checkpoints of an earlier run ({', '.join(found[:4])}"
             f"{', ...' if len(found) > 4 else ''}); a fresh run there would mix its checkpoints with them. "
             "Resume that run with ckpt_path=auto, choose another hydra.run.dir, or remove the folder."
         )

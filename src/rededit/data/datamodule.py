@@ -278,9 +278,8 @@ class EditDataModule(L.LightningDataModule):
         self.num_workers = int(num_workers)
         self.on_bad_sample = on_bad_sample
         self.max_image_pixels = None if max_image_pixels is None else int(max_image_pixels)
-        if (
-            allow_outside_root
-        ):  # this manifest's folder only (inherited by workers): rededit.data.uri's docstring
+        # This manifest's folder only (inherited by workers): rededit.data.uri's docstring.
+        if allow_outside_root:
             allow_outside_root_env(True, root=Path(manifest).parent)
         self.validate_files = validate_files
         self._world_size, self._rank = world_size, rank

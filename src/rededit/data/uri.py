@@ -55,13 +55,18 @@ def _norm(root: str | Path) -> str:
     return os.path.normpath(os.path.abspath(root))
 
 
+def _listed_roots(value: str) -> list[str]:
+    """The roots an :data:`ALLOW_ENV` value lists (``os.pathsep``-separated)."""
+    return [v for v in value.split(os.pathsep) if v]
+
+
 def outside_root_allowed(root: str | Path | None = None) -> bool:
     """Whether URIs under ``root`` may leave it in this process: :data:`ALLOW_ENV` is ``1`` (every root) or
     lists ``root`` (``os.pathsep``-separated). With ``root=None``: whether every root may be left."""
     value = os.environ.get(ALLOW_ENV, "")
     if value == ALL_ROOTS:
         return True
-    return root is not None and _norm(root) in value.split(os.pathsep)
+    return root is not None and _norm(root) in _listed_roots(value)
 
 
 def allow_outside_root(allowed: bool = True, root: str | Path | None = None) -> None:
@@ -72,8 +77,8 @@ def allow_outside_root(allowed: bool = True, root: str | Path | None = None) -> 
         os.environ.pop(ALLOW_ENV, None)
     elif root is None:
         os.environ[ALLOW_ENV] = ALL_ROOTS
-    elif value != ALL_ROOTS and _norm(root) not in value.split(os.pathsep):
-        os.environ[ALLOW_ENV] = os.pathsep.join([v for v in value.split(os.pathsep) if v] + [_norm(root)])
+    elif value != ALL_ROOTS and _norm(root) not in _listed_roots(value):
+        os.environ[ALLOW_ENV] = os.pathsep.join([*_listed_roots(value), _norm(root)])
 
 
 @contextlib.contextmanager

@@ -189,6 +189,13 @@ def report(err: BaseException, prog: str) -> int:
 _RUN_FILES = ("config.yaml", "train.log", ".hydra", "logs", "checkpoints")
 
 
+def checkpoint_names(out_dir: str | os.PathLike) -> list[str]:
+    """The entries of a run folder's ``checkpoints/`` (sorted; empty when there is none): a folder holding any
+    is an earlier run's work."""
+    folder = Path(out_dir) / "checkpoints"
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
 def remove_unstarted_run(out_dir: str | os.PathLike, since: float, names: Sequence[str] = _RUN_FILES) -> bool:
     """Remove what a run that never took a step wrote into ``out_dir``: the files ``names`` (default: a training
     run's, :data:`_RUN_FILES`) modified at or after ``since`` (this process's start), then ``out_dir`` itself if
@@ -206,8 +213,7 @@ def remove_unstarted_run(out_dir: str | os.PathLike, since: float, names: Sequen
     out = Path(out_dir)
     if not out.is_dir():
         return False
-    ckpts = out / "checkpoints"
-    if ckpts.is_dir() and any(ckpts.iterdir()):
+    if checkpoint_names(out):
         return False
     if any(p.name not in names and p.name != LOCK_NAME for p in out.iterdir()):
         return False  # an export, a corpus, the user's notes: this folder is not only this run's
